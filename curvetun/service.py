@@ -1,0 +1,132 @@
+"""
+L{CurveTunService}: one long-term identity (vault), its cookie keys, its
+registry and its replay memory, as one Twisted service, and the factories
+that run curvetun connections with them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+
+from .cookies import CookieKeys
+from .interfaces import IRegistry, IVault
+from .replay import ReplayGuard
+from .transport import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    CurveTunClientFactory,
+    CurveTunServerFactory,
+)
+
+if TYPE_CHECKING:
+    from twisted.python.filepath import FilePath
+
+
+class CurveTunService(MultiService):
+    """
+    The parts one curvetun identity needs, under one L{MultiService}:
+
+      - C{vault}: the long-term key (an L{IVault}; a child service when it
+        is one, as L{curvetun.vault.FileVault} is);
+      - C{cookie_keys}: the rotating cookie keys (a child L{CookieKeys});
+      - C{registry}: who may connect, and which server keys we know (an
+        L{IRegistry}; a child service when it is one);
+      - C{replay_guard}: the client ephemeral keys of recently accepted
+        vouches.
+
+    Start it (or add it to an application) before its factories accept
+    connections: the cookie keys rotate only while it runs.
+    """
+
+    def __init__(
+        self,
+        vault: IVault,
+        registry: IRegistry,
+        clock: IReactorTime | None = None,
+        cookie_keys: CookieKeys | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        assert clock is not None
+        self.clock = clock
+        self.vault = vault
+        self.registry = registry
+        self.cookie_keys = cookie_keys if cookie_keys is not None else CookieKeys(clock=clock)
+        self.handshake_timeout = handshake_timeout
+        # A cookie opens for up to two cookie-key periods (spec, "Cookie
+        # keys"): that is how long a replayed vouch could be accepted.
+        self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.interval)
+        for part in (vault, self.cookie_keys, registry):
+            if IService.providedBy(part):
+                part.setServiceParent(self)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_keydir(
+        cls,
+        keydir: str | FilePath[str],
+        registry_path: str | FilePath[str] | None = None,
+        create: bool = False,
+        clock: IReactorTime | None = None,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> CurveTunService:
+        """
+        Load (or, with C{create}, create if missing) the key directory
+        C{keydir}, and the registry at C{registry_path} (default: the file
+        C{registry} in the key directory).
+
+        @raise curvetun.errors.KeyFileError: the key directory is missing,
+            damaged or unsafe.
+        @raise curvetun.errors.RegistryError: the registry is malformed.
+        """
+        from twisted.python.filepath import FilePath
+
+        from .registry import FileRegistry
+        from .vault import FileVault
+
+        directory = keydir if isinstance(keydir, FilePath) else FilePath(keydir)
+        vault = FileVault.open(directory, create=create)
+        if registry_path is None:
+            registry_path = directory.child("registry")
+        return cls(
+            vault,
+            FileRegistry(registry_path),
+            clock=clock,
+            handshake_timeout=handshake_timeout,
+        )
+
+    def server_factory(self, application_factory: IProtocolFactory) -> CurveTunServerFactory:
+        """
+        A factory for a listening port: it runs curvetun's server side and,
+        on each authenticated connection, a protocol of
+        C{application_factory}.
+        """
+        return CurveTunServerFactory(
+            application_factory,
+            self.vault,
+            self.cookie_keys,
+            self.registry,
+            self.replay_guard.remember,
+            self.clock,
+            self.handshake_timeout,
+        )
+
+    def client_factory(
+        self, application_factory: IProtocolFactory, server_key: bytes
+    ) -> CurveTunClientFactory:
+        """
+        A factory for outgoing connections to the server whose long-term
+        public key is C{server_key}.
+        """
+        return CurveTunClientFactory(
+            application_factory,
+            self.vault,
+            server_key,
+            self.clock,
+            self.handshake_timeout,
+        )

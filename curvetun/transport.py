@@ -1,0 +1,363 @@
+"""
+curvetun over TCP: a protocol that runs a connection machine on TCP frames
+and is, once the handshake is done, the transport of the application's
+protocol (as Twisted's TLS layer is).
+
+    TCP bytes -> frame (Int16StringReceiver) -> parse (curvetun.packets)
+              -> machine input (curvetun.connection) -> send frame /
+                 deliver to the application / close
+    application write() -> chunk -> machine.send -> seal -> frame -> TCP
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IDelayedCall,
+    IProducer,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .connection import (
+    ClientCore,
+    ClientMachine,
+    ConnectionInputs,
+    ServerCore,
+    ServerMachine,
+)
+from .errors import BadPacket, MessageTooLong
+from .handshake import CookieSealer
+from .interfaces import ICurveTunTransport, IRegistry, IVault
+from .keys import fingerprint
+from .packets import MAX_MESSAGE, MAX_PAYLOAD, Cookie, Hello, Message, Vouch, parse
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+"""
+Seconds a connection may take from TCP connect to a completed handshake.
+"""
+
+_LENGTH = struct.Struct(">H")
+
+log = Logger()
+
+
+@implementer(ICurveTunTransport, IConsumer, IPushProducer)
+class CurveTunProtocol(Int16StringReceiver):
+    """
+    One curvetun connection over one TCP connection.
+
+    Before the handshake completes it talks only to its machine. When the
+    peer is authenticated it builds the application's protocol from
+    C{factory.wrappedFactory} and hands itself to it as its transport.
+
+    @ivar wrappedProtocol: the application's protocol, once there is one.
+    @ivar peer_public_key: the peer's authenticated long-term public key,
+        once the handshake is done.
+    """
+
+    # Every payload fits the 2-byte length prefix (spec, "Framing").
+    MAX_LENGTH = MAX_PAYLOAD
+
+    wrappedProtocol: IProtocol | None = None
+    peer_public_key: bytes = b""
+    disconnecting = False
+
+    def __init__(
+        self,
+        factory: _CurveTunFactory,
+        make_machine: Callable[[CurveTunProtocol], ConnectionInputs],
+    ) -> None:
+        self.factory = factory
+        self._machine = make_machine(self)
+        self._close_reason: Failure | None = None
+        self._handshake_timer: IDelayedCall | None = None
+        self._waiting: Deferred[IProtocol] | None = None
+        self._lost_reported = False
+        machine = self._machine
+        # Dispatch on the packet's type; parse() guarantees one of these.
+        self._dispatch: dict[type, Callable[..., None]] = {
+            Message: machine.message_received,
+            Hello: machine.hello_received,
+            Cookie: machine.cookie_received,
+            Vouch: machine.vouch_received,
+        }
+
+    # -- TCP side ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            # Each handshake step is one small packet waiting on an answer:
+            # Nagle's algorithm would hold each back by up to 40 ms.
+            self.transport.setTcpNoDelay(True)
+        timeout = self.factory.handshake_timeout
+        if timeout is not None:
+            self._handshake_timer = self.factory.clock.callLater(
+                timeout, self._machine.timed_out
+            )
+        self._machine.connection_made()
+
+    def stringReceived(self, frame: bytes) -> None:
+        try:
+            packet = parse(frame)
+        except BadPacket as error:
+            self._machine.bad_packet(error)
+        else:
+            self._dispatch[type(packet)](packet)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._cancel_timer()
+        self._machine.connection_lost(reason)
+
+    # -- what the machine asks of us (ConnectionOwner) -----------------------
+
+    def send_frame(self, payload: bytes) -> None:
+        # writeSequence, not write(prefix + payload): no 64 KiB copy.
+        self.transport.writeSequence((_LENGTH.pack(len(payload)), payload))
+
+    def deliver(self, message: bytes) -> None:
+        assert self.wrappedProtocol is not None
+        self.wrappedProtocol.dataReceived(message)
+
+    def handshake_complete(self, peer_public_key: bytes) -> None:
+        self._cancel_timer()
+        self.peer_public_key = peer_public_key
+        protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        if protocol is None:
+            self.disconnect(ConnectionDone("the application refused the connection"))
+            return
+        self.wrappedProtocol = protocol
+        protocol.makeConnection(self)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(protocol)
+
+    def disconnect(self, reason: BaseException) -> None:
+        if self._close_reason is None:
+            self._close_reason = Failure(reason)
+        self.transport.loseConnection()
+
+    def lost(self, reason: Failure) -> None:
+        if self._lost_reported:
+            return
+        self._lost_reported = True
+        # What we closed for says more than TCP's "connection done".
+        if self._close_reason is not None:
+            reason = self._close_reason
+        self.factory.connection_ended(self, reason)
+        if self.wrappedProtocol is not None:
+            self.wrappedProtocol.connectionLost(reason)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.errback(reason)
+
+    # -- the application's transport (ICurveTunTransport) -------------------
+
+    def write(self, data: bytes) -> None:
+        """
+        Send C{data} as part of a byte stream: in messages of at most 65503
+        bytes. An empty write sends nothing, as with TCP.
+        """
+        send = self._machine.send
+        if len(data) <= MAX_MESSAGE:
+            if data:
+                send(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), MAX_MESSAGE):
+            send(bytes(view[start : start + MAX_MESSAGE]))
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def write_message(self, data: bytes) -> None:
+        if len(data) > MAX_MESSAGE:
+            raise MessageTooLong(
+                f"a message can be at most {MAX_MESSAGE} bytes, not {len(data)}"
+            )
+        self._machine.send(data)
+
+    def loseConnection(self) -> None:
+        """
+        Close after every message written so far has been sent. Idempotent.
+        """
+        self.disconnecting = True
+        self._machine.close()
+
+    def abortConnection(self) -> None:
+        """
+        Close at once, discarding anything not yet sent.
+        """
+        self.disconnecting = True
+        if self._close_reason is None:
+            self._close_reason = Failure(ConnectionDone("connection aborted locally"))
+        self.transport.abortConnection()
+
+    def getPeer(self) -> IAddress:
+        return self.transport.getPeer()  # type: ignore[no-any-return]
+
+    def getHost(self) -> IAddress:
+        return self.transport.getHost()  # type: ignore[no-any-return]
+
+    # Flow control. Writes go straight through to TCP, which buffers them,
+    # so the application's producer can be TCP's producer: TCP pauses it
+    # when its buffer fills. In the other direction, pausing us stops both
+    # the reading of TCP and the delivery of frames already read
+    # (Int16StringReceiver's pauseProducing/resumeProducing).
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    # -- internals -----------------------------------------------------------
+
+    def when_established(self) -> Deferred[IProtocol]:
+        """
+        A Deferred that fires with the application's protocol when the
+        handshake completes (client: once the vouch is sent), or fails with
+        the reason the connection ended before that. Cancelling it aborts
+        the connection. Call it at most once, before the handshake completes
+        (the endpoint does).
+        """
+        assert self._waiting is None and self.wrappedProtocol is None
+        self._waiting = Deferred(self._cancel_handshake)
+        return self._waiting
+
+    def _cancel_handshake(self, waiting: Deferred[IProtocol]) -> None:
+        self._waiting = None
+        self.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._handshake_timer is not None:
+            if self._handshake_timer.active():
+                self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+
+@implementer(IProtocolFactory)
+class _CurveTunFactory(Factory):
+    """
+    What server and client factories share: the application's factory,
+    the clock for the handshake timeout, and connection logging.
+    """
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        vault: IVault,
+        clock: IReactorTime,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.wrappedFactory = wrappedFactory
+        self.vault = vault
+        self.clock = clock
+        self.handshake_timeout = handshake_timeout
+
+    def doStart(self) -> None:
+        self.wrappedFactory.doStart()
+        super().doStart()
+
+    def doStop(self) -> None:
+        self.wrappedFactory.doStop()
+        super().doStop()
+
+    def connection_ended(self, protocol: CurveTunProtocol, reason: Failure) -> None:
+        """
+        Log how a connection ended: peer address, peer key fingerprint when
+        known, and why.
+        """
+        peer = protocol.getPeer()
+        key = fingerprint(protocol.peer_public_key) if protocol.peer_public_key else "-"
+        if protocol.wrappedProtocol is None:
+            log.info(
+                "curvetun handshake with {peer} failed: {why}",
+                peer=peer,
+                why=reason.getErrorMessage(),
+            )
+        else:
+            log.info(
+                "curvetun connection with {peer} (key {key}) closed: {why}",
+                peer=peer,
+                key=key,
+                why=reason.getErrorMessage(),
+            )
+
+
+class CurveTunServerFactory(_CurveTunFactory):
+    """
+    Accepts curvetun connections and runs C{wrappedFactory}'s protocols on
+    the authenticated ones.
+    """
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        vault: IVault,
+        cookie_keys: CookieSealer,
+        registry: IRegistry,
+        remember_vouch: Callable[[bytes], bool],
+        clock: IReactorTime,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__(wrappedFactory, vault, clock, handshake_timeout)
+        self.cookie_keys = cookie_keys
+        self.registry = registry
+        self.remember_vouch = remember_vouch
+
+    def buildProtocol(self, addr: IAddress) -> CurveTunProtocol:
+        # Non-IP transports have no host: only a "*" registry entry admits them.
+        peer_host = getattr(addr, "host", "")
+
+        def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
+            return ServerMachine(
+                ServerCore(
+                    owner,
+                    self.vault,
+                    self.cookie_keys,
+                    self.registry,
+                    peer_host,
+                    self.remember_vouch,
+                )
+            )
+
+        return CurveTunProtocol(self, make_machine)
+
+
+class CurveTunClientFactory(_CurveTunFactory):
+    """
+    Makes curvetun connections to a server with long-term key
+    C{server_key} and runs C{wrappedFactory}'s protocol on each.
+    """
+
+    def __init__(
+        self,
+        wrappedFactory: IProtocolFactory,
+        vault: IVault,
+        server_key: bytes,
+        clock: IReactorTime,
+        handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+    ) -> None:
+        super().__init__(wrappedFactory, vault, clock, handshake_timeout)
+        self.server_key = server_key
+
+    def buildProtocol(self, addr: IAddress) -> CurveTunProtocol:
+        def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
+            return ClientMachine(ClientCore(owner, self.vault, self.server_key))
+
+        return CurveTunProtocol(self, make_machine)

@@ -1,0 +1,375 @@
+"""
+Vaults: the holders of a long-term key pair (spec "Safe nonces (vault)").
+
+L{MemoryVault} keeps the keys in memory; L{FileVault} loads them from a key
+directory (see C{docs/keys-and-registry.md}) and stores the safe-nonce
+counter there, so that no nonce is ever made twice with the same key.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import OrderedDict
+from contextlib import suppress
+from typing import Callable
+
+import nacl.utils
+from nacl.bindings import (
+    crypto_box_beforenm,
+    crypto_box_easy_afternm,
+    crypto_box_keypair,
+    crypto_box_open_easy_afternm,
+    crypto_scalarmult_base,
+)
+from nacl.exceptions import CryptoError
+from twisted.application.service import Service
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from curvetun.errors import BadPacket, KeyFileError
+from curvetun.interfaces import IVault
+from curvetun.keys import KEY_SIZE, fingerprint, format_public_key, keys_equal
+from curvetun.nonces import scramble16
+
+# Spec "Safe nonces (vault)": whenever the counter is a multiple of
+# COUNTER_STEP, store counter + COUNTER_RESERVE before handing out that nonce.
+COUNTER_STEP = 2**20
+COUNTER_RESERVE = 2**21
+# Far below 2**64, so that a stored counter can never run out of room.
+MAX_COUNTER = 2**63
+
+# Peers whose precomputed X25519 shared keys a vault remembers.
+SHARED_KEY_CACHE_SIZE = 1024
+
+
+@implementer(IVault)
+class MemoryVault:
+    """
+    A long-term key pair held in memory, with the safe-nonce counter.
+
+    @ivar public_key: the 32-byte long-term public key.
+    """
+
+    def __init__(
+        self,
+        secret_key: bytes,
+        nonce_key: bytes,
+        counter: int = 0,
+        random_bytes: Callable[[int], bytes] = nacl.utils.random,
+        persist: Callable[[int], None] | None = None,
+    ) -> None:
+        """
+        @param secret_key: the 32-byte Curve25519 secret key.
+        @param nonce_key: the 32-byte key that scrambles safe nonces.
+        @param counter: the first counter value to use.
+        @param random_bytes: the source of the 8 random bytes in each safe
+            nonce (tests inject a deterministic one).
+        @param persist: called with C{counter + 2**21} before a nonce is
+            handed out whenever that must be stored durably; if it raises,
+            no nonce is handed out.
+        """
+        if len(secret_key) != KEY_SIZE or len(nonce_key) != KEY_SIZE:
+            raise ValueError("a vault needs a 32-byte secret key and a 32-byte nonce key")
+        if not 0 <= counter <= MAX_COUNTER:
+            raise ValueError(f"nonce counter out of range: {counter}")
+        self.public_key: bytes = crypto_scalarmult_base(secret_key)
+        self._secret_key = secret_key
+        self._nonce_key = nonce_key
+        self._counter = counter
+        # The spec persists at multiples of COUNTER_STEP. The first nonce
+        # after a start persists too: a counter that starts between two
+        # multiples (written by hand, or by an older version) would
+        # otherwise run unprotected until the next one.
+        self._persist_at = counter
+        self._random_bytes = random_bytes
+        self._persist = persist
+        self._shared_keys: OrderedDict[bytes, bytes] = OrderedDict()
+
+    @classmethod
+    def generate(cls, random_bytes: Callable[[int], bytes] = nacl.utils.random) -> MemoryVault:
+        """
+        Make a vault with a fresh random key pair and nonce key, whose
+        counter starts at 0 and is not stored anywhere.
+        """
+        _, secret_key = crypto_box_keypair()
+        return cls(secret_key, random_bytes(KEY_SIZE), random_bytes=random_bytes)
+
+    def safe_nonce(self) -> bytes:
+        """
+        Return C{scramble16(u64be(counter) || random(8), nonce_key)} and
+        count one up, storing the counter first when the spec says so.
+        """
+        counter = self._counter
+        if counter == self._persist_at:
+            if self._persist is not None:
+                self._persist(counter + COUNTER_RESERVE)
+            self._persist_at = (counter // COUNTER_STEP + 1) * COUNTER_STEP
+        self._counter = counter + 1
+        return scramble16(counter.to_bytes(8, "big") + self._random_bytes(8), self._nonce_key)
+
+    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        """
+        NaCl C{crypto_box} from this vault's key to C{peer_public_key}.
+
+        @raise BadPacket: C{peer_public_key} is unusable (wrong size or a
+            low-order point); it usually comes from the network.
+        """
+        return crypto_box_easy_afternm(plaintext, nonce, self._shared_key(peer_public_key))
+
+    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        """
+        Open a box made by C{peer_public_key} for this vault's key.
+
+        @raise BadPacket: the box does not verify, or the peer key is
+            unusable.
+        """
+        shared_key = self._shared_key(peer_public_key)
+        try:
+            return crypto_box_open_easy_afternm(ciphertext, nonce, shared_key)
+        except CryptoError as e:  # nacl's ValueError and RuntimeError are CryptoErrors
+            raise BadPacket("box does not open") from e
+
+    def _shared_key(self, peer_public_key: bytes) -> bytes:
+        # The server boxes to the same peer key twice in a row (it opens the
+        # hello and seals the cookie with EC) and sees the same client key
+        # on every connection (the vouch), so remembering the X25519 result
+        # halves the work of a handshake. Least recently used goes first.
+        shared_key = self._shared_keys.get(peer_public_key)
+        if shared_key is not None:
+            self._shared_keys.move_to_end(peer_public_key)
+            return shared_key
+        try:
+            shared_key = crypto_box_beforenm(peer_public_key, self._secret_key)
+        except CryptoError as e:
+            raise BadPacket("peer public key is unusable (wrong size or low order)") from e
+        self._shared_keys[peer_public_key] = shared_key
+        if len(self._shared_keys) > SHARED_KEY_CACHE_SIZE:
+            self._shared_keys.popitem(last=False)
+        return shared_key
+
+    def __repr__(self) -> str:
+        return f"<MemoryVault {fingerprint(self.public_key)}>"
+
+
+SECRET_KEY_FILE = "secret.key"
+PUBLIC_KEY_FILE = "public.key"
+NONCE_KEY_FILE = "nonce.key"
+COUNTER_FILE = "nonce.counter"
+_KEY_FILES = (SECRET_KEY_FILE, PUBLIC_KEY_FILE, NONCE_KEY_FILE, COUNTER_FILE)
+
+
+@implementer(IVault)
+class FileVault(Service):
+    """
+    The vault of a key directory, as a service for the server's or client's
+    service tree. The keys are loaded, and checked, when it is made.
+
+    @ivar keydir: the key directory.
+    @ivar public_key: the 32-byte long-term public key.
+    """
+
+    log = Logger()
+
+    def __init__(self, keydir: str | FilePath[str]) -> None:
+        """
+        Load the key directory C{keydir}.
+
+        @raise KeyFileError: a file is missing, damaged, or readable by
+            others; the message names the file and the fix.
+        """
+        self.keydir = FilePath(keydir) if isinstance(keydir, str) else keydir
+        secret_key = _read_key(self.keydir.child(SECRET_KEY_FILE), secret=True)
+        nonce_key = _read_key(self.keydir.child(NONCE_KEY_FILE), secret=True)
+        stored_public_key = _read_key(self.keydir.child(PUBLIC_KEY_FILE), secret=False)
+        counter = _read_counter(self.keydir.child(COUNTER_FILE))
+        self._vault = MemoryVault(secret_key, nonce_key, counter, persist=self._store_counter)
+        self.public_key = self._vault.public_key
+        if not keys_equal(stored_public_key, self.public_key):
+            raise KeyFileError(
+                f"{self.keydir.child(PUBLIC_KEY_FILE).path} "
+                f"({fingerprint(stored_public_key)}...) does not match "
+                f"{self.keydir.child(SECRET_KEY_FILE).path} "
+                f"({fingerprint(self.public_key)}...); "
+                "restore both files from the same backup"
+            )
+
+    @classmethod
+    def create(cls, keydir: str | FilePath[str], overwrite: bool = False) -> FileVault:
+        """
+        Make a new key directory with a fresh key pair and nonce key and the
+        counter at 0, and load it.
+
+        @param overwrite: replace the keys in C{keydir} if it has any. This
+            replaces the identity: peers that trust the old public key will
+            refuse the new one.
+        @raise KeyFileError: C{keydir} already holds key files and
+            C{overwrite} is false, or it cannot be written.
+        """
+        path = FilePath(keydir) if isinstance(keydir, str) else keydir
+        existing = [name for name in _KEY_FILES if path.child(name).exists()]
+        if existing and not overwrite:
+            raise KeyFileError(
+                f"{path.path} already holds keys ({', '.join(existing)}); "
+                "refusing to replace them"
+            )
+        public_key, secret_key = crypto_box_keypair()
+        try:
+            os.makedirs(path.path, exist_ok=True)
+            os.chmod(path.path, 0o700)
+            # The secret key is written last: a crash part way leaves a
+            # directory that fails to load rather than one that loads wrong.
+            for name, text, mode in [
+                (COUNTER_FILE, "0", 0o600),
+                (NONCE_KEY_FILE, nacl.utils.random(KEY_SIZE).hex(), 0o600),
+                (PUBLIC_KEY_FILE, format_public_key(public_key), 0o644),
+                (SECRET_KEY_FILE, secret_key.hex(), 0o600),
+            ]:
+                write_atomically(path.child(name), f"{text}\n".encode("ascii"), mode)
+        except OSError as e:
+            raise KeyFileError(f"cannot create key directory {path.path}: {e.strerror}") from e
+        return cls(path)
+
+    def startService(self) -> None:
+        """
+        Say which identity this process has.
+        """
+        super().startService()
+        self.log.info(
+            "Long-term key {fingerprint} from {keydir}",
+            fingerprint=fingerprint(self.public_key),
+            keydir=self.keydir.path,
+        )
+
+    def safe_nonce(self) -> bytes:
+        """
+        See L{IVault.safe_nonce}.
+
+        @raise KeyFileError: the counter had to be stored and could not be.
+        """
+        return self._vault.safe_nonce()
+
+    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        """
+        See L{MemoryVault.box}.
+        """
+        return self._vault.box(plaintext, nonce, peer_public_key)
+
+    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        """
+        See L{MemoryVault.box_open}.
+        """
+        return self._vault.box_open(ciphertext, nonce, peer_public_key)
+
+    def _store_counter(self, value: int) -> None:
+        # Synchronous, and so blocking the reactor for one fsync: this
+        # happens once per 2**20 nonces (about a million handshakes), and
+        # the nonce must not be used before the write is durable anyway.
+        path = self.keydir.child(COUNTER_FILE)
+        try:
+            write_atomically(path, f"{value}\n".encode("ascii"), 0o600)
+        except OSError as e:
+            raise KeyFileError(f"cannot store the nonce counter in {path.path}: {e.strerror}") from e
+
+    def __repr__(self) -> str:
+        return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
+
+
+def write_atomically(path: FilePath[str], data: bytes, mode: int) -> None:
+    """
+    Replace the contents of C{path} with C{data}, so that a crash at any
+    moment leaves either the old file or the new one, whole: write a
+    temporary file in the same directory, fsync it, rename it over C{path},
+    fsync the directory.
+
+    @param mode: the permissions of the new file (not subject to the umask).
+    @raise OSError: the file could not be written; C{path} is unchanged.
+    """
+    directory = path.parent().path
+    # mkstemp creates with O_CREAT | O_EXCL and mode 0600, so nobody else
+    # can open the file before it has its final mode.
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.basename()}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path.path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+    # The rename is durable only once the directory is.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# Key-directory files are a line of at most 64 characters; reading a little
+# more than that is enough to tell that a file is too long.
+_READ_LIMIT = 256
+
+
+def _read_text(path: FilePath[str], secret: bool, if_missing: str) -> str:
+    """
+    Read a key-directory file as ASCII text without surrounding whitespace.
+    The permissions of a secret file are checked on the open file itself.
+    """
+    try:
+        with open(path.path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode & 0o777
+            if secret and mode & 0o077:
+                raise KeyFileError(
+                    f"{path.path} is readable by group or others (mode {mode:04o}); "
+                    f"run: chmod 600 {path.path}"
+                )
+            data = f.read(_READ_LIMIT)
+    except FileNotFoundError as e:
+        raise KeyFileError(f"{path.path} is missing; {if_missing}") from e
+    except OSError as e:
+        raise KeyFileError(f"cannot read {path.path}: {e.strerror}") from e
+    text = data.strip()
+    if not text:
+        raise KeyFileError(f"{path.path} is empty; {if_missing}")
+    try:
+        return text.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"{path.path} is damaged: it is not text") from None
+
+
+def _read_key(path: FilePath[str], secret: bool) -> bytes:
+    # Never quote a secret file's contents in an error message.
+    text = _read_text(path, secret, "restore the key directory from a backup")
+    if len(text) != 2 * KEY_SIZE:
+        raise KeyFileError(
+            f"{path.path} is damaged: expected {2 * KEY_SIZE} hex digits, found "
+            f"{len(text)} characters; restore it from a backup"
+        )
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(
+            f"{path.path} is damaged: not hexadecimal; restore it from a backup"
+        ) from None
+
+
+def _read_counter(path: FilePath[str]) -> int:
+    text = _read_text(
+        path,
+        secret=False,
+        if_missing=(
+            "starting the counter again at 0 could reuse nonces with this key; "
+            "restore it from a backup, or write into it a number larger than "
+            "any counter this key has used"
+        ),
+    )
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_COUNTER):
+        raise KeyFileError(
+            f"{path.path} is damaged: expected a decimal number from 0 to {MAX_COUNTER}; "
+            "restore it from a backup"
+        )
+    return int(text)

@@ -1,0 +1,422 @@
+"""
+Tests for L{curvetun.handshake}: the session of handshake.json, byte for
+byte, from its fixed inputs, and the ways each step refuses.
+
+L{FakeVault} and L{FakeCookieSealer} are small stand-ins for the real vault
+and cookie keys, with fixed keys and safe nonces; C{test_reject_vectors}
+uses them too.
+"""
+
+from __future__ import annotations
+
+from nacl.bindings import (
+    crypto_box_beforenm,
+    crypto_box_easy,
+    crypto_box_open_easy,
+    crypto_scalarmult_base,
+    crypto_secretbox_easy,
+    crypto_secretbox_open_easy,
+)
+from nacl.exceptions import CryptoError
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from curvetun.errors import BadPacket
+from curvetun.handshake import (
+    CookieSealer,
+    EphemeralKeyPair,
+    OpenedVouch,
+    client_hello,
+    client_open_cookie,
+    client_vouch,
+    server_cookie,
+    server_open_hello,
+    server_open_vouch,
+    server_verify_vouch,
+)
+from curvetun.interfaces import IVault
+from curvetun.nonces import (
+    HELLO_PREFIX,
+    MINUTE_KEY_PREFIX,
+    VOUCH_INNER_PREFIX,
+    long_term_nonce,
+    short_term_nonce,
+)
+from curvetun.packets import Cookie, Hello, Message, Vouch, parse, parse_as
+from curvetun.session import Session
+from tests._vectors import load, unhex
+
+HANDSHAKE = load("handshake.json")
+INPUTS = {name: unhex(value) for name, value in HANDSHAKE["inputs"].items() if "note" not in name}
+SHARED_KEYS = HANDSHAKE["box_shared_keys"]
+HELLO_V, COOKIE_V, VOUCH_V = HANDSHAKE["packets"][:3]
+C2S = [p for p in HANDSHAKE["packets"] if p["direction"] == "client->server" and p["name"] == "msg"]
+S2C = [p for p in HANDSHAKE["packets"] if p["direction"] == "server->client" and p["name"] == "msg"]
+
+C = INPUTS["client_longterm_public_C"]
+CS = INPUTS["client_longterm_secret_Cs"]
+S = INPUTS["server_longterm_public_S"]
+SS = INPUTS["server_longterm_secret_Ss"]
+CLIENT_EPHEMERAL = EphemeralKeyPair(
+    INPUTS["client_ephemeral_public_EC"], INPUTS["client_ephemeral_secret_ECs"]
+)
+SERVER_EPHEMERAL = EphemeralKeyPair(
+    INPUTS["server_ephemeral_public_ES"], INPUTS["server_ephemeral_secret_ESs"]
+)
+EC = CLIENT_EPHEMERAL.public_key
+ES = SERVER_EPHEMERAL.public_key
+TS = INPUTS["cookie_minute_key_Ts"]
+SERVER_SAFE_NONCE = INPUTS["server_safe_nonce_16"]
+CLIENT_SAFE_NONCE = INPUTS["client_safe_nonce_16"]
+COOKIE_K = unhex(COOKIE_V["cookie_K"])
+
+
+@implementer(IVault)
+class FakeVault:
+    """
+    A vault with a fixed secret key that hands out the given safe nonces in
+    order.
+    """
+
+    def __init__(self, secret_key: bytes, safe_nonces: list[bytes]) -> None:
+        self._secret_key = secret_key
+        self._safe_nonces = list(safe_nonces)
+        self.public_key = crypto_scalarmult_base(secret_key)
+
+    def safe_nonce(self) -> bytes:
+        return self._safe_nonces.pop(0)
+
+    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        return crypto_box_easy(plaintext, nonce, peer_public_key, self._secret_key)
+
+    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+        try:
+            return crypto_box_open_easy(ciphertext, nonce, peer_public_key, self._secret_key)
+        except CryptoError:
+            raise BadPacket("box does not verify") from None
+
+
+class FakeCookieSealer:
+    """
+    A L{CookieSealer} with one fixed minute key C{Ts}.
+    """
+
+    def __init__(self, minute_key: bytes) -> None:
+        self._minute_key = minute_key
+        self.sealed: list[tuple[bytes, bytes, bytes]] = []
+
+    def seal(
+        self, safe_nonce: bytes, client_ephemeral_key: bytes, server_ephemeral_secret: bytes
+    ) -> bytes:
+        self.sealed.append((safe_nonce, client_ephemeral_key, server_ephemeral_secret))
+        return crypto_secretbox_easy(
+            client_ephemeral_key + server_ephemeral_secret,
+            MINUTE_KEY_PREFIX + safe_nonce,
+            self._minute_key,
+        )
+
+    def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
+        try:
+            plaintext = crypto_secretbox_open_easy(
+                cookie_K[16:], MINUTE_KEY_PREFIX + cookie_K[:16], self._minute_key
+            )
+        except CryptoError:
+            raise BadPacket("cookie does not verify") from None
+        return plaintext[:32], plaintext[32:]
+
+
+def server_vault() -> FakeVault:
+    """
+    The server's vault of handshake.json.
+    """
+    return FakeVault(SS, [SERVER_SAFE_NONCE])
+
+
+def client_vault() -> FakeVault:
+    """
+    The client's vault of handshake.json.
+    """
+    return FakeVault(CS, [CLIENT_SAFE_NONCE])
+
+
+def connected_sessions() -> tuple[Session, Session]:
+    """
+    The C{(client, server)} sessions right after the handshake of
+    handshake.json, made by the handshake functions.
+    """
+    _, client = client_vouch(COOKIE_K, ES, CLIENT_EPHEMERAL, S, client_vault())
+    server = server_open_vouch(
+        parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS)
+    ).session
+    return client, server
+
+
+class DoublesTests(SynchronousTestCase):
+    """
+    The test doubles provide what they stand in for.
+    """
+
+    def test_fake_vault_provides_ivault(self) -> None:
+        """
+        L{FakeVault} provides L{IVault} and has the vectors' public keys.
+        """
+        self.assertTrue(verifyObject(IVault, server_vault()))
+        self.assertEqual(server_vault().public_key, S)
+        self.assertEqual(client_vault().public_key, C)
+
+    def test_fake_cookie_sealer_is_a_cookie_sealer(self) -> None:
+        """
+        L{FakeCookieSealer} seals the vectors' cookie secretbox.
+        """
+        sealer: CookieSealer = FakeCookieSealer(TS)
+        secretbox = sealer.seal(SERVER_SAFE_NONCE, EC, SERVER_EPHEMERAL.secret_key)
+        self.assertEqual(secretbox.hex(), COOKIE_V["cookie_secretbox"])
+
+
+class EphemeralKeyPairTests(SynchronousTestCase):
+    """
+    L{EphemeralKeyPair}.
+    """
+
+    def test_generate(self) -> None:
+        """
+        L{EphemeralKeyPair.generate} makes a fresh Curve25519 pair each time.
+        """
+        pair = EphemeralKeyPair.generate()
+        self.assertEqual(len(pair.secret_key), 32)
+        self.assertEqual(crypto_scalarmult_base(pair.secret_key), pair.public_key)
+        self.assertNotEqual(EphemeralKeyPair.generate(), pair)
+
+    def test_repr_hides_the_secret(self) -> None:
+        """
+        The repr shows the public key but not the secret key.
+        """
+        text = repr(CLIENT_EPHEMERAL)
+        self.assertIn(repr(EC), text)
+        self.assertNotIn("secret", text)
+        self.assertNotIn(repr(CLIENT_EPHEMERAL.secret_key), text)
+
+
+class KnownSessionTests(SynchronousTestCase):
+    """
+    The handshake functions reproduce the whole session of handshake.json
+    from its inputs, each output feeding the next step as on the wire.
+    """
+
+    def test_full_session(self) -> None:
+        """
+        hello, cookie, vouch and every message, both ways, byte for byte.
+        """
+        # hello: client -> server
+        hello, client_shared = client_hello(S, CLIENT_EPHEMERAL)
+        self.assertEqual(hello.hex(), HELLO_V["payload"])
+        self.assertEqual(client_shared.hex(), SHARED_KEYS["hello_S_ECs"])
+        received_hello = parse_as(hello, Hello)
+        server_open_hello(received_hello, server_vault())
+
+        # cookie: server -> client
+        sealer = FakeCookieSealer(TS)
+        cookie = server_cookie(
+            received_hello.client_ephemeral_key, server_vault(), sealer, SERVER_EPHEMERAL
+        )
+        self.assertEqual(cookie.hex(), COOKIE_V["payload"])
+        self.assertEqual(sealer.sealed, [(SERVER_SAFE_NONCE, EC, SERVER_EPHEMERAL.secret_key)])
+        server_ephemeral_key, cookie_K = client_open_cookie(parse_as(cookie, Cookie), client_shared)
+        self.assertEqual((server_ephemeral_key, cookie_K), (ES, COOKIE_K))
+
+        # vouch: client -> server
+        vouch, client = client_vouch(cookie_K, server_ephemeral_key, CLIENT_EPHEMERAL, S, client_vault())
+        self.assertEqual(vouch.hex(), VOUCH_V["payload"])
+        opened = server_open_vouch(parse_as(vouch, Vouch), sealer)
+        self.assertEqual(
+            (opened.client_key, opened.client_ephemeral_key, opened.vouch_nonce, opened.inner_box),
+            (C, EC, CLIENT_SAFE_NONCE, unhex(VOUCH_V["inner_V"])),
+        )
+        server_verify_vouch(opened, server_vault())
+        server = opened.session
+
+        # messages, each direction counting from 2
+        for sender, receiver, vectors in ((client, server, C2S), (server, client, S2C)):
+            for vector in vectors:
+                plaintext = unhex(vector["plaintext"])
+                payload = sender.seal(plaintext)
+                self.assertEqual(payload.hex(), vector["payload"])
+                self.assertEqual(receiver.open(parse_as(payload, Message)), plaintext)
+        self.assertEqual([m["counter"] for m in C2S], [2, 3, 4])
+        self.assertEqual([m["counter"] for m in S2C], [2, 3])
+
+    def test_session_key_is_the_precomputed_ephemeral_key(self) -> None:
+        """
+        Both sessions use C{beforenm(ES, ECs)} of the vectors: they seal
+        exactly what sessions made from that key seal.
+        """
+        key = unhex(SHARED_KEYS["initiate_and_messages_ES_ECs"])
+        client, server = connected_sessions()
+        message = b"same key, same bytes"
+        self.assertEqual(client.seal(message), Session.for_client(key).seal(message))
+        self.assertEqual(server.seal(message), Session.for_server(key).seal(message))
+
+    def test_server_cookie_makes_a_fresh_ephemeral_key(self) -> None:
+        """
+        Without a given key pair, L{server_cookie} makes a fresh C{(ES, ESs)}
+        for each cookie, whose secret half is sealed in C{K} only.
+        """
+        sealer = FakeCookieSealer(TS)
+        vault = FakeVault(SS, [SERVER_SAFE_NONCE, CLIENT_SAFE_NONCE])
+        _, shared = client_hello(S, CLIENT_EPHEMERAL)
+        opened = []
+        for _ in range(2):
+            cookie = server_cookie(EC, vault, sealer)
+            server_ephemeral_key, cookie_K = client_open_cookie(parse_as(cookie, Cookie), shared)
+            self.assertEqual(sealer.open(cookie_K)[0], EC)
+            self.assertEqual(crypto_scalarmult_base(sealer.open(cookie_K)[1]), server_ephemeral_key)
+            opened.append(server_ephemeral_key)
+        self.assertNotEqual(opened[0], opened[1])
+        self.assertNotIn(ES, opened)
+
+
+class RefusalTests(SynchronousTestCase):
+    """
+    Each handshake step raises L{BadPacket}, never a PyNaCl error, when its
+    packet does not verify.
+    """
+
+    def assertRefused(self, reason: str, f: object, *args: object) -> None:
+        exc = self.assertRaises(BadPacket, f, *args)
+        self.assertEqual(exc.reason, reason)
+
+    def test_hello_counter_must_be_zero(self) -> None:
+        """
+        A hello with counter 1, well boxed with that counter's nonce, is
+        refused for its counter.
+        """
+        box = crypto_box_easy(bytes(64), short_term_nonce(HELLO_PREFIX, 1), S, CLIENT_EPHEMERAL.secret_key)
+        self.assertRefused("hello counter must be 0", server_open_hello, Hello(EC, 1, box), server_vault())
+
+    def test_hello_plaintext_must_be_zeros(self) -> None:
+        """
+        A hello box that opens but does not hold 64 zero bytes is refused.
+        """
+        box = crypto_box_easy(b"\x00" * 63 + b"\x01", short_term_nonce(HELLO_PREFIX, 0), S, CLIENT_EPHEMERAL.secret_key)
+        self.assertRefused("hello does not verify", server_open_hello, Hello(EC, 0, box), server_vault())
+
+    def test_hello_for_another_server(self) -> None:
+        """
+        A hello boxed for another server key does not open.
+        """
+        hello, _ = client_hello(C, CLIENT_EPHEMERAL)
+        self.assertRefused("hello does not verify", server_open_hello, parse_as(hello, Hello), server_vault())
+
+    def test_unusable_server_key(self) -> None:
+        """
+        An all-zero (low-order) server key makes L{client_hello} raise
+        L{BadPacket}.
+        """
+        self.assertRefused("server key is not a usable public key", client_hello, bytes(32), CLIENT_EPHEMERAL)
+
+    def test_cookie_from_another_server(self) -> None:
+        """
+        A cookie box that does not open with the hello's key (it came from
+        another server key) is refused.
+        """
+        _, wrong_shared = client_hello(C, CLIENT_EPHEMERAL)
+        self.assertRefused(
+            "cookie does not verify: wrong server key?",
+            client_open_cookie,
+            parse_as(unhex(COOKIE_V["payload"]), Cookie),
+            wrong_shared,
+        )
+
+    def test_unusable_server_ephemeral_key(self) -> None:
+        """
+        An all-zero C{ES} in an authentic cookie makes L{client_vouch} raise
+        L{BadPacket}, before it uses up a safe nonce.
+        """
+        vault = client_vault()
+        self.assertRefused(
+            "server ephemeral key is not a usable public key",
+            client_vouch, COOKIE_K, bytes(32), CLIENT_EPHEMERAL, S, vault,
+        )
+        self.assertEqual(vault.safe_nonce(), CLIENT_SAFE_NONCE)
+
+    def test_vouch_counter_must_be_one(self) -> None:
+        """
+        A vouch with counter 2 is refused for its counter.
+        """
+        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
+        self.assertRefused(
+            "vouch counter must be 1",
+            server_open_vouch, Vouch(vouch.cookie, 2, vouch.box), FakeCookieSealer(TS),
+        )
+
+    def test_vouch_cookie_under_another_minute_key(self) -> None:
+        """
+        A cookie C{K} that the minute keys do not open is refused.
+        """
+        self.assertRefused(
+            "cookie does not verify",
+            server_open_vouch, parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(bytes(32)),
+        )
+
+    def test_vouch_box_does_not_open(self) -> None:
+        """
+        A vouch whose outer box is damaged is refused.
+        """
+        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
+        damaged = Vouch(vouch.cookie, 1, vouch.box[:-1] + bytes([vouch.box[-1] ^ 1]))
+        self.assertRefused("vouch box does not verify", server_open_vouch, damaged, FakeCookieSealer(TS))
+
+    def test_vouch_cookie_with_unusable_client_key(self) -> None:
+        """
+        A cookie that holds an all-zero (low-order) C{EC} is refused with
+        L{BadPacket}.
+        """
+        sealer = FakeCookieSealer(TS)
+        cookie_K = SERVER_SAFE_NONCE + sealer.seal(SERVER_SAFE_NONCE, bytes(32), SERVER_EPHEMERAL.secret_key)
+        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
+        self.assertRefused("vouch box does not verify", server_open_vouch, Vouch(cookie_K, 1, vouch.box), sealer)
+
+    def test_vouch_for_another_ephemeral_key(self) -> None:
+        """
+        An inner box C{V} that holds another ephemeral key than the cookie's
+        C{EC} is refused.
+        """
+        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
+        other = OpenedVouch(
+            client_key=opened.client_key,
+            client_ephemeral_key=ES,
+            vouch_nonce=opened.vouch_nonce,
+            inner_box=opened.inner_box,
+            session=opened.session,
+        )
+        self.assertRefused("vouch does not verify", server_verify_vouch, other, server_vault())
+
+    def test_vouch_signed_by_another_client_key(self) -> None:
+        """
+        An inner box C{V} not made by the claimed client key C{C} is refused.
+        """
+        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
+        forged = crypto_box_easy(
+            EC, long_term_nonce(VOUCH_INNER_PREFIX, opened.vouch_nonce), S, INPUTS["client_ephemeral_secret_ECs"]
+        )
+        other = OpenedVouch(
+            client_key=opened.client_key,
+            client_ephemeral_key=EC,
+            vouch_nonce=opened.vouch_nonce,
+            inner_box=forged,
+            session=opened.session,
+        )
+        self.assertRefused("vouch does not verify", server_verify_vouch, other, server_vault())
+
+    def test_opened_vouch_repr_hides_the_session(self) -> None:
+        """
+        The repr of an L{OpenedVouch} shows the client's key, not its session.
+        """
+        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
+        self.assertIn(repr(C), repr(opened))
+        self.assertNotIn("session", repr(opened))
+        # The key is not in the repr in any form.
+        key = crypto_box_beforenm(ES, CLIENT_EPHEMERAL.secret_key)
+        self.assertNotIn(key.hex(), repr(opened))
+        self.assertNotIn(repr(key), repr(opened))
