@@ -147,6 +147,11 @@ class ClientCore:
     owner: ConnectionOwner
     vault: IVault
     server_key: bytes
+    make_ephemeral: Callable[[], EphemeralKeyPair] = EphemeralKeyPair.generate
+    """
+    Makes the connection's ephemeral key pair (replaced only by
+    known-answer tests).
+    """
 
 
 @attrs.frozen
@@ -182,7 +187,8 @@ def _session_data(
 
 
 # Transition outputs shared by both machines. They take *args because Automat
-# passes the state's data only from data-bearing states.
+# passes the state's data (before the input's arguments) from data-bearing
+# states, whatever nodata says when the new state is a plain one.
 
 
 def _send(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: bytes) -> None:
@@ -299,7 +305,6 @@ def _wire_common(
     for state in established:
         state.upon(ConnectionInputs.send).loop()(_send)
         _upon(state, ConnectionInputs.timed_out).loop()(_ignore)
-        _upon(state, ConnectionInputs.connection_lost).to(closed)(_report_lost)
     for input in (
         ConnectionInputs.connection_made,
         ConnectionInputs.bad_packet,
@@ -378,7 +383,7 @@ def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
 
     connected.upon(ConnectionInputs.message_received).loop()(_deliver)
 
-    for state in (ready, accepting):
+    for state in (ready, accepting, connected):
         _upon(state, ConnectionInputs.connection_lost).to(closed)(_report_lost)
     _wire_common(
         handshaking=[ready, accepting],
@@ -407,7 +412,7 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
 
     @pep614(ready.upon(ConnectionInputs.connection_made).loop())
     def send_hello(inputs: ConnectionInputs, core: ClientCore) -> None:
-        ephemeral = EphemeralKeyPair.generate()
+        ephemeral = core.make_ephemeral()
         try:
             hello, shared_key = handshake.client_hello(core.server_key, ephemeral)
         except BadPacket as error:
@@ -474,10 +479,13 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
     vouched.upon(ConnectionInputs._confirmed).to(connected).returns(None)
     connected.upon(ConnectionInputs.message_received).loop()(_deliver)
 
-    ready.upon(ConnectionInputs.connection_lost).to(closed)(_report_lost)
+    for state in (ready, connected):
+        _upon(state, ConnectionInputs.connection_lost).to(closed)(_report_lost)
 
-    @pep614(initiating.upon(ConnectionInputs.connection_lost, nodata=True).to(closed))
-    def closed_after_hello(inputs: ConnectionInputs, core: ClientCore, reason: Failure) -> None:
+    @pep614(initiating.upon(ConnectionInputs.connection_lost).to(closed))
+    def closed_after_hello(
+        inputs: ConnectionInputs, core: ClientCore, state: Initiating, reason: Failure
+    ) -> None:
         core.owner.lost(
             Failure(
                 ServerKeyMismatch(
@@ -488,8 +496,10 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
             )
         )
 
-    @pep614(vouched.upon(ConnectionInputs.connection_lost, nodata=True).to(closed))
-    def closed_after_vouch(inputs: ConnectionInputs, core: ClientCore, reason: Failure) -> None:
+    @pep614(vouched.upon(ConnectionInputs.connection_lost).to(closed))
+    def closed_after_vouch(
+        inputs: ConnectionInputs, core: ClientCore, session: Session, reason: Failure
+    ) -> None:
         core.owner.lost(
             Failure(
                 NotAuthorized(

@@ -61,7 +61,7 @@ class CurveTunService(MultiService):
         self.handshake_timeout = handshake_timeout
         # A cookie opens for up to two cookie-key periods (spec, "Cookie
         # keys"): that is how long a replayed vouch could be accepted.
-        self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.interval)
+        self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.step)
         for part in (vault, self.cookie_keys, registry):
             if IService.providedBy(part):
                 part.setServiceParent(self)  # type: ignore[attr-defined]
@@ -87,10 +87,13 @@ class CurveTunService(MultiService):
         from twisted.python.filepath import FilePath
 
         from .registry import FileRegistry
-        from .vault import FileVault
+        from .vault import SECRET_KEY_FILE, FileVault
 
         directory = keydir if isinstance(keydir, FilePath) else FilePath(keydir)
-        vault = FileVault.open(directory, create=create)
+        if create and not directory.child(SECRET_KEY_FILE).exists():
+            vault = FileVault.create(directory)
+        else:
+            vault = FileVault(directory)
         if registry_path is None:
             registry_path = directory.child("registry")
         return cls(

@@ -203,8 +203,9 @@ class CurveTunProtocol(Int16StringReceiver):
         Close at once, discarding anything not yet sent.
         """
         self.disconnecting = True
-        if self._close_reason is None:
-            self._close_reason = Failure(ConnectionDone("connection aborted locally"))
+        # The machine closes first, so that nothing read after this point
+        # is processed; then TCP drops what it has not sent.
+        self._machine.close()
         self.transport.abortConnection()
 
     def getPeer(self) -> IAddress:

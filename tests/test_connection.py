@@ -1,0 +1,306 @@
+"""
+The connection machines and the transport, in memory: the handshake for
+both roles, messages, framing across reads, the client's error reports,
+cookie-key rotation, and the handshake timeout.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from curvetun.errors import (
+    BadPacket,
+    ConnectionClosed,
+    HandshakeTimeout,
+    MessageTooLong,
+    NotAuthorized,
+    ServerKeyMismatch,
+)
+from curvetun.interfaces import ICurveTunTransport
+from curvetun.packets import MAX_MESSAGE
+from curvetun.vault import MemoryVault
+
+from ._support import CLIENT_ADDRESS, Peers
+
+
+class HandshakeTests(SynchronousTestCase):
+    """
+    A client and a server that trust each other complete the handshake and
+    hand each other's authenticated key to the application.
+    """
+
+    def test_both_applications_start_once_the_handshake_completes(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect()
+        [server_app] = peers.server_apps.built
+        [client_app] = peers.client_apps.built
+        self.assertEqual((server_app.made, client_app.made), (1, 1))
+        self.assertIs(server_app.transport, server)
+        self.assertIs(client_app.transport, client)
+
+    def test_each_side_sees_the_others_long_term_key(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect()
+        self.assertTrue(ICurveTunTransport.providedBy(server))
+        self.assertEqual(server.peer_public_key, peers.client_vault.public_key)
+        self.assertEqual(client.peer_public_key, peers.server_vault.public_key)
+
+    def test_the_server_asks_the_registry_about_the_peer_address(self) -> None:
+        peers = Peers()
+        peers.connect()
+        self.assertEqual(
+            peers.registry.asked, [(peers.client_vault.public_key, CLIENT_ADDRESS.host)]
+        )
+
+    def test_the_client_application_starts_before_the_server_speaks(self) -> None:
+        """
+        The client is vouched (its application may send) as soon as the
+        vouch is sent, before any answer from the server.
+        """
+        peers = Peers()
+        client, server, pump = peers.connect(greet=False)
+        pump.pump()  # hello ->
+        pump.pump()  # <- cookie
+        self.assertEqual(len(peers.client_apps.built), 1)
+        self.assertEqual(peers.server_apps.built, [])
+        peers.client_apps.built[0].transport.write(b"early")
+        pump.flush()
+        self.assertEqual(peers.server_apps.built[0].received, [b"early"])
+
+
+class MessageTests(SynchronousTestCase):
+    """
+    Once connected, one message sent is one message received, whole and in
+    order, in both directions.
+    """
+
+    def setUp(self) -> None:
+        self.peers = Peers()
+        self.client, self.server, self.pump = self.peers.connect()
+        [self.server_app] = self.peers.server_apps.built
+        [self.client_app] = self.peers.client_apps.built
+
+    def test_messages_arrive_whole_and_in_order_both_ways(self) -> None:
+        for n in range(50):
+            self.client.write_message(b"c%d" % n)
+            self.server.write_message(b"s%d" % n)
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b"c%d" % n for n in range(50)])
+        self.assertEqual(self.client_app.received, [b"s%d" % n for n in range(50)])
+
+    def test_an_empty_message_is_delivered_as_an_empty_message(self) -> None:
+        self.client.write_message(b"")
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b""])
+
+    def test_an_empty_stream_write_sends_nothing(self) -> None:
+        self.client.write(b"")
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [])
+
+    def test_the_largest_message_fits_in_one_message(self) -> None:
+        message = bytes(range(256)) * (MAX_MESSAGE // 256) + b"x" * (MAX_MESSAGE % 256)
+        self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(self.client_app.received, [message])
+
+    def test_a_message_one_byte_too_long_is_refused(self) -> None:
+        error = self.assertRaises(
+            MessageTooLong, self.client.write_message, b"x" * (MAX_MESSAGE + 1)
+        )
+        self.assertIn(str(MAX_MESSAGE), str(error))
+
+    def test_a_long_stream_write_is_split_at_the_message_limit(self) -> None:
+        data = bytes(range(256)) * 1000
+        self.client.write(data)
+        self.pump.flush()
+        self.assertEqual(b"".join(self.server_app.received), data)
+        self.assertEqual(
+            [len(m) for m in self.server_app.received],
+            [MAX_MESSAGE] * 3 + [len(data) - 3 * MAX_MESSAGE],
+        )
+
+    def test_write_sequence_joins_its_parts(self) -> None:
+        self.client.writeSequence([b"a", b"b", b"c"])
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b"abc"])
+
+    def test_messages_split_across_reads_are_delivered_whole(self) -> None:
+        for message in (b"one", b"two" * 1000, b""):
+            self.client.write_message(message)
+        wire = self.client.transport.getOutBuffer()  # type: ignore[attr-defined]
+        for i in range(len(wire)):
+            self.server.dataReceived(wire[i : i + 1])
+        self.assertEqual(self.server_app.received, [b"one", b"two" * 1000, b""])
+
+    def test_several_messages_in_one_read_are_delivered_one_by_one(self) -> None:
+        for message in (b"one", b"two", b"three"):
+            self.server.write_message(message)
+        wire = self.server.transport.getOutBuffer()  # type: ignore[attr-defined]
+        self.client.dataReceived(wire)
+        self.assertEqual(self.client_app.received, [b"one", b"two", b"three"])
+
+    def test_a_paused_transport_holds_messages_until_resumed(self) -> None:
+        self.client.pauseProducing()
+        self.server.write_message(b"held")
+        self.pump.flush()
+        self.assertEqual(self.client_app.received, [])
+        self.client.resumeProducing()
+        self.pump.flush()
+        self.assertEqual(self.client_app.received, [b"held"])
+
+    def test_close_delivers_messages_written_before_it(self) -> None:
+        self.client.write_message(b"last words")
+        self.client.loseConnection()
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b"last words"])
+        self.assertEqual(len(self.server_app.lost), 1)
+        self.assertEqual(len(self.client_app.lost), 1)
+        self.client_app.lost[0].trap(ConnectionDone)
+
+    def test_connection_lost_reaches_the_application_exactly_once(self) -> None:
+        self.client.loseConnection()
+        self.client.loseConnection()
+        self.client.abortConnection()
+        self.pump.flush()
+        self.assertEqual((len(self.client_app.lost), len(self.server_app.lost)), (1, 1))
+
+    def test_writes_after_close_are_not_sent(self) -> None:
+        self.client.loseConnection()
+        self.client.write(b"too late")
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [])
+
+    def test_a_tampered_message_closes_and_delivers_nothing(self) -> None:
+        self.client.write_message(b"genuine")
+        wire = bytearray(self.client.transport.getOutBuffer())  # type: ignore[attr-defined]
+        wire[-1] ^= 1
+        self.server.dataReceived(bytes(wire))
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [])
+        [reason] = self.server_app.lost
+        self.assertIsInstance(reason.value, BadPacket)
+
+
+class RefusalTests(SynchronousTestCase):
+    """
+    A client learns why a handshake failed: the wrong server, or a key the
+    server does not admit.
+    """
+
+    def test_a_wrong_server_key_fails_saying_so(self) -> None:
+        peers = Peers()
+        wrong_key = MemoryVault.generate().public_key
+        client, server, pump = peers.connect(server_key=wrong_key, greet=False)
+        established = client.when_established()
+        pump.flush()
+        failure = self.failureResultOf(established, ServerKeyMismatch)
+        self.assertIn("closed the connection after our hello", failure.getErrorMessage())
+        self.assertEqual(peers.client_apps.built, [])
+        self.assertEqual(peers.server_apps.built, [])
+
+    def test_an_unknown_client_is_refused_after_its_vouch(self) -> None:
+        peers = Peers()
+        peers.registry.clients.clear()
+        client, server, pump = peers.connect(greet=False)
+        established = client.when_established()
+        pump.flush()
+        # The client cannot know until the server closes: it is vouched.
+        client_app = self.successResultOf(established)
+        [reason] = client_app.lost  # type: ignore[attr-defined]
+        reason.trap(NotAuthorized)
+        self.assertIn("registry", reason.getErrorMessage())
+        self.assertEqual(peers.server_apps.built, [])
+
+    def test_a_client_refused_before_it_is_vouched_never_starts_its_application(
+        self,
+    ) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect(greet=False)
+        established = client.when_established()
+        server.transport.loseConnection()  # the server hangs up at once
+        pump.flush()
+        self.failureResultOf(established, ServerKeyMismatch)
+        self.assertEqual(peers.client_apps.built, [])
+
+
+class CookieRotationTests(SynchronousTestCase):
+    """
+    A cookie made under the current cookie key is still accepted after one
+    rotation, and refused after two (spec, "Cookie keys").
+    """
+
+    def handshake_with_pause(self, rotations: int) -> Peers:
+        peers = Peers(handshake_timeout=None)
+        peers.server.startService()
+        self.addCleanup(peers.server.stopService)
+        client, server, pump = peers.connect(greet=False)
+        pump.pump()  # hello ->
+        pump.pump()  # <- cookie; the client sends its vouch
+        for _ in range(rotations):
+            peers.clock.advance(60)
+        pump.flush()
+        return peers
+
+    def test_a_cookie_from_the_previous_key_is_accepted(self) -> None:
+        peers = self.handshake_with_pause(1)
+        self.assertEqual(len(peers.server_apps.built), 1)
+
+    def test_a_cookie_two_rotations_old_is_refused(self) -> None:
+        peers = self.handshake_with_pause(2)
+        self.assertEqual(peers.server_apps.built, [])
+        [client_app] = peers.client_apps.built
+        self.assertEqual(len(client_app.lost), 1)
+
+
+class HandshakeTimeoutTests(SynchronousTestCase):
+    """
+    A handshake that does not complete in time is closed.
+    """
+
+    def test_a_silent_server_times_out_the_client(self) -> None:
+        peers = Peers(handshake_timeout=5)
+        client, server, pump = peers.connect(greet=False)
+        established = client.when_established()
+        peers.clock.advance(5)
+        pump.flush()
+        self.failureResultOf(established, HandshakeTimeout)
+
+    def test_a_silent_client_is_closed_by_the_server(self) -> None:
+        peers = Peers(handshake_timeout=5)
+        client, server, pump = peers.connect(greet=False)
+        peers.clock.advance(5)
+        self.assertTrue(server.transport.disconnecting)  # type: ignore[attr-defined]
+
+    def test_an_established_connection_is_not_timed_out(self) -> None:
+        peers = Peers(handshake_timeout=5)
+        client, server, pump = peers.connect()
+        peers.clock.advance(60)
+        client.write_message(b"still here")
+        pump.flush()
+        self.assertEqual(peers.server_apps.built[0].received, [b"still here"])
+
+    def test_cancelling_the_handshake_aborts_the_connection(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect(greet=False)
+        established = client.when_established()
+        established.cancel()
+        self.failureResultOf(established, CancelledError)
+        self.assertTrue(client.transport.disconnecting)  # type: ignore[attr-defined]
+        pump.flush()
+        self.assertEqual(peers.client_apps.built, [])
+
+
+class SendBeforeHandshakeTests(SynchronousTestCase):
+    """
+    The machine refuses application data before the handshake (the
+    transport never offers it, but the machine does not rely on that).
+    """
+
+    def test_send_before_the_handshake_raises(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect(greet=False)
+        self.assertRaises(ConnectionClosed, client.write_message, b"too early")
