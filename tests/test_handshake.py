@@ -9,8 +9,10 @@ uses them too.
 
 from __future__ import annotations
 
+from typing import Callable
+
+import attrs
 from nacl.bindings import (
-    crypto_box_beforenm,
     crypto_box_easy,
     crypto_box_open_easy,
     crypto_scalarmult_base,
@@ -51,8 +53,9 @@ HANDSHAKE = load("handshake.json")
 INPUTS = {name: unhex(value) for name, value in HANDSHAKE["inputs"].items() if "note" not in name}
 SHARED_KEYS = HANDSHAKE["box_shared_keys"]
 HELLO_V, COOKIE_V, VOUCH_V = HANDSHAKE["packets"][:3]
-C2S = [p for p in HANDSHAKE["packets"] if p["direction"] == "client->server" and p["name"] == "msg"]
-S2C = [p for p in HANDSHAKE["packets"] if p["direction"] == "server->client" and p["name"] == "msg"]
+MESSAGES = [p for p in HANDSHAKE["packets"] if p["name"] == "msg"]
+C2S = [p for p in MESSAGES if p["direction"] == "client->server"]
+S2C = [p for p in MESSAGES if p["direction"] == "server->client"]
 
 C = INPUTS["client_longterm_public_C"]
 CS = INPUTS["client_longterm_secret_Cs"]
@@ -64,12 +67,13 @@ CLIENT_EPHEMERAL = EphemeralKeyPair(
 SERVER_EPHEMERAL = EphemeralKeyPair(
     INPUTS["server_ephemeral_public_ES"], INPUTS["server_ephemeral_secret_ESs"]
 )
-EC = CLIENT_EPHEMERAL.public_key
-ES = SERVER_EPHEMERAL.public_key
+EC, ECS = CLIENT_EPHEMERAL.public_key, CLIENT_EPHEMERAL.secret_key
+ES, ESS = SERVER_EPHEMERAL.public_key, SERVER_EPHEMERAL.secret_key
 TS = INPUTS["cookie_minute_key_Ts"]
 SERVER_SAFE_NONCE = INPUTS["server_safe_nonce_16"]
 CLIENT_SAFE_NONCE = INPUTS["client_safe_nonce_16"]
 COOKIE_K = unhex(COOKIE_V["cookie_K"])
+VOUCH = parse_as(unhex(VOUCH_V["payload"]), Vouch)
 
 
 @implementer(IVault)
@@ -146,10 +150,14 @@ def connected_sessions() -> tuple[Session, Session]:
     handshake.json, made by the handshake functions.
     """
     _, client = client_vouch(COOKIE_K, ES, CLIENT_EPHEMERAL, S, client_vault())
-    server = server_open_vouch(
-        parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS)
-    ).session
-    return client, server
+    return client, open_vouch().session
+
+
+def open_vouch() -> OpenedVouch:
+    """
+    The vouch of handshake.json, opened by its server.
+    """
+    return server_open_vouch(VOUCH, FakeCookieSealer(TS))
 
 
 class DoublesTests(SynchronousTestCase):
@@ -170,7 +178,7 @@ class DoublesTests(SynchronousTestCase):
         L{FakeCookieSealer} seals the vectors' cookie secretbox.
         """
         sealer: CookieSealer = FakeCookieSealer(TS)
-        secretbox = sealer.seal(SERVER_SAFE_NONCE, EC, SERVER_EPHEMERAL.secret_key)
+        secretbox = sealer.seal(SERVER_SAFE_NONCE, EC, ESS)
         self.assertEqual(secretbox.hex(), COOKIE_V["cookie_secretbox"])
 
 
@@ -195,7 +203,7 @@ class EphemeralKeyPairTests(SynchronousTestCase):
         text = repr(CLIENT_EPHEMERAL)
         self.assertIn(repr(EC), text)
         self.assertNotIn("secret", text)
-        self.assertNotIn(repr(CLIENT_EPHEMERAL.secret_key), text)
+        self.assertNotIn(repr(ECS), text)
 
 
 class KnownSessionTests(SynchronousTestCase):
@@ -221,12 +229,16 @@ class KnownSessionTests(SynchronousTestCase):
             received_hello.client_ephemeral_key, server_vault(), sealer, SERVER_EPHEMERAL
         )
         self.assertEqual(cookie.hex(), COOKIE_V["payload"])
-        self.assertEqual(sealer.sealed, [(SERVER_SAFE_NONCE, EC, SERVER_EPHEMERAL.secret_key)])
-        server_ephemeral_key, cookie_K = client_open_cookie(parse_as(cookie, Cookie), client_shared)
+        self.assertEqual(sealer.sealed, [(SERVER_SAFE_NONCE, EC, ESS)])
+        server_ephemeral_key, cookie_K = client_open_cookie(
+            parse_as(cookie, Cookie), client_shared
+        )
         self.assertEqual((server_ephemeral_key, cookie_K), (ES, COOKIE_K))
 
         # vouch: client -> server
-        vouch, client = client_vouch(cookie_K, server_ephemeral_key, CLIENT_EPHEMERAL, S, client_vault())
+        vouch, client = client_vouch(
+            cookie_K, server_ephemeral_key, CLIENT_EPHEMERAL, S, client_vault()
+        )
         self.assertEqual(vouch.hex(), VOUCH_V["payload"])
         opened = server_open_vouch(parse_as(vouch, Vouch), sealer)
         self.assertEqual(
@@ -265,15 +277,16 @@ class KnownSessionTests(SynchronousTestCase):
         sealer = FakeCookieSealer(TS)
         vault = FakeVault(SS, [SERVER_SAFE_NONCE, CLIENT_SAFE_NONCE])
         _, shared = client_hello(S, CLIENT_EPHEMERAL)
-        opened = []
+        keys = []
         for _ in range(2):
             cookie = server_cookie(EC, vault, sealer)
             server_ephemeral_key, cookie_K = client_open_cookie(parse_as(cookie, Cookie), shared)
-            self.assertEqual(sealer.open(cookie_K)[0], EC)
-            self.assertEqual(crypto_scalarmult_base(sealer.open(cookie_K)[1]), server_ephemeral_key)
-            opened.append(server_ephemeral_key)
-        self.assertNotEqual(opened[0], opened[1])
-        self.assertNotIn(ES, opened)
+            client_ephemeral_key, server_ephemeral_secret = sealer.open(cookie_K)
+            self.assertEqual(client_ephemeral_key, EC)
+            self.assertEqual(crypto_scalarmult_base(server_ephemeral_secret), server_ephemeral_key)
+            keys.append(server_ephemeral_key)
+        self.assertNotEqual(keys[0], keys[1])
+        self.assertNotIn(ES, keys)
 
 
 class RefusalTests(SynchronousTestCase):
@@ -282,38 +295,48 @@ class RefusalTests(SynchronousTestCase):
     packet does not verify.
     """
 
-    def assertRefused(self, reason: str, f: object, *args: object) -> None:
-        exc = self.assertRaises(BadPacket, f, *args)
+    def assertRefused(self, reason: str, f: Callable[..., object], *args: object) -> BadPacket:
+        """
+        C{f(*args)} raises L{BadPacket} for C{reason}.
+        """
+        exc: BadPacket = self.assertRaises(BadPacket, f, *args)
         self.assertEqual(exc.reason, reason)
+        return exc
 
     def test_hello_counter_must_be_zero(self) -> None:
         """
         A hello with counter 1, well boxed with that counter's nonce, is
         refused for its counter.
         """
-        box = crypto_box_easy(bytes(64), short_term_nonce(HELLO_PREFIX, 1), S, CLIENT_EPHEMERAL.secret_key)
-        self.assertRefused("hello counter must be 0", server_open_hello, Hello(EC, 1, box), server_vault())
+        box = crypto_box_easy(bytes(64), short_term_nonce(HELLO_PREFIX, 1), S, ECS)
+        hello = Hello(EC, 1, box)
+        self.assertRefused("hello counter must be 0", server_open_hello, hello, server_vault())
 
     def test_hello_plaintext_must_be_zeros(self) -> None:
         """
         A hello box that opens but does not hold 64 zero bytes is refused.
         """
-        box = crypto_box_easy(b"\x00" * 63 + b"\x01", short_term_nonce(HELLO_PREFIX, 0), S, CLIENT_EPHEMERAL.secret_key)
-        self.assertRefused("hello does not verify", server_open_hello, Hello(EC, 0, box), server_vault())
+        box = crypto_box_easy(bytes(63) + b"\x01", short_term_nonce(HELLO_PREFIX, 0), S, ECS)
+        hello = Hello(EC, 0, box)
+        self.assertRefused("hello does not verify", server_open_hello, hello, server_vault())
 
     def test_hello_for_another_server(self) -> None:
         """
         A hello boxed for another server key does not open.
         """
-        hello, _ = client_hello(C, CLIENT_EPHEMERAL)
-        self.assertRefused("hello does not verify", server_open_hello, parse_as(hello, Hello), server_vault())
+        payload, _ = client_hello(C, CLIENT_EPHEMERAL)
+        hello = parse_as(payload, Hello)
+        self.assertRefused("hello does not verify", server_open_hello, hello, server_vault())
 
     def test_unusable_server_key(self) -> None:
         """
         An all-zero (low-order) server key makes L{client_hello} raise
-        L{BadPacket}.
+        L{BadPacket}, not PyNaCl's error.
         """
-        self.assertRefused("server key is not a usable public key", client_hello, bytes(32), CLIENT_EPHEMERAL)
+        exc = self.assertRefused(
+            "server key is not a usable public key", client_hello, bytes(32), CLIENT_EPHEMERAL
+        )
+        self.assertIsInstance(exc.__cause__, CryptoError)
 
     def test_cookie_from_another_server(self) -> None:
         """
@@ -321,11 +344,9 @@ class RefusalTests(SynchronousTestCase):
         another server key) is refused.
         """
         _, wrong_shared = client_hello(C, CLIENT_EPHEMERAL)
+        cookie = parse_as(unhex(COOKIE_V["payload"]), Cookie)
         self.assertRefused(
-            "cookie does not verify: wrong server key?",
-            client_open_cookie,
-            parse_as(unhex(COOKIE_V["payload"]), Cookie),
-            wrong_shared,
+            "cookie does not verify: wrong server key?", client_open_cookie, cookie, wrong_shared
         )
 
     def test_unusable_server_ephemeral_key(self) -> None:
@@ -334,20 +355,25 @@ class RefusalTests(SynchronousTestCase):
         L{BadPacket}, before it uses up a safe nonce.
         """
         vault = client_vault()
-        self.assertRefused(
+        exc = self.assertRefused(
             "server ephemeral key is not a usable public key",
-            client_vouch, COOKIE_K, bytes(32), CLIENT_EPHEMERAL, S, vault,
+            client_vouch,
+            COOKIE_K,
+            bytes(32),
+            CLIENT_EPHEMERAL,
+            S,
+            vault,
         )
+        self.assertIsInstance(exc.__cause__, CryptoError)
         self.assertEqual(vault.safe_nonce(), CLIENT_SAFE_NONCE)
 
     def test_vouch_counter_must_be_one(self) -> None:
         """
         A vouch with counter 2 is refused for its counter.
         """
-        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
+        vouch = Vouch(VOUCH.cookie, 2, VOUCH.box)
         self.assertRefused(
-            "vouch counter must be 1",
-            server_open_vouch, Vouch(vouch.cookie, 2, vouch.box), FakeCookieSealer(TS),
+            "vouch counter must be 1", server_open_vouch, vouch, FakeCookieSealer(TS)
         )
 
     def test_vouch_cookie_under_another_minute_key(self) -> None:
@@ -355,68 +381,54 @@ class RefusalTests(SynchronousTestCase):
         A cookie C{K} that the minute keys do not open is refused.
         """
         self.assertRefused(
-            "cookie does not verify",
-            server_open_vouch, parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(bytes(32)),
+            "cookie does not verify", server_open_vouch, VOUCH, FakeCookieSealer(bytes(32))
         )
 
     def test_vouch_box_does_not_open(self) -> None:
         """
         A vouch whose outer box is damaged is refused.
         """
-        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
-        damaged = Vouch(vouch.cookie, 1, vouch.box[:-1] + bytes([vouch.box[-1] ^ 1]))
-        self.assertRefused("vouch box does not verify", server_open_vouch, damaged, FakeCookieSealer(TS))
+        damaged = Vouch(VOUCH.cookie, 1, VOUCH.box[:-1] + bytes([VOUCH.box[-1] ^ 1]))
+        self.assertRefused(
+            "vouch box does not verify", server_open_vouch, damaged, FakeCookieSealer(TS)
+        )
 
     def test_vouch_cookie_with_unusable_client_key(self) -> None:
         """
-        A cookie that holds an all-zero (low-order) C{EC} is refused with
-        L{BadPacket}.
+        A cookie that holds an all-zero (low-order) C{EC} makes
+        L{server_open_vouch} raise L{BadPacket}, not PyNaCl's error.
         """
         sealer = FakeCookieSealer(TS)
-        cookie_K = SERVER_SAFE_NONCE + sealer.seal(SERVER_SAFE_NONCE, bytes(32), SERVER_EPHEMERAL.secret_key)
-        vouch = parse_as(unhex(VOUCH_V["payload"]), Vouch)
-        self.assertRefused("vouch box does not verify", server_open_vouch, Vouch(cookie_K, 1, vouch.box), sealer)
+        cookie_K = SERVER_SAFE_NONCE + sealer.seal(SERVER_SAFE_NONCE, bytes(32), ESS)
+        vouch = Vouch(cookie_K, 1, VOUCH.box)
+        exc = self.assertRefused("vouch box does not verify", server_open_vouch, vouch, sealer)
+        self.assertIsInstance(exc.__cause__, CryptoError)
 
     def test_vouch_for_another_ephemeral_key(self) -> None:
         """
         An inner box C{V} that holds another ephemeral key than the cookie's
         C{EC} is refused.
         """
-        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
-        other = OpenedVouch(
-            client_key=opened.client_key,
-            client_ephemeral_key=ES,
-            vouch_nonce=opened.vouch_nonce,
-            inner_box=opened.inner_box,
-            session=opened.session,
-        )
+        other = attrs.evolve(open_vouch(), client_ephemeral_key=ES)
         self.assertRefused("vouch does not verify", server_verify_vouch, other, server_vault())
 
-    def test_vouch_signed_by_another_client_key(self) -> None:
+    def test_vouch_made_by_another_client_key(self) -> None:
         """
         An inner box C{V} not made by the claimed client key C{C} is refused.
         """
-        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
-        forged = crypto_box_easy(
-            EC, long_term_nonce(VOUCH_INNER_PREFIX, opened.vouch_nonce), S, INPUTS["client_ephemeral_secret_ECs"]
-        )
-        other = OpenedVouch(
-            client_key=opened.client_key,
-            client_ephemeral_key=EC,
-            vouch_nonce=opened.vouch_nonce,
-            inner_box=forged,
-            session=opened.session,
-        )
-        self.assertRefused("vouch does not verify", server_verify_vouch, other, server_vault())
+        opened = open_vouch()
+        nonce = long_term_nonce(VOUCH_INNER_PREFIX, opened.vouch_nonce)
+        forged = attrs.evolve(opened, inner_box=crypto_box_easy(EC, nonce, S, ECS))
+        self.assertRefused("vouch does not verify", server_verify_vouch, forged, server_vault())
 
     def test_opened_vouch_repr_hides_the_session(self) -> None:
         """
-        The repr of an L{OpenedVouch} shows the client's key, not its session.
+        The repr of an L{OpenedVouch} shows the client's key, not its
+        session or the session key.
         """
-        opened = server_open_vouch(parse_as(unhex(VOUCH_V["payload"]), Vouch), FakeCookieSealer(TS))
-        self.assertIn(repr(C), repr(opened))
-        self.assertNotIn("session", repr(opened))
-        # The key is not in the repr in any form.
-        key = crypto_box_beforenm(ES, CLIENT_EPHEMERAL.secret_key)
-        self.assertNotIn(key.hex(), repr(opened))
-        self.assertNotIn(repr(key), repr(opened))
+        text = repr(open_vouch())
+        self.assertIn(repr(C), text)
+        self.assertNotIn("session", text.lower())
+        key = unhex(SHARED_KEYS["initiate_and_messages_ES_ECs"])
+        self.assertNotIn(key.hex(), text)
+        self.assertNotIn(repr(key), text)

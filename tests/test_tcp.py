@@ -1,0 +1,183 @@
+"""
+curvetun over real TCP on 127.0.0.1, through the message API: what fakes
+cannot show (frames split by the kernel, real close, real refusal).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Coroutine, TypeVar
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.trial.unittest import TestCase
+
+from curvetun.channel import MessageChannel, MessageListener, connect, listen
+from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
+from curvetun.errors import ConnectionClosed, MessageTooLong, NotAuthorized, ServerKeyMismatch
+from curvetun.packets import MAX_MESSAGE
+from curvetun.service import CurveTunService
+from curvetun.vault import MemoryVault
+
+from ._support import AllowList
+
+T = TypeVar("T")
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
+    return Deferred.fromCoroutine(coroutine)
+
+
+class LoopbackTestCase(TestCase):
+    """
+    A curvetun server listening on 127.0.0.1 with a fresh identity, and a
+    client identity it admits from 127.0.0.1.
+    """
+
+    async def start(self, admit_client: bool = True) -> None:
+        self.server_vault = MemoryVault.generate()
+        self.client_vault = MemoryVault.generate()
+        allowed = [(self.client_vault.public_key, "127.0.0.1")] if admit_client else []
+        self.server_service = CurveTunService(self.server_vault, AllowList(clients=allowed))
+        self.client_service = CurveTunService(self.client_vault, AllowList())
+        for service in (self.server_service, self.client_service):
+            service.startService()
+            self.addCleanup(service.stopService)
+        self.listener: MessageListener = await listen(
+            CurveTunServerEndpoint(
+                TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), self.server_service
+            )
+        )
+        self.addCleanup(self.listener.close)
+        assert self.listener.port is not None
+        self.port = self.listener.port.getHost().port
+
+    async def connect(self, server_key: bytes | None = None) -> MessageChannel:
+        channel = await connect(
+            CurveTunClientEndpoint(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                self.client_service,
+                self.server_vault.public_key if server_key is None else server_key,
+            )
+        )
+        self.addCleanup(channel.close)
+        return channel
+
+    async def pair(self) -> tuple[MessageChannel, MessageChannel]:
+        client = await self.connect()
+        server = await self.listener.accept()
+        self.addCleanup(server.close)
+        return client, server
+
+
+class LoopbackMessageTests(LoopbackTestCase):
+    """
+    Messages over real TCP arrive whole, in order, in both directions.
+    """
+
+    def test_a_thousand_messages_each_way_arrive_in_order(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            expected = [b"message %d " % n * (n % 7) for n in range(1000)]
+            for message in expected:
+                client.send(message)
+                server.send(message[::-1])
+            at_server = [await server.recv() for _ in expected]
+            at_client = [await client.recv() for _ in expected]
+            self.assertEqual(at_server, expected)
+            self.assertEqual(at_client, [m[::-1] for m in expected])
+
+        return run(go())
+
+    def test_the_largest_and_the_empty_message_cross_intact(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            largest = bytes(range(256)) * (MAX_MESSAGE // 256) + b"!" * (MAX_MESSAGE % 256)
+            for message in (largest, b"", largest[::-1]):
+                await client.send(message)
+            self.assertEqual(await server.recv(), largest)
+            self.assertEqual(await server.recv(), b"")
+            self.assertEqual(await server.recv(), largest[::-1])
+
+        return run(go())
+
+    def test_pending_receives_are_served_in_the_order_they_were_made(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            waiting = [server.recv() for _ in range(3)]
+            for message in (b"first", b"second", b"third"):
+                client.send(message)
+            self.assertEqual(await gatherResults(waiting), [b"first", b"second", b"third"])
+
+        return run(go())
+
+    def test_each_side_knows_the_others_key(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            self.assertEqual(client.peer_public_key, self.server_vault.public_key)
+            self.assertEqual(server.peer_public_key, self.client_vault.public_key)
+
+        return run(go())
+
+    def test_sending_too_much_in_one_message_fails_clearly(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            with self.assertRaises(MessageTooLong):
+                await client.send(b"x" * (MAX_MESSAGE + 1))
+
+        return run(go())
+
+    def test_receive_after_the_peer_closed_fails_at_once(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            await client.send(b"bye")
+            await client.close()
+            self.assertEqual(await server.recv(), b"bye")
+            with self.assertRaises(ConnectionClosed):
+                await server.recv()
+            with self.assertRaises(ConnectionClosed):
+                await server.recv()
+
+        return run(go())
+
+    def test_a_pending_receive_fails_when_the_peer_closes(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            pending = server.recv()
+            await client.close()
+            with self.assertRaises(ConnectionClosed):
+                await pending
+
+        return run(go())
+
+
+class LoopbackRefusalTests(LoopbackTestCase):
+    """
+    Over real TCP, a client hears why it was refused.
+    """
+
+    def test_a_wrong_server_key_is_reported(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start()
+            with self.assertRaises(ServerKeyMismatch) as raised:
+                await self.connect(server_key=MemoryVault.generate().public_key)
+            self.assertIn("after our hello", str(raised.exception))
+
+        return run(go())
+
+    def test_an_unknown_client_is_told_it_is_not_authorized(self) -> Deferred[None]:
+        async def go() -> None:
+            await self.start(admit_client=False)
+            client = await self.connect()
+            with self.assertRaises(NotAuthorized) as raised:
+                await client.recv()
+            self.assertIn("registry", str(raised.exception))
+
+        return run(go())
