@@ -1,22 +1,117 @@
 """
 curvetun endpoints: any stream endpoint (TCP, usually) wrapped so that what
-connects or listens through it is a curvetun connection.
+connects or listens through it is a curvetun connection; and the
+C{curvetun:} endpoint-string parsers behind
+C{twisted/plugins/curvetun_plugins.py}.
+
+Client::
+
+    curvetun:HOST:PORT[:key=SERVERKEY][:keydir=DIR][:registry=FILE][:timeout=SECONDS]
+    curvetun:host=HOST:port=PORT[:...]
+
+Server::
+
+    curvetun:PORT[:interface=ADDR][:backlog=N][:keydir=DIR][:registry=FILE]
+    curvetun:port=PORT[:...]
+
+See docs/usage.md for the full reference.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any, Callable
+
+import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+)
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
     IProtocolFactory,
+    IReactorCore,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .errors import KeyFileError, RegistryError
+from .keys import parse_public_key
 from .service import CurveTunService
 from .transport import CurveTunProtocol
+
+DEFAULT_PORT = 7700
+"""
+The port C{twist curvetun} listens on by default.
+"""
+
+REGISTRY_FILE = "registry"
+"""
+The registry's file name inside a key directory (its default place).
+"""
+
+
+def default_keydir() -> str:
+    """
+    The key directory used when none is named: C{$CURVETUN_HOME}, else
+    C{~/.curvetun}.
+    """
+    return os.environ.get("CURVETUN_HOME") or os.path.expanduser("~/.curvetun")
+
+
+# -- endpoints -----------------------------------------------------------------
+
+
+class _Lease:
+    """
+    A pooled service's use count: the pool starts the service when the
+    first endpoint starts using it and stops it when the last one is done.
+    Does nothing for a service run by someone else (C{twist curvetun}).
+    """
+
+    def __init__(self, service: CurveTunService, managed: bool) -> None:
+        self.service = service
+        self.managed = managed
+        self.users = 0
+
+    def acquire(self) -> None:
+        self.users += 1
+        if self.managed and self.users == 1 and not self.service.running:
+            self.service.startService()
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.managed and self.users == 0 and self.service.running:
+            self.service.stopService()
+
+
+@implementer(IListeningPort)
+class _LeasedPort:
+    """
+    A listening port that releases its service's lease when it stops.
+    """
+
+    def __init__(self, port: IListeningPort, lease: _Lease) -> None:
+        self._port = port
+        self._lease: _Lease | None = lease
+
+    def startListening(self) -> None:
+        self._port.startListening()
+
+    def stopListening(self) -> Deferred[None] | None:
+        result = self._port.stopListening()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+        return result  # type: ignore[no-any-return]
+
+    def getHost(self) -> Any:
+        return self._port.getHost()
 
 
 @implementer(IStreamServerEndpoint)
@@ -27,12 +122,31 @@ class CurveTunServerEndpoint:
     authenticated.
     """
 
-    def __init__(self, wrapped: IStreamServerEndpoint, service: CurveTunService) -> None:
+    def __init__(
+        self,
+        wrapped: IStreamServerEndpoint,
+        service: CurveTunService,
+        lease: _Lease | None = None,
+    ) -> None:
         self._wrapped = wrapped
         self._service = service
+        self._lease = lease
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        return self._wrapped.listen(self._service.server_factory(protocolFactory))
+        listening = self._wrapped.listen(self._service.server_factory(protocolFactory))
+        lease = self._lease
+        if lease is None:
+            return listening
+        lease.acquire()
+
+        def leased(port: IListeningPort) -> IListeningPort:
+            return _LeasedPort(port, lease)
+
+        def failed(failure: Failure) -> Failure:
+            lease.release()
+            return failure
+
+        return listening.addCallbacks(leased, failed)
 
 
 @implementer(IStreamClientEndpoint)
@@ -54,16 +168,253 @@ class CurveTunClientEndpoint:
         wrapped: IStreamClientEndpoint,
         service: CurveTunService,
         server_key: bytes,
+        handshake_timeout: float | None = None,
+        lease: _Lease | None = None,
     ) -> None:
         self._wrapped = wrapped
         self._service = service
         self._server_key = server_key
+        self._handshake_timeout = handshake_timeout
+        self._lease = lease
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
-        factory = self._service.client_factory(protocolFactory, self._server_key)
+        if self._handshake_timeout is None:
+            factory = self._service.client_factory(protocolFactory, self._server_key)
+        else:
+            factory = self._service.client_factory(
+                protocolFactory, self._server_key, self._handshake_timeout
+            )
+        lease = self._lease
+        if lease is not None:
+            lease.acquire()
+            # Released when the connection ends, or below if it never starts.
+            factory.ended_callbacks.append(lambda protocol, reason: lease.release())
 
         def handshake(protocol: IProtocol) -> Deferred[IProtocol]:
             assert isinstance(protocol, CurveTunProtocol)
             return protocol.when_established()
 
-        return self._wrapped.connect(factory).addCallback(handshake)
+        def never_connected(failure: Failure) -> Failure:
+            if lease is not None:
+                lease.release()
+            return failure
+
+        return self._wrapped.connect(factory).addCallbacks(handshake, never_connected)
+
+
+# -- the service pool behind endpoint strings ------------------------------------
+
+
+@attrs.frozen
+class _PoolKey:
+    keydir: str
+    registry: str
+
+
+class ServicePool:
+    """
+    The L{CurveTunService}s behind C{curvetun:} endpoint strings: one per
+    key directory and registry file, loaded on first use, started when the
+    first endpoint using it listens or connects, stopped when the last one
+    is done.
+
+    A program that runs its own service (C{twist curvetun} does, as a child
+    of its application) C{adopt}s it: strings naming its key directory, or
+    naming none, then use it as it is.
+    """
+
+    def __init__(self) -> None:
+        self._leases: dict[_PoolKey, _Lease] = {}
+        self._default_keydir: str | None = None
+
+    def adopt(
+        self,
+        service: CurveTunService,
+        keydir: str,
+        registry: str | None = None,
+        default: bool = True,
+    ) -> None:
+        """
+        Let endpoint strings for C{keydir} (and, with C{default}, strings
+        that name no key directory) use C{service}, which the caller runs.
+        """
+        key = self._key(keydir, registry)
+        self._leases[key] = _Lease(service, managed=False)
+        if default:
+            self._default_keydir = key.keydir
+
+    def forget(self, service: CurveTunService) -> None:
+        """
+        Stop handing out C{service} (adopted or loaded).
+        """
+        for key, lease in list(self._leases.items()):
+            if lease.service is service:
+                del self._leases[key]
+                if self._default_keydir == key.keydir:
+                    self._default_keydir = None
+
+    def lease(self, keydir: str | None, registry: str | None) -> _Lease:
+        """
+        The lease on the service for C{keydir} (default: the adopted
+        default, else L{default_keydir}) and C{registry} (default: the file
+        C{registry} in the key directory), loading it if need be.
+
+        @raise ValueError: the key directory or the registry cannot be used;
+            the message says why.
+        """
+        if keydir is None:
+            keydir = self._default_keydir or default_keydir()
+        key = self._key(keydir, registry)
+        lease = self._leases.get(key)
+        if lease is None:
+            if not os.path.isdir(key.keydir):
+                raise ValueError(
+                    f"no curvetun key directory at {key.keydir}: create one with "
+                    f"'curvetun keygen --keydir {key.keydir}', or name another with keydir="
+                )
+            try:
+                service = CurveTunService.from_keydir(key.keydir, key.registry)
+            except (KeyFileError, RegistryError) as error:
+                raise ValueError(str(error)) from error
+            lease = self._leases[key] = _Lease(service, managed=True)
+        return lease
+
+    @staticmethod
+    def _key(keydir: str, registry: str | None) -> _PoolKey:
+        keydir = os.path.realpath(os.path.expanduser(keydir))
+        if registry is None:
+            registry = os.path.join(keydir, REGISTRY_FILE)
+        return _PoolKey(keydir, os.path.realpath(os.path.expanduser(registry)))
+
+
+service_pool = ServicePool()
+"""
+The process-wide pool behind endpoint strings.
+"""
+
+
+# -- endpoint-string parsing -----------------------------------------------------
+
+
+def _option_error(kind: str, message: str) -> ValueError:
+    return ValueError(f"curvetun {kind} endpoint: {message}")
+
+
+def _collect(
+    kind: str,
+    positional_names: tuple[str, ...],
+    known: tuple[str, ...],
+    args: tuple[str, ...],
+    kwargs: dict[str, str],
+) -> dict[str, str]:
+    """
+    Merge positional and keyword arguments into one dict, refusing
+    unknown, repeated and surplus arguments.
+    """
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise _option_error(
+            kind, f"unknown keyword {unknown[0]!r} (known: {', '.join(known)})"
+        )
+    if len(args) > len(positional_names):
+        raise _option_error(
+            kind,
+            f"too many positional arguments (expected {':'.join(n.upper() for n in positional_names)})",
+        )
+    options = dict(kwargs)
+    for name, value in zip(positional_names, args):
+        if name in options:
+            raise _option_error(kind, f"{name} given twice")
+        options[name] = value
+    return options
+
+
+def _port(kind: str, value: str | None, allow_zero: bool) -> int:
+    if value is None:
+        raise _option_error(kind, "a port is required")
+    try:
+        port = int(value)
+    except ValueError:
+        raise _option_error(kind, f"port must be a number, not {value[:40]!r}") from None
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise _option_error(kind, f"port must be between {0 if allow_zero else 1} and 65535, not {port}")
+    return port
+
+
+def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunClientEndpoint:
+    """
+    Build a client endpoint from the parts of a C{curvetun:} string (see the
+    module docstring).
+
+    @raise ValueError: the string is malformed, names an unknown keyword, a
+        malformed key, a missing key directory, or no server key can be
+        found; the message says which.
+    """
+    options = _collect(
+        "client",
+        ("host", "port"),
+        ("host", "port", "key", "keydir", "registry", "timeout"),
+        args,
+        kwargs,
+    )
+    host = options.get("host")
+    if not host:
+        raise _option_error("client", "a host is required (curvetun:HOST:PORT)")
+    port = _port("client", options.get("port"), allow_zero=False)
+    timeout: float | None = None
+    if "timeout" in options:
+        try:
+            timeout = float(options["timeout"])
+        except ValueError:
+            timeout = -1
+        if not 0 < timeout < float("inf"):
+            raise _option_error("client", f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}")
+    lease = service_pool.lease(options.get("keydir"), options.get("registry"))
+    if "key" in options:
+        try:
+            server_key = parse_public_key(options["key"])
+        except ValueError as error:
+            raise _option_error("client", f"key: {error}") from None
+    else:
+        found = lease.service.registry.server_key_for(host)
+        if found is None:
+            raise _option_error(
+                "client",
+                f"no key for server {host}: give key=, or add one to the registry "
+                f"with 'curvetun trust {host} KEY'",
+            )
+        server_key = found
+    wrapped = HostnameEndpoint(reactor, host, port, **({"timeout": timeout} if timeout else {}))
+    return CurveTunClientEndpoint(wrapped, lease.service, server_key, timeout, lease)
+
+
+def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunServerEndpoint:
+    """
+    Build a server endpoint from the parts of a C{curvetun:} string (see the
+    module docstring).
+
+    @raise ValueError: the string is malformed, names an unknown keyword, or
+        a missing or unusable key directory or registry.
+    """
+    options = _collect(
+        "server",
+        ("port",),
+        ("port", "interface", "backlog", "keydir", "registry"),
+        args,
+        kwargs,
+    )
+    port = _port("server", options.get("port"), allow_zero=True)
+    interface = options.get("interface", "")
+    try:
+        backlog = int(options.get("backlog", "50"))
+    except ValueError:
+        backlog = 0
+    if backlog < 1:
+        raise _option_error("server", f"backlog must be a positive number, not {options['backlog'][:40]!r}")
+    lease = service_pool.lease(options.get("keydir"), options.get("registry"))
+    wrapped: IStreamServerEndpoint
+    if ":" in interface:
+        wrapped = TCP6ServerEndpoint(reactor, port, backlog, interface)
+    else:
+        wrapped = TCP4ServerEndpoint(reactor, port, backlog, interface)
+    return CurveTunServerEndpoint(wrapped, lease.service, lease)

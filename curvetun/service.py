@@ -6,6 +6,7 @@ that run curvetun connections with them.
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 from twisted.application.service import IService, MultiService
@@ -22,6 +23,13 @@ from .transport import (
 
 if TYPE_CHECKING:
     from twisted.python.filepath import FilePath
+
+
+class _Default(enum.Enum):
+    token = 0
+
+
+_DEFAULT = _Default.token
 
 
 class CurveTunService(MultiService):
@@ -120,16 +128,20 @@ class CurveTunService(MultiService):
         )
 
     def client_factory(
-        self, application_factory: IProtocolFactory, server_key: bytes
+        self,
+        application_factory: IProtocolFactory,
+        server_key: bytes,
+        handshake_timeout: float | None | _Default = _DEFAULT,
     ) -> CurveTunClientFactory:
         """
         A factory for outgoing connections to the server whose long-term
-        public key is C{server_key}.
+        public key is C{server_key}; C{handshake_timeout} overrides the
+        service's.
         """
         return CurveTunClientFactory(
             application_factory,
             self.vault,
             server_key,
             self.clock,
-            self.handshake_timeout,
+            self.handshake_timeout if isinstance(handshake_timeout, _Default) else handshake_timeout,
         )

@@ -269,6 +269,11 @@ class _CurveTunFactory(Factory):
         self.vault = vault
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.ended_callbacks: list[Callable[[CurveTunProtocol, Failure], None]] = []
+        """
+        Called with each connection of this factory when it ends, after it
+        is logged.
+        """
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -298,6 +303,8 @@ class _CurveTunFactory(Factory):
                 key=key,
                 why=reason.getErrorMessage(),
             )
+        for callback in self.ended_callbacks:
+            callback(protocol, reason)
 
 
 class CurveTunServerFactory(_CurveTunFactory):
