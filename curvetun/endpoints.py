@@ -253,6 +253,15 @@ class ServicePool:
                 if self._default_keydir == key.keydir:
                     self._default_keydir = None
 
+    def forget_keydir(self, keydir: str, registry: str | None = None) -> None:
+        """
+        Stop handing out the service loaded for C{keydir} and C{registry},
+        if any (tests use this to keep the process-wide pool clean).
+        """
+        lease = self._leases.pop(self._key(keydir, registry), None)
+        if lease is not None and self._default_keydir == self._key(keydir, registry).keydir:
+            self._default_keydir = None
+
     def lease(self, keydir: str | None, registry: str | None) -> _Lease:
         """
         The lease on the service for C{keydir} (default: the adopted
@@ -330,7 +339,7 @@ def _collect(
 
 
 def _port(kind: str, value: str | None, allow_zero: bool) -> int:
-    if value is None:
+    if not value:
         raise _option_error(kind, "a port is required")
     try:
         port = int(value)

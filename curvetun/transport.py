@@ -76,6 +76,7 @@ class CurveTunProtocol(Int16StringReceiver):
     wrappedProtocol: IProtocol | None = None
     peer_public_key: bytes = b""
     disconnecting = False
+    _receiving = False
 
     def __init__(
         self,
@@ -110,6 +111,13 @@ class CurveTunProtocol(Int16StringReceiver):
                 timeout, self._machine.timed_out
             )
         self._machine.connection_made()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._receiving = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self._receiving = False
 
     def stringReceived(self, frame: bytes) -> None:
         try:
@@ -219,6 +227,15 @@ class CurveTunProtocol(Int16StringReceiver):
     # when its buffer fills. In the other direction, pausing us stops both
     # the reading of TCP and the delivery of frames already read
     # (Int16StringReceiver's pauseProducing/resumeProducing).
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.transport.resumeProducing()
+        # Int16StringReceiver would re-enter dataReceived here, and a
+        # re-entered dataReceived processes the frames of the current read a
+        # second time. Inside dataReceived, its loop carries on by itself.
+        if not self._receiving:
+            self.dataReceived(b"")
 
     def registerProducer(self, producer: IProducer, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)

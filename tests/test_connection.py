@@ -152,6 +152,25 @@ class MessageTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(self.client_app.received, [b"held"])
 
+    def test_pausing_and_resuming_while_receiving_delivers_each_message_once(self) -> None:
+        """
+        An application that pauses and resumes its transport from inside
+        dataReceived (as twisted.web's client does) gets each message of a
+        read exactly once.
+        """
+        received = self.client_app.received
+
+        def pause_and_resume(data: bytes) -> None:
+            received.append(data)
+            self.client.pauseProducing()
+            self.client.resumeProducing()
+
+        self.client_app.dataReceived = pause_and_resume  # type: ignore[method-assign]
+        for message in (b"one", b"two", b"three"):
+            self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(received, [b"one", b"two", b"three"])
+
     def test_close_delivers_messages_written_before_it(self) -> None:
         self.client.write_message(b"last words")
         self.client.loseConnection()
