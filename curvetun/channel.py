@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import ConnectionClosed, CurveTunError
-from .interfaces import ICurveTunTransport
+from .transport import CurveTunProtocol
 
 
 @implementer(IPushProducer)
@@ -53,6 +53,8 @@ class MessageChannel(Protocol):
 
     high_water = 64
     low_water = 16
+    # A channel runs only on a curvetun transport.
+    transport: CurveTunProtocol
 
     def __init__(self) -> None:
         self._received: deque[bytes] = deque()
@@ -68,14 +70,14 @@ class MessageChannel(Protocol):
         """
         The peer's long-term public key, authenticated by the handshake.
         """
-        return ICurveTunTransport(self.transport).peer_public_key
+        return self.transport.peer_public_key
 
     @property
     def peer_address(self) -> IAddress:
         """
         The peer's network address.
         """
-        return self.transport.getPeer()  # type: ignore[no-any-return]
+        return self.transport.getPeer()
 
     def recv(self) -> Deferred[bytes]:
         """
@@ -110,7 +112,7 @@ class MessageChannel(Protocol):
         if self._closed is not None:
             return fail(self._closed)
         try:
-            ICurveTunTransport(self.transport).write_message(message)
+            self.transport.write_message(message)
         except CurveTunError:
             return fail()
         if not self._sending_paused:
@@ -212,9 +214,10 @@ class MessageListener(Factory):
         Stop listening; established connections are not affected.
         """
         assert self.port is not None
-        return self.port.stopListening()  # type: ignore[no-any-return]
+        stopped: Deferred[None] | None = self.port.stopListening()
+        return succeed(None) if stopped is None else stopped
 
-    def buildProtocol(self, addr: IAddress) -> MessageChannel:
+    def buildProtocol(self, addr: IAddress | None) -> MessageChannel:
         return _AcceptedChannel(self)
 
     def _established(self, channel: MessageChannel) -> None:

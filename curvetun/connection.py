@@ -262,7 +262,7 @@ def _unexpected(what: str) -> Callable[..., None]:
     return reject
 
 
-_PACKET_INPUTS = {
+_PACKET_INPUTS: dict[str, Callable[..., None]] = {
     "hello": ConnectionInputs.hello_received,
     "cookie": ConnectionInputs.cookie_received,
     "vouch": ConnectionInputs.vouch_received,
@@ -305,7 +305,7 @@ def _wire_common(
     for state in established:
         state.upon(ConnectionInputs.send).loop()(_send)
         _upon(state, ConnectionInputs.timed_out).loop()(_ignore)
-    for input in (
+    ignored_when_closed: list[Callable[..., None]] = [
         ConnectionInputs.connection_made,
         ConnectionInputs.bad_packet,
         ConnectionInputs.send,
@@ -313,7 +313,8 @@ def _wire_common(
         ConnectionInputs.timed_out,
         ConnectionInputs._rejected,
         *_PACKET_INPUTS.values(),
-    ):
+    ]
+    for input in ignored_when_closed:
         closed.upon(input).loop()(_ignore)
     # Whatever closed us, the owner has the reason on record; TCP's own
     # reason is the fallback.

@@ -108,7 +108,7 @@ class _LeasedPort:
         lease, self._lease = self._lease, None
         if lease is not None:
             lease.release()
-        return result  # type: ignore[no-any-return]
+        return result
 
     def getHost(self) -> Any:
         return self._port.getHost()
@@ -393,7 +393,7 @@ def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunCl
                 f"with 'curvetun trust {host} KEY'",
             )
         server_key = found
-    wrapped = HostnameEndpoint(reactor, host, port, **({"timeout": timeout} if timeout else {}))
+    wrapped = HostnameEndpoint(reactor, host, port, timeout=30 if timeout is None else timeout)
     return CurveTunClientEndpoint(wrapped, lease.service, server_key, timeout, lease)
 
 

@@ -46,10 +46,14 @@ def _is_low_order(key: bytes) -> bool:
     return key[:31] + bytes([key[31] & 0x7F]) in _LOW_ORDER_POINTS
 
 
-def _shorten(text: str) -> str:
-    # Error messages quote what they were given, but never a whole pasted file.
-    quoted = repr(text)
-    return quoted if len(quoted) <= 72 else quoted[:69] + "..."
+def quoted(text: str) -> str:
+    """
+    Quote user input for an error message: its C{repr}, cut to at most 72
+    characters, so that a message stays one line even if a whole file was
+    pasted where a key belongs.
+    """
+    text = repr(text)
+    return text if len(text) <= 72 else text[:69] + "..."
 
 
 def parse_public_key(text: str) -> bytes:
@@ -72,10 +76,10 @@ def parse_public_key(text: str) -> bytes:
     except ValueError:  # binascii.Error is one too
         pass
     if len(key) != KEY_SIZE:
-        raise ValueError(f"bad public key {_shorten(text)}: {_EXPECTED}")
+        raise ValueError(f"bad public key {quoted(text)}: {_EXPECTED}")
     if _is_low_order(key):
         raise ValueError(
-            f"bad public key {_shorten(text)}: a low-order Curve25519 point, "
+            f"bad public key {quoted(text)}: a low-order Curve25519 point, "
             "not a real public key"
         )
     return key

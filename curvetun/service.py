@@ -60,7 +60,7 @@ class CurveTunService(MultiService):
         if clock is None:
             from twisted.internet import reactor
 
-            clock = reactor  # type: ignore[assignment]
+            clock = reactor
         assert clock is not None
         self.clock = clock
         self.vault = vault
@@ -72,7 +72,7 @@ class CurveTunService(MultiService):
         self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.step)
         for part in (vault, self.cookie_keys, registry):
             if IService.providedBy(part):
-                part.setServiceParent(self)  # type: ignore[attr-defined]
+                IService(part).setServiceParent(self)
 
     @classmethod
     def from_keydir(

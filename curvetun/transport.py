@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from typing import Callable, Iterable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
@@ -56,6 +57,23 @@ _LENGTH = struct.Struct(">H")
 log = Logger()
 
 
+class _StreamTransport(TypingProtocol):
+    """
+    The parts of a TCP transport that L{CurveTunProtocol} uses.
+    """
+
+    def writeSequence(self, data: Iterable[bytes]) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getPeer(self) -> IAddress: ...
+    def getHost(self) -> IAddress: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def stopProducing(self) -> None: ...
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+
+
 @implementer(ICurveTunTransport, IConsumer, IPushProducer)
 class CurveTunProtocol(Int16StringReceiver):
     """
@@ -73,6 +91,9 @@ class CurveTunProtocol(Int16StringReceiver):
     # Every payload fits the 2-byte length prefix (spec, "Framing").
     MAX_LENGTH = MAX_PAYLOAD
 
+    # What we use of the TCP transport under us (narrower than Protocol's
+    # Optional[ITransport]: we only run while connected).
+    transport: _StreamTransport  # type: ignore[assignment]
     wrappedProtocol: IProtocol | None = None
     peer_public_key: bytes = b""
     disconnecting = False
@@ -217,10 +238,10 @@ class CurveTunProtocol(Int16StringReceiver):
         self.transport.abortConnection()
 
     def getPeer(self) -> IAddress:
-        return self.transport.getPeer()  # type: ignore[no-any-return]
+        return self.transport.getPeer()
 
     def getHost(self) -> IAddress:
-        return self.transport.getHost()  # type: ignore[no-any-return]
+        return self.transport.getHost()
 
     # Flow control. Writes go straight through to TCP, which buffers them,
     # so the application's producer can be TCP's producer: TCP pauses it
@@ -345,7 +366,7 @@ class CurveTunServerFactory(_CurveTunFactory):
         self.registry = registry
         self.remember_vouch = remember_vouch
 
-    def buildProtocol(self, addr: IAddress) -> CurveTunProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol:
         # Non-IP transports have no host: only a "*" registry entry admits them.
         peer_host = getattr(addr, "host", "")
 
@@ -381,7 +402,7 @@ class CurveTunClientFactory(_CurveTunFactory):
         super().__init__(wrappedFactory, vault, clock, handshake_timeout)
         self.server_key = server_key
 
-    def buildProtocol(self, addr: IAddress) -> CurveTunProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol:
         def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
             return ClientMachine(ClientCore(owner, self.vault, self.server_key))
 

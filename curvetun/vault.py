@@ -218,13 +218,15 @@ class FileVault(Service):
         try:
             os.makedirs(path.path, exist_ok=True)
             os.chmod(path.path, 0o700)
-            # The secret key is written last: a crash part way leaves a
-            # directory that fails to load rather than one that loads wrong.
+            # In this order, a crash part way (even when overwriting) leaves
+            # a directory that does not load (a public key that does not
+            # match, a missing file) or one with a new key pair and the old,
+            # higher counter: never an old key with its counter back at 0.
             for name, text, mode in [
-                (COUNTER_FILE, "0", 0o600),
-                (NONCE_KEY_FILE, nacl.utils.random(KEY_SIZE).hex(), 0o600),
                 (PUBLIC_KEY_FILE, format_public_key(public_key), 0o644),
                 (SECRET_KEY_FILE, secret_key.hex(), 0o600),
+                (NONCE_KEY_FILE, nacl.utils.random(KEY_SIZE).hex(), 0o600),
+                (COUNTER_FILE, "0", 0o600),
             ]:
                 write_atomically(path.child(name), f"{text}\n".encode("ascii"), mode)
         except OSError as e:
@@ -270,7 +272,9 @@ class FileVault(Service):
         try:
             write_atomically(path, f"{value}\n".encode("ascii"), 0o600)
         except OSError as e:
-            raise KeyFileError(f"cannot store the nonce counter in {path.path}: {e.strerror}") from e
+            raise KeyFileError(
+                f"cannot store the nonce counter in {path.path}: {e.strerror}"
+            ) from e
 
     def __repr__(self) -> str:
         return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
@@ -314,62 +318,63 @@ def write_atomically(path: FilePath[str], data: bytes, mode: int) -> None:
 _READ_LIMIT = 256
 
 
-def _read_text(path: FilePath[str], secret: bool, if_missing: str) -> str:
+def _read_text(path: FilePath[str], secret: bool, fix: str) -> str:
     """
     Read a key-directory file as ASCII text without surrounding whitespace.
     The permissions of a secret file are checked on the open file itself.
+
+    @param fix: what to do if the file is missing or damaged.
     """
     try:
         with open(path.path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode & 0o777
             if secret and mode & 0o077:
                 raise KeyFileError(
-                    f"{path.path} is readable by group or others (mode {mode:04o}); "
+                    f"{path.path} is accessible to group or others (mode {mode:04o}); "
                     f"run: chmod 600 {path.path}"
                 )
             data = f.read(_READ_LIMIT)
     except FileNotFoundError as e:
-        raise KeyFileError(f"{path.path} is missing; {if_missing}") from e
+        raise KeyFileError(f"{path.path} is missing; {fix}") from e
     except OSError as e:
         raise KeyFileError(f"cannot read {path.path}: {e.strerror}") from e
     text = data.strip()
     if not text:
-        raise KeyFileError(f"{path.path} is empty; {if_missing}")
+        raise KeyFileError(f"{path.path} is empty; {fix}")
     try:
         return text.decode("ascii")
     except UnicodeDecodeError:
-        raise KeyFileError(f"{path.path} is damaged: it is not text") from None
+        raise KeyFileError(f"{path.path} is damaged: it is not text; {fix}") from None
 
 
 def _read_key(path: FilePath[str], secret: bool) -> bytes:
     # Never quote a secret file's contents in an error message.
-    text = _read_text(path, secret, "restore the key directory from a backup")
+    fix = "restore it from a backup"
+    text = _read_text(path, secret, fix)
     if len(text) != 2 * KEY_SIZE:
         raise KeyFileError(
             f"{path.path} is damaged: expected {2 * KEY_SIZE} hex digits, found "
-            f"{len(text)} characters; restore it from a backup"
+            f"{len(text)} characters; {fix}"
         )
     try:
-        return bytes.fromhex(text)
+        key = bytes.fromhex(text)
     except ValueError:
-        raise KeyFileError(
-            f"{path.path} is damaged: not hexadecimal; restore it from a backup"
-        ) from None
+        key = b""
+    if len(key) != KEY_SIZE:  # fromhex skips spaces, so check the length again
+        raise KeyFileError(f"{path.path} is damaged: not hexadecimal; {fix}")
+    return key
 
 
 def _read_counter(path: FilePath[str]) -> int:
-    text = _read_text(
-        path,
-        secret=False,
-        if_missing=(
-            "starting the counter again at 0 could reuse nonces with this key; "
-            "restore it from a backup, or write into it a number larger than "
-            "any counter this key has used"
-        ),
+    # A backup's counter is behind the lost one; 2**40 more nonces than
+    # that would take 35 years at a thousand handshakes a second.
+    fix = (
+        "restore it from a backup and add 2**40 (1099511627776) to the number in it; "
+        "starting again at 0 could reuse nonces with this key"
     )
+    text = _read_text(path, secret=False, fix=fix)
     if not (text.isascii() and text.isdigit() and int(text) <= MAX_COUNTER):
         raise KeyFileError(
-            f"{path.path} is damaged: expected a decimal number from 0 to {MAX_COUNTER}; "
-            "restore it from a backup"
+            f"{path.path} is damaged: expected a decimal number from 0 to {MAX_COUNTER}; {fix}"
         )
     return int(text)

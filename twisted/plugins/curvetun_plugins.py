@@ -8,11 +8,12 @@ L{curvetun}, so that scanning plugins stays cheap.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import ServiceMaker
 from twisted.internet.interfaces import (
+    IReactorCore,
+    IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
+    IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
 from twisted.plugin import IPlugin
@@ -34,10 +35,12 @@ class _CurveTunClientParser:
 
     prefix = "curvetun"
 
-    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+    def parseStreamClient(
+        self, reactor: IReactorCore, *args: object, **kwargs: object
+    ) -> IStreamClientEndpoint:
         from curvetun.endpoints import parse_client_endpoint
 
-        return parse_client_endpoint(reactor, *args, **kwargs)
+        return parse_client_endpoint(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
@@ -48,10 +51,12 @@ class _CurveTunServerParser:
 
     prefix = "curvetun"
 
-    def parseStreamServer(self, reactor: Any, *args: str, **kwargs: str) -> Any:
+    def parseStreamServer(
+        self, reactor: IReactorCore, *args: object, **kwargs: object
+    ) -> IStreamServerEndpoint:
         from curvetun.endpoints import parse_server_endpoint
 
-        return parse_server_endpoint(reactor, *args, **kwargs)
+        return parse_server_endpoint(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
 
 
 curvetunClientParser = _CurveTunClientParser()

@@ -1,0 +1,126 @@
+"""
+Tests for L{curvetun.cookies}.
+"""
+
+from __future__ import annotations
+
+from nacl.bindings import crypto_secretbox_easy
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from curvetun.cookies import CookieKeys
+from curvetun.errors import BadPacket
+
+from ._vectors import load, unhex
+
+COOKIE = next(p for p in load("handshake.json")["packets"] if p["name"] == "cookie")
+
+EC = b"\x0e" * 32
+ESs = b"\x05" * 32
+SN = b"\x5a" * 16
+
+
+class CookieKeysTests(SynchronousTestCase):
+    def started(self, keys: CookieKeys | None = None) -> tuple[CookieKeys, Clock]:
+        """
+        Start C{keys} (default: a new L{CookieKeys}) with a fake clock; it
+        is stopped at cleanup.
+        """
+        keys = CookieKeys() if keys is None else keys
+        keys.clock = clock = Clock()
+        keys.startService()
+        self.addCleanup(keys.stopService)
+        return keys, clock
+
+    def test_seal_matches_the_original_cookie(self) -> None:
+        keys = CookieKeys(initial_key=unhex(COOKIE["cookie_secretbox_key_Ts"]))
+        plaintext = unhex(COOKIE["cookie_secretbox_plaintext"])
+        sealed = keys.seal(unhex(COOKIE["safe_nonce_16"]), plaintext[:32], plaintext[32:])
+        self.assertEqual(sealed, unhex(COOKIE["cookie_secretbox"]))
+        self.assertEqual(len(sealed), 80)
+
+    def test_open_the_original_cookie(self) -> None:
+        keys = CookieKeys(initial_key=unhex(COOKIE["cookie_secretbox_key_Ts"]))
+        plaintext = unhex(COOKIE["cookie_secretbox_plaintext"])
+        self.assertEqual(keys.open(unhex(COOKIE["cookie_K"])), (plaintext[:32], plaintext[32:]))
+
+    def test_initial_key_is_kept_until_one_interval_after_start(self) -> None:
+        keys, clock = self.started(CookieKeys(initial_key=unhex(COOKIE["cookie_secretbox_key_Ts"])))
+        clock.advance(59.9)
+        plaintext = unhex(COOKIE["cookie_secretbox_plaintext"])
+        sealed = keys.seal(unhex(COOKIE["safe_nonce_16"]), plaintext[:32], plaintext[32:])
+        self.assertEqual(sealed, unhex(COOKIE["cookie_secretbox"]))
+        clock.advance(0.1)
+        sealed = keys.seal(unhex(COOKIE["safe_nonce_16"]), plaintext[:32], plaintext[32:])
+        self.assertNotEqual(sealed, unhex(COOKIE["cookie_secretbox"]))
+
+    def test_cookie_opens_with_the_current_key(self) -> None:
+        keys, _ = self.started()
+        self.assertEqual(keys.open(SN + keys.seal(SN, EC, ESs)), (EC, ESs))
+
+    def test_cookie_opens_after_one_rotation(self) -> None:
+        keys, clock = self.started()
+        cookie = SN + keys.seal(SN, EC, ESs)
+        clock.advance(60)
+        self.assertEqual(keys.open(cookie), (EC, ESs))
+        # And new cookies are sealed under a new key.
+        self.assertNotEqual(keys.seal(SN, EC, ESs), cookie[16:])
+
+    def test_cookie_is_refused_after_two_rotations(self) -> None:
+        keys, clock = self.started()
+        cookie = SN + keys.seal(SN, EC, ESs)
+        clock.advance(60)
+        clock.advance(60)
+        with self.assertRaises(BadPacket) as cm:
+            keys.open(cookie)
+        self.assertEqual(cm.exception.reason, "cookie does not open: expired or forged")
+
+    def test_interval_is_configurable(self) -> None:
+        keys, clock = self.started(CookieKeys(interval=5.0))
+        cookie = SN + keys.seal(SN, EC, ESs)
+        clock.advance(5)
+        self.assertEqual(keys.open(cookie), (EC, ESs))
+        clock.advance(5)
+        self.assertRaises(BadPacket, keys.open, cookie)
+
+    def test_keys_do_not_rotate_while_stopped(self) -> None:
+        clock = Clock()
+        keys = CookieKeys(clock=clock)
+        keys.startService()
+        keys.stopService()
+        cookie = SN + keys.seal(SN, EC, ESs)
+        clock.advance(600)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(keys.open(cookie), (EC, ESs))
+
+    def test_new_keys_come_from_random_bytes(self) -> None:
+        new_key = b"\x07" * 32
+        keys, clock = self.started(
+            CookieKeys(initial_key=b"\x01" * 32, random_bytes=lambda n: new_key[:n])
+        )
+        clock.advance(60)
+        self.assertEqual(
+            keys.seal(SN, EC, ESs), crypto_secretbox_easy(EC + ESs, b"minute-k" + SN, new_key)
+        )
+
+    def test_forged_or_wrong_size_cookies_are_bad_packets(self) -> None:
+        keys, _ = self.started()
+        cookie = SN + keys.seal(SN, EC, ESs)
+        for forged in [
+            cookie[:-1] + bytes([cookie[-1] ^ 1]),
+            bytes([cookie[0] ^ 1]) + cookie[1:],  # another safe nonce
+            cookie[:95],
+            cookie + b"\x00",
+            b"",
+        ]:
+            self.assertRaises(BadPacket, keys.open, forged)
+
+    def test_repr_hides_the_keys(self) -> None:
+        key = b"\x42" * 32
+        keys = CookieKeys(initial_key=key)
+        self.assertNotIn("4242", repr(keys))
+        self.assertNotIn("BBBB", repr(keys))  # b"\x42" is "B"
+        self.assertIn("CookieKeys", repr(keys))
+
+    def test_initial_key_must_be_32_bytes(self) -> None:
+        self.assertRaises(ValueError, CookieKeys, initial_key=b"\x00" * 31)
