@@ -253,14 +253,19 @@ class ServicePool:
                 if self._default_keydir == key.keydir:
                     self._default_keydir = None
 
-    def forget_keydir(self, keydir: str, registry: str | None = None) -> None:
+    def forget_keydir(self, keydir: str) -> CurveTunService | None:
         """
-        Stop handing out the service loaded for C{keydir} and C{registry},
-        if any (tests use this to keep the process-wide pool clean).
+        Stop handing out the service for C{keydir}, if any, and return it
+        (tests use this to keep the process-wide pool clean).
         """
-        lease = self._leases.pop(self._key(keydir, registry), None)
-        if lease is not None and self._default_keydir == self._key(keydir, registry).keydir:
+        keydir = self._key(keydir, None).keydir
+        if self._default_keydir == keydir:
             self._default_keydir = None
+        for key, lease in list(self._leases.items()):
+            if key.keydir == keydir:
+                del self._leases[key]
+                return lease.service
+        return None
 
     def lease(self, keydir: str | None, registry: str | None) -> _Lease:
         """
@@ -276,6 +281,14 @@ class ServicePool:
         key = self._key(keydir, registry)
         lease = self._leases.get(key)
         if lease is None:
+            for other in self._leases:
+                # A key directory has one vault (it holds the directory's
+                # lock), and a service has one registry.
+                if other.keydir == key.keydir:
+                    raise ValueError(
+                        f"key directory {key.keydir} is already in use with registry "
+                        f"{other.registry} in this process; use one registry per key directory"
+                    )
             if not os.path.isdir(key.keydir):
                 raise ValueError(
                     f"no curvetun key directory at {key.keydir}: create one with "

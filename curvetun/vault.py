@@ -8,11 +8,12 @@ counter there, so that no nonce is ever made twice with the same key.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from collections import OrderedDict
 from contextlib import suppress
-from typing import Callable
+from typing import IO, Callable
 
 import nacl.utils
 from nacl.bindings import (
@@ -157,6 +158,7 @@ SECRET_KEY_FILE = "secret.key"
 PUBLIC_KEY_FILE = "public.key"
 NONCE_KEY_FILE = "nonce.key"
 COUNTER_FILE = "nonce.counter"
+LOCK_FILE = "lock"
 _KEY_FILES = (SECRET_KEY_FILE, PUBLIC_KEY_FILE, NONCE_KEY_FILE, COUNTER_FILE)
 
 
@@ -172,21 +174,29 @@ class FileVault(Service):
 
     log = Logger()
 
-    def __init__(self, keydir: str | FilePath[str]) -> None:
+    def __init__(self, keydir: str | FilePath[str], _lock: IO[bytes] | None = None) -> None:
         """
-        Load the key directory C{keydir}.
+        Load the key directory C{keydir}, and hold its lock until L{close}.
 
         @raise KeyFileError: a file is missing, damaged, or readable by
-            others; the message names the file and the fix.
+            others, or another vault (in this or another process) has the
+            directory; the message names the file and the fix.
         """
         self.keydir = FilePath(keydir) if isinstance(keydir, str) else keydir
         secret_key = _read_key(self.keydir.child(SECRET_KEY_FILE), secret=True)
         nonce_key = _read_key(self.keydir.child(NONCE_KEY_FILE), secret=True)
         stored_public_key = _read_key(self.keydir.child(PUBLIC_KEY_FILE), secret=False)
-        counter = _read_counter(self.keydir.child(COUNTER_FILE))
+        # Lock before reading the counter: the counter we read must be ours.
+        self._lock = _lock if _lock is not None else _lock_keydir(self.keydir)
+        try:
+            counter = _read_counter(self.keydir.child(COUNTER_FILE))
+        except KeyFileError:
+            self.close()
+            raise
         self._vault = MemoryVault(secret_key, nonce_key, counter, persist=self._store_counter)
         self.public_key = self._vault.public_key
         if not keys_equal(stored_public_key, self.public_key):
+            self.close()
             raise KeyFileError(
                 f"{self.keydir.child(PUBLIC_KEY_FILE).path} "
                 f"({fingerprint(stored_public_key)}...) does not match "
@@ -218,6 +228,11 @@ class FileVault(Service):
         try:
             os.makedirs(path.path, exist_ok=True)
             os.chmod(path.path, 0o700)
+        except OSError as e:
+            raise KeyFileError(f"cannot create key directory {path.path}: {e.strerror}") from e
+        # Never replace the keys of a vault that is in use.
+        lock = _lock_keydir(path)
+        try:
             # In this order, a crash part way (even when overwriting) leaves
             # a directory that does not load (a public key that does not
             # match, a missing file) or one with a new key pair and the old,
@@ -230,8 +245,16 @@ class FileVault(Service):
             ]:
                 write_atomically(path.child(name), f"{text}\n".encode("ascii"), mode)
         except OSError as e:
+            lock.close()
             raise KeyFileError(f"cannot create key directory {path.path}: {e.strerror}") from e
-        return cls(path)
+        return cls(path, _lock=lock)
+
+    def close(self) -> None:
+        """
+        Release the key directory for another vault. This vault must not be
+        used afterwards.
+        """
+        self._lock.close()
 
     def startService(self) -> None:
         """
@@ -278,6 +301,32 @@ class FileVault(Service):
 
     def __repr__(self) -> str:
         return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
+
+
+def _lock_keydir(keydir: FilePath[str]) -> IO[bytes]:
+    """
+    Take the key directory's exclusive lock, so that only one vault at a
+    time hands out nonces from its counter: two would hand out the same
+    counter values. The lock goes with the returned file (and with the
+    process, however it ends).
+
+    @raise KeyFileError: another vault holds it, or it cannot be opened.
+    """
+    path = keydir.child(LOCK_FILE).path
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise KeyFileError(f"cannot open the lock file {path}: {e.strerror}") from e
+    lock = os.fdopen(fd, "r+b")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise KeyFileError(
+            f"{keydir.path} is in use by another curvetun process; "
+            "give each process a key directory of its own"
+        ) from None
+    return lock
 
 
 def write_atomically(path: FilePath[str], data: bytes, mode: int) -> None:

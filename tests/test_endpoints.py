@@ -55,8 +55,8 @@ class KeyDirs:
         os.makedirs(base)
         self.server = os.path.join(base, "server")
         self.client = os.path.join(base, "client")
-        self.server_key = FileVault.create(self.server).public_key
-        self.client_key = FileVault.create(self.client).public_key
+        self.server_key = self.create(self.server)
+        self.client_key = self.create(self.client)
         if admit_client:
             FileRegistry(os.path.join(self.server, "registry")).add(
                 "127.0.0.1", self.client_key, "test client"
@@ -67,9 +67,17 @@ class KeyDirs:
         # The pool is process-wide: drop what these tests loaded.
         testcase.addCleanup(self.forget)
 
+    @staticmethod
+    def create(keydir: str) -> bytes:
+        vault = FileVault.create(keydir)
+        vault.close()  # the endpoints under test load it again
+        return vault.public_key
+
     def forget(self) -> None:
         for keydir in (self.server, self.client):
-            service_pool.forget_keydir(keydir)
+            service = service_pool.forget_keydir(keydir)
+            if service is not None:
+                service.vault.close()  # type: ignore[attr-defined]
 
 
 class PluginDiscoveryTests(SynchronousTestCase):

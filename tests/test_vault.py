@@ -256,7 +256,7 @@ class FileVaultTestsMixin:
 
     def make_keydir(self) -> FilePath[str]:
         keydir = FilePath(self.mktemp())
-        FileVault.create(keydir)
+        FileVault.create(keydir).close()
         return keydir
 
     def nonce_key(self, keydir: FilePath[str]) -> bytes:
@@ -283,7 +283,10 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(mode("nonce.key"), 0o600)
         self.assertEqual(mode("nonce.counter"), 0o600)
         self.assertEqual(mode("public.key"), 0o644)
-        self.assertEqual(sorted(keydir.listdir()), sorted(vault_module._KEY_FILES))
+        self.assertEqual(mode("lock"), 0o600)
+        self.assertEqual(
+            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
+        )
         self.assertEqual(
             keydir.child("public.key").getContent(), vault.public_key.hex().encode() + b"\n"
         )
@@ -296,6 +299,7 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
     def test_loads_what_create_made(self) -> None:
         keydir = FilePath(self.mktemp())
         created = FileVault.create(keydir)
+        created.close()
         loaded = FileVault(keydir.path)
         self.assertEqual(loaded.public_key, created.public_key)
         self.assertTrue(verifyObject(IVault, loaded))
@@ -306,6 +310,21 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(peer.box_open(to_peer, nonce, loaded.public_key), b"hi")
         from_peer = peer.box(b"yo", nonce, loaded.public_key)
         self.assertEqual(loaded.box_open(from_peer, nonce, peer.public_key), b"yo")
+
+    def test_a_key_directory_has_one_vault_at_a_time(self) -> None:
+        """
+        Two vaults on one directory would hand out the same counter values:
+        the second is refused until the first is closed (or its process
+        ends).
+        """
+        keydir = self.make_keydir()
+        first = FileVault(keydir)
+        with self.assertRaises(KeyFileError) as cm:
+            FileVault(keydir)
+        self.assertIn("in use by another curvetun process", str(cm.exception))
+        self.assertRaises(KeyFileError, FileVault.create, keydir, overwrite=True)
+        first.close()
+        FileVault(keydir).close()
 
     def test_create_refuses_to_replace_keys(self) -> None:
         keydir = self.make_keydir()
@@ -325,7 +344,9 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
     def test_create_with_overwrite_makes_a_new_identity(self) -> None:
         keydir = FilePath(self.mktemp())
         old = FileVault.create(keydir)
+        old.close()
         new = FileVault.create(keydir, overwrite=True)
+        new.close()
         self.assertNotEqual(new.public_key, old.public_key)
         self.assertEqual(FileVault(keydir).public_key, new.public_key)
 
@@ -360,10 +381,14 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         """
         keydir = self.make_keydir()
         nonce_key = self.nonce_key(keydir)
-        before = [counter_of(FileVault(keydir).safe_nonce(), nonce_key)]
+        first = FileVault(keydir)
+        before = [counter_of(first.safe_nonce(), nonce_key)]
+        first.close()
         vault = FileVault(keydir)
         before += [counter_of(vault.safe_nonce(), nonce_key) for _ in range(1000)]
-        del vault  # the "crash": nothing is written on the way out
+        # The "crash": nothing is written on the way out; the process's end
+        # releases the directory's lock, as close() does here.
+        vault.close()
         after = FileVault(keydir)
         later = [counter_of(after.safe_nonce(), nonce_key) for _ in range(1000)]
         handed_out = before + later
@@ -384,7 +409,7 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(handed_out[-1], COUNTER_STEP)
         self.assertEqual(self.stored_counter(keydir), COUNTER_STEP + COUNTER_RESERVE)
         handed_out += [counter_of(vault.safe_nonce(), nonce_key) for _ in range(10)]
-        del vault  # crash after the step
+        vault.close()  # crash after the step
         again = counter_of(FileVault(keydir).safe_nonce(), nonce_key)
         self.assertEqual(again, COUNTER_STEP + COUNTER_RESERVE)
         self.assertNotIn(again, handed_out)
@@ -402,7 +427,9 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertIn(keydir.child("nonce.counter").path, str(cm.exception))
         self.assertIn("No space left on device", str(cm.exception))
         self.assertEqual(self.stored_counter(keydir), 0)
-        self.assertEqual(sorted(keydir.listdir()), sorted(vault_module._KEY_FILES))
+        self.assertEqual(
+            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
+        )
         patch.restore()
         self.assertEqual(counter_of(vault.safe_nonce(), self.nonce_key(keydir)), 0)
         self.assertEqual(self.stored_counter(keydir), COUNTER_RESERVE)
