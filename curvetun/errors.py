@@ -55,6 +55,13 @@ class HandshakeTimeout(HandshakeFailed):
     """
 
 
+class IdleTimeout(CurveTunError):
+    """
+    An established connection received nothing for longer than its idle
+    timeout.
+    """
+
+
 class MessageTooLong(CurveTunError, ValueError):
     """
     A single message was larger than the protocol allows (65503 bytes).

@@ -17,6 +17,7 @@ from .interfaces import IRegistry, IVault
 from .replay import ReplayGuard
 from .transport import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    ConnectionLimits,
     CurveTunClientFactory,
     CurveTunServerFactory,
 )
@@ -44,6 +45,10 @@ class CurveTunService(MultiService):
       - C{replay_guard}: the client ephemeral keys of recently accepted
         vouches.
 
+    C{handshake_timeout} and C{idle_timeout} (seconds, or L{None} for none)
+    and C{limits} (L{ConnectionLimits}, for servers) apply to every
+    connection its factories make.
+
     Start it (or add it to an application) before its factories accept
     connections: the cookie keys rotate only while it runs.
     """
@@ -55,6 +60,8 @@ class CurveTunService(MultiService):
         clock: IReactorTime | None = None,
         cookie_keys: CookieKeys | None = None,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),
     ) -> None:
         super().__init__()
         if clock is None:
@@ -67,6 +74,8 @@ class CurveTunService(MultiService):
         self.registry = registry
         self.cookie_keys = cookie_keys if cookie_keys is not None else CookieKeys(clock=clock)
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
+        self.limits = limits
         # A cookie opens for up to two cookie-key periods (spec, "Cookie
         # keys"): that is how long a replayed vouch could be accepted.
         self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.step)
@@ -82,6 +91,8 @@ class CurveTunService(MultiService):
         create: bool = False,
         clock: IReactorTime | None = None,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),
     ) -> CurveTunService:
         """
         Load (or, with C{create}, create if missing) the key directory
@@ -109,6 +120,8 @@ class CurveTunService(MultiService):
             FileRegistry(registry_path),
             clock=clock,
             handshake_timeout=handshake_timeout,
+            idle_timeout=idle_timeout,
+            limits=limits,
         )
 
     def server_factory(self, application_factory: IProtocolFactory) -> CurveTunServerFactory:
@@ -125,6 +138,8 @@ class CurveTunService(MultiService):
             self.replay_guard.remember,
             self.clock,
             self.handshake_timeout,
+            self.idle_timeout,
+            self.limits,
         )
 
     def client_factory(
@@ -144,4 +159,5 @@ class CurveTunService(MultiService):
             server_key,
             self.clock,
             self.handshake_timeout if isinstance(handshake_timeout, _Default) else handshake_timeout,
+            self.idle_timeout,
         )

@@ -12,9 +12,11 @@ protocol (as Twisted's TLS layer is).
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from typing import Callable, Iterable
 from typing import Protocol as TypingProtocol
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -41,7 +44,7 @@ from .connection import (
     ServerCore,
     ServerMachine,
 )
-from .errors import BadPacket, MessageTooLong
+from .errors import BadPacket, IdleTimeout, MessageTooLong
 from .handshake import CookieSealer
 from .interfaces import ICurveTunTransport, IRegistry, IVault
 from .keys import fingerprint
@@ -74,8 +77,27 @@ class _StreamTransport(TypingProtocol):
     def unregisterProducer(self) -> None: ...
 
 
+@attrs.frozen
+class ConnectionLimits:
+    """
+    How many connections a server takes at once. Past a limit, a new TCP
+    connection is closed as soon as it is accepted, before any crypto;
+    established connections are not affected. L{None} means no limit.
+
+    @ivar connections: established or handshaking connections, in all.
+    @ivar connections_per_address: the same, from one IP address.
+    @ivar handshakes: connections whose handshake is not complete.
+    @ivar handshakes_per_address: the same, from one IP address.
+    """
+
+    connections: int | None = 4096
+    connections_per_address: int | None = 256
+    handshakes: int | None = 512
+    handshakes_per_address: int | None = 32
+
+
 @implementer(ICurveTunTransport, IConsumer, IPushProducer)
-class CurveTunProtocol(Int16StringReceiver):
+class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     """
     One curvetun connection over one TCP connection.
 
@@ -96,6 +118,7 @@ class CurveTunProtocol(Int16StringReceiver):
     transport: _StreamTransport  # type: ignore[assignment]
     wrappedProtocol: IProtocol | None = None
     peer_public_key: bytes = b""
+    peer_host = ""
     disconnecting = False
     _receiving = False
 
@@ -105,6 +128,9 @@ class CurveTunProtocol(Int16StringReceiver):
         make_machine: Callable[[CurveTunProtocol], ConnectionInputs],
     ) -> None:
         self.factory = factory
+        # TimeoutMixin (the idle timeout) schedules on the factory's clock.
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign,assignment]
+        self.handshake_done = False
         self._machine = make_machine(self)
         self._close_reason: Failure | None = None
         self._handshake_timer: IDelayedCall | None = None
@@ -134,6 +160,7 @@ class CurveTunProtocol(Int16StringReceiver):
         self._machine.connection_made()
 
     def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
         self._receiving = True
         try:
             super().dataReceived(data)
@@ -150,6 +177,7 @@ class CurveTunProtocol(Int16StringReceiver):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._cancel_timer()
+        self.setTimeout(None)
         self._machine.connection_lost(reason)
 
     # -- what the machine asks of us (ConnectionOwner) -----------------------
@@ -164,7 +192,10 @@ class CurveTunProtocol(Int16StringReceiver):
 
     def handshake_complete(self, peer_public_key: bytes) -> None:
         self._cancel_timer()
+        self.handshake_done = True
         self.peer_public_key = peer_public_key
+        self.factory.handshake_completed(self)
+        self.setTimeout(self.factory.idle_timeout)
         protocol = self.factory.wrappedFactory.buildProtocol(self.getPeer())
         if protocol is None:
             self.disconnect(ConnectionDone("the application refused the connection"))
@@ -264,6 +295,15 @@ class CurveTunProtocol(Int16StringReceiver):
     def unregisterProducer(self) -> None:
         self.transport.unregisterProducer()
 
+    def timeoutConnection(self) -> None:
+        """
+        The idle timeout passed with nothing received: close.
+        """
+        self.disconnect(
+            IdleTimeout(f"nothing received for {self.factory.idle_timeout} seconds")
+        )
+        self._machine.close()
+
     # -- internals -----------------------------------------------------------
 
     def when_established(self) -> Deferred[IProtocol]:
@@ -302,11 +342,13 @@ class _CurveTunFactory(Factory):
         vault: IVault,
         clock: IReactorTime,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
     ) -> None:
         self.wrappedFactory = wrappedFactory
         self.vault = vault
         self.clock = clock
         self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self.ended_callbacks: list[Callable[[CurveTunProtocol, Failure], None]] = []
         """
         Called with each connection of this factory when it ends, after it
@@ -320,6 +362,11 @@ class _CurveTunFactory(Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
         super().doStop()
+
+    def handshake_completed(self, protocol: CurveTunProtocol) -> None:
+        """
+        C{protocol}'s peer is authenticated.
+        """
 
     def connection_ended(self, protocol: CurveTunProtocol, reason: Failure) -> None:
         """
@@ -360,15 +407,56 @@ class CurveTunServerFactory(_CurveTunFactory):
         remember_vouch: Callable[[bytes], bool],
         clock: IReactorTime,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),
     ) -> None:
-        super().__init__(wrappedFactory, vault, clock, handshake_timeout)
+        super().__init__(wrappedFactory, vault, clock, handshake_timeout, idle_timeout)
         self.cookie_keys = cookie_keys
         self.registry = registry
         self.remember_vouch = remember_vouch
+        self.limits = limits
+        # Live counts, per peer host and in all, for the limits.
+        self._connections: Counter[str] = Counter()
+        self._handshakes: Counter[str] = Counter()
+        self._refused = 0
+        self._refusals_logged_at: float | None = None
 
-    def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol:
+    def _over_limit(self, peer_host: str) -> str | None:
+        limits = self.limits
+        for count, limit, what in (
+            (self._connections.total(), limits.connections, "connections"),
+            (self._connections[peer_host], limits.connections_per_address, "connections from one address"),
+            (self._handshakes.total(), limits.handshakes, "unfinished handshakes"),
+            (self._handshakes[peer_host], limits.handshakes_per_address, "unfinished handshakes from one address"),
+        ):
+            if limit is not None and count >= limit:
+                return f"{limit} {what}"
+        return None
+
+    def _log_refusal(self, peer_host: str, limit: str) -> None:
+        # Under a flood, one line every 10 seconds, with a count.
+        self._refused += 1
+        now = self.clock.seconds()
+        if self._refusals_logged_at is None or now - self._refusals_logged_at >= 10:
+            log.warn(
+                "curvetun refused {count} connection(s), the last from {peer}: limit of {limit} reached",
+                count=self._refused,
+                peer=peer_host,
+                limit=limit,
+            )
+            self._refused = 0
+            self._refusals_logged_at = now
+
+    def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol | None:
         # Non-IP transports have no host: only a "*" registry entry admits them.
         peer_host = getattr(addr, "host", "")
+        limit = self._over_limit(peer_host)
+        if limit is not None:
+            # Returning None makes Twisted close the socket at once.
+            self._log_refusal(peer_host, limit)
+            return None
+        self._connections[peer_host] += 1
+        self._handshakes[peer_host] += 1
 
         def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
             return ServerMachine(
@@ -382,7 +470,25 @@ class CurveTunServerFactory(_CurveTunFactory):
                 )
             )
 
-        return CurveTunProtocol(self, make_machine)
+        protocol = CurveTunProtocol(self, make_machine)
+        protocol.peer_host = peer_host
+        return protocol
+
+
+    def handshake_completed(self, protocol: CurveTunProtocol) -> None:
+        self._uncount(self._handshakes, protocol.peer_host)
+
+    def connection_ended(self, protocol: CurveTunProtocol, reason: Failure) -> None:
+        if not protocol.handshake_done:
+            self._uncount(self._handshakes, protocol.peer_host)
+        self._uncount(self._connections, protocol.peer_host)
+        super().connection_ended(protocol, reason)
+
+    @staticmethod
+    def _uncount(counter: Counter[str], host: str) -> None:
+        counter[host] -= 1
+        if counter[host] <= 0:
+            del counter[host]
 
 
 class CurveTunClientFactory(_CurveTunFactory):
@@ -398,8 +504,9 @@ class CurveTunClientFactory(_CurveTunFactory):
         server_key: bytes,
         clock: IReactorTime,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = None,
     ) -> None:
-        super().__init__(wrappedFactory, vault, clock, handshake_timeout)
+        super().__init__(wrappedFactory, vault, clock, handshake_timeout, idle_timeout)
         self.server_key = server_key
 
     def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol:

@@ -93,7 +93,7 @@ class Peers:
     on one fake clock.
     """
 
-    def __init__(self, handshake_timeout: float | None = 10.0) -> None:
+    def __init__(self, handshake_timeout: float | None = 10.0, **server_options: Any) -> None:
         self.clock = Clock()
         self.server_vault = MemoryVault.generate()
         self.client_vault = MemoryVault.generate()
@@ -104,6 +104,7 @@ class Peers:
             clock=self.clock,
             cookie_keys=CookieKeys(clock=self.clock),
             handshake_timeout=handshake_timeout,
+            **server_options,
         )
         self.client = CurveTunService(
             self.client_vault,
@@ -113,28 +114,32 @@ class Peers:
         )
         self.server_apps = RecordingFactory()
         self.client_apps = RecordingFactory()
+        self.server_factory = self.server.server_factory(self.server_apps)
 
     def connect(
-        self, server_key: bytes | None = None, greet: bool = True
+        self,
+        server_key: bytes | None = None,
+        greet: bool = True,
+        client_address: IPv4Address = CLIENT_ADDRESS,
     ) -> tuple[CurveTunProtocol, CurveTunProtocol, IOPump]:
         """
         Connect a client to the server in memory. Returns (client, server,
         pump); with C{greet} the pump has been flushed once, so the
         handshake has run to its end.
         """
-        server_factory = self.server.server_factory(self.server_apps)
+        server_factory = self.server_factory
         client_factory = self.client.client_factory(
             self.client_apps,
             self.server_vault.public_key if server_key is None else server_key,
         )
         return connectedServerAndClient(
-            lambda: server_factory.buildProtocol(CLIENT_ADDRESS),
+            lambda: server_factory.buildProtocol(client_address),
             lambda: client_factory.buildProtocol(SERVER_ADDRESS),
             clientTransportFactory=lambda p: FakeTransport(
                 p, False, hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS
             ),
             serverTransportFactory=lambda p: FakeTransport(
-                p, True, hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS
+                p, True, hostAddress=SERVER_ADDRESS, peerAddress=client_address
             ),
             greet=greet,
         )
