@@ -111,6 +111,20 @@ class ConnectionOwner(Protocol):
     def handshake_complete(self, peer_public_key: bytes) -> None:
         "The peer is authenticated; the application may start."
 
+    def sending_with(self, session: Session) -> None:
+        """
+        From now on the application's messages may be sealed with
+        C{session} directly, without an input per message (the per-message
+        fast path; L{disconnect} and L{lost} end it).
+        """
+
+    def receiving_with(self, session: Session) -> None:
+        """
+        From now on message packets may be opened with C{session} directly,
+        without an input per message; a packet that does not open must
+        still be reported as C{bad_packet}.
+        """
+
     def disconnect(self, reason: BaseException) -> None:
         "Close TCP (after writes already made); C{reason} is why."
 
@@ -380,6 +394,10 @@ def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
         session: Session,
         peer_public_key: bytes,
     ) -> None:
+        # The per-message path runs in the owner from here: a message in
+        # the connected state only ever loops (or fails, and is reported).
+        core.owner.sending_with(session)
+        core.owner.receiving_with(session)
         core.owner.handshake_complete(peer_public_key)
 
     connected.upon(ConnectionInputs.message_received).loop()(_deliver)
@@ -460,6 +478,7 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
     ) -> None:
         # The application may send from here: TCP delivers the vouch first,
         # and the server checks it before it reads any message.
+        core.owner.sending_with(session)
         core.owner.handshake_complete(peer_public_key)
 
     @pep614(vouched.upon(ConnectionInputs.message_received).loop())
@@ -477,7 +496,15 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
             inputs._confirmed(session, core.server_key)
             core.owner.deliver(plaintext)
 
-    vouched.upon(ConnectionInputs._confirmed).to(connected).returns(None)
+    @pep614(vouched.upon(ConnectionInputs._confirmed).to(connected))
+    def confirmed(
+        inputs: ConnectionInputs,
+        core: ClientCore,
+        vouched_session: Session,
+        session: Session,
+        peer_public_key: bytes,
+    ) -> None:
+        core.owner.receiving_with(session)
     connected.upon(ConnectionInputs.message_received).loop()(_deliver)
 
     for state in (ready, connected):

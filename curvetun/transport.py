@@ -44,11 +44,12 @@ from .connection import (
     ServerCore,
     ServerMachine,
 )
-from .errors import BadPacket, IdleTimeout, MessageTooLong
+from .errors import BadPacket, CounterExhausted, IdleTimeout, MessageTooLong
 from .handshake import CookieSealer
 from .interfaces import ICurveTunTransport, IRegistry, IVault
 from .keys import fingerprint
 from .packets import MAX_MESSAGE, MAX_PAYLOAD, Cookie, Hello, Message, Vouch, parse
+from .session import Session
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 """
@@ -135,6 +136,9 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         self._close_reason: Failure | None = None
         self._handshake_timer: IDelayedCall | None = None
         self._waiting: Deferred[IProtocol] | None = None
+        # Set by the machine once messages may bypass it (the fast path).
+        self._send_session: Session | None = None
+        self._receive_session: Session | None = None
         self._lost_reported = False
         machine = self._machine
         # Dispatch on the packet's type; parse() guarantees one of these.
@@ -172,6 +176,16 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             packet = parse(frame)
         except BadPacket as error:
             self._machine.bad_packet(error)
+            return
+        session = self._receive_session
+        if session is not None and type(packet) is Message:
+            # The per-message fast path (see ConnectionOwner.receiving_with).
+            try:
+                plaintext = session.open(packet)
+            except BadPacket as error:
+                self._machine.bad_packet(error)
+                return
+            self.wrappedProtocol.dataReceived(plaintext)  # type: ignore[union-attr]
         else:
             self._dispatch[type(packet)](packet)
 
@@ -185,6 +199,12 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     def send_frame(self, payload: bytes) -> None:
         # writeSequence, not write(prefix + payload): no 64 KiB copy.
         self.transport.writeSequence((_LENGTH.pack(len(payload)), payload))
+
+    def sending_with(self, session: Session) -> None:
+        self._send_session = session
+
+    def receiving_with(self, session: Session) -> None:
+        self._receive_session = session
 
     def deliver(self, message: bytes) -> None:
         assert self.wrappedProtocol is not None
@@ -207,11 +227,13 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             waiting.callback(protocol)
 
     def disconnect(self, reason: BaseException) -> None:
+        self._send_session = self._receive_session = None
         if self._close_reason is None:
             self._close_reason = Failure(reason)
         self.transport.loseConnection()
 
     def lost(self, reason: Failure) -> None:
+        self._send_session = self._receive_session = None
         if self._lost_reported:
             return
         self._lost_reported = True
@@ -232,7 +254,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         Send C{data} as part of a byte stream: in messages of at most 65503
         bytes. An empty write sends nothing, as with TCP.
         """
-        send = self._machine.send
+        send = self._send
         if len(data) <= MAX_MESSAGE:
             if data:
                 send(data)
@@ -249,7 +271,21 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             raise MessageTooLong(
                 f"a message can be at most {MAX_MESSAGE} bytes, not {len(data)}"
             )
-        self._machine.send(data)
+        self._send(data)
+
+    def _send(self, message: bytes) -> None:
+        session = self._send_session
+        if session is None:
+            self._machine.send(message)
+            return
+        # The per-message fast path (see ConnectionOwner.sending_with).
+        try:
+            payload = session.seal(message)
+        except CounterExhausted:
+            # The machine closes the connection for this.
+            self._machine.send(message)
+        else:
+            self.transport.writeSequence((_LENGTH.pack(len(payload)), payload))
 
     def loseConnection(self) -> None:
         """

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from curvetun.errors import (
     BadPacket,
     ConnectionClosed,
+    CounterExhausted,
     HandshakeTimeout,
     MessageTooLong,
     NotAuthorized,
@@ -21,6 +22,7 @@ from curvetun.errors import (
 )
 from curvetun.interfaces import ICurveTunTransport
 from curvetun.packets import MAX_MESSAGE
+from curvetun.session import Session
 from curvetun.vault import MemoryVault
 
 from ._support import CLIENT_ADDRESS, Peers
@@ -170,6 +172,20 @@ class MessageTests(SynchronousTestCase):
             self.server.write_message(message)
         self.pump.flush()
         self.assertEqual(received, [b"one", b"two", b"three"])
+
+    def test_an_exhausted_send_counter_closes_instead_of_sending(self) -> None:
+        """
+        Protocol v1.0 has no re-keying: when the message counter would
+        reach its limit, the connection closes and nothing more is sent.
+        """
+        self.server._send_session.next_send = Session.COUNTER_LIMIT  # type: ignore[union-attr]
+        self.server.transport.getOutBuffer()  # type: ignore[attr-defined]
+        self.server.write_message(b"one too many")
+        self.assertEqual(self.server.transport.getOutBuffer(), b"")  # type: ignore[attr-defined]
+        self.pump.flush()
+        self.assertEqual(self.client_app.received, [])
+        [reason] = self.server_app.lost
+        reason.trap(CounterExhausted)
 
     def test_close_delivers_messages_written_before_it(self) -> None:
         self.client.write_message(b"last words")
