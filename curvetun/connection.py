@@ -354,7 +354,7 @@ def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
             cookie = handshake.server_cookie(
                 hello.client_ephemeral_key, core.vault, core.cookie_keys
             )
-        except BadPacket as error:
+        except CurveTunError as error:  # KeyFileError: the counter could not be stored
             inputs._rejected(error)
         else:
             core.owner.send_frame(cookie)

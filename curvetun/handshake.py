@@ -184,7 +184,10 @@ def server_open_hello(hello: Hello, vault: IVault) -> None:
         raise BadPacket("hello counter must be 0")
     with _refuse("hello does not verify"):
         plaintext = vault.box_open(
-            hello.box, short_term_nonce(HELLO_PREFIX, 0), hello.client_ephemeral_key
+            hello.box,
+            short_term_nonce(HELLO_PREFIX, 0),
+            hello.client_ephemeral_key,
+            ephemeral_peer=True,
         )
     if not hmac.compare_digest(plaintext, _HELLO_ZEROS):
         raise BadPacket("hello does not verify")
@@ -221,6 +224,7 @@ def server_cookie(
             ephemeral.public_key + cookie_K,
             long_term_nonce(COOKIE_BOX_PREFIX, safe_nonce),
             client_ephemeral_key,
+            ephemeral_peer=True,
         )
     return Cookie(safe_nonce, box).to_bytes()
 

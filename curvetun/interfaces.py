@@ -30,7 +30,9 @@ class IVault(Interface):
         key, even across restarts and crashes.
         """
 
-    def box(plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box(
+        plaintext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
         """
         NaCl C{crypto_box} C{plaintext} from this vault's secret key to
         C{peer_public_key} under the 24-byte C{nonce}; return the 16-byte
@@ -39,11 +41,19 @@ class IVault(Interface):
         The caller must build C{nonce} from a value of L{safe_nonce} (with
         the 8-byte prefix the protocol gives for that box), so that no nonce
         is ever used twice with this key.
+
+        @param ephemeral_peer: C{peer_public_key} is a peer's ephemeral key,
+            used for this one handshake: a vault may keep the precomputed
+            key it shares with a long-term peer for later, and should not
+            let ephemeral ones crowd those out.
         """
 
-    def box_open(ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box_open(
+        ciphertext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
         """
-        Open a box made by C{peer_public_key} for this vault's key.
+        Open a box made by C{peer_public_key} for this vault's key
+        (C{ephemeral_peer} as for L{box}).
 
         @raise curvetun.errors.BadPacket: the box does not verify, or the
             peer key is unusable (for instance a low-order point).

@@ -87,6 +87,7 @@ class MemoryVault:
         self._random_bytes = random_bytes
         self._persist = persist
         self._shared_keys: OrderedDict[bytes, bytes] = OrderedDict()
+        self._last_ephemeral: tuple[bytes, bytes] | None = None
 
     @classmethod
     def generate(cls, random_bytes: Callable[[int], bytes] = nacl.utils.random) -> MemoryVault:
@@ -110,41 +111,64 @@ class MemoryVault:
         self._counter = counter + 1
         return scramble16(counter.to_bytes(8, "big") + self._random_bytes(8), self._nonce_key)
 
-    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box(
+        self,
+        plaintext: bytes,
+        nonce: bytes,
+        peer_public_key: bytes,
+        ephemeral_peer: bool = False,
+    ) -> bytes:
         """
         NaCl C{crypto_box} from this vault's key to C{peer_public_key}.
 
         @raise BadPacket: C{peer_public_key} is unusable (wrong size or a
             low-order point); it usually comes from the network.
         """
-        return crypto_box_easy_afternm(plaintext, nonce, self._shared_key(peer_public_key))
+        return crypto_box_easy_afternm(
+            plaintext, nonce, self._shared_key(peer_public_key, ephemeral_peer)
+        )
 
-    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box_open(
+        self,
+        ciphertext: bytes,
+        nonce: bytes,
+        peer_public_key: bytes,
+        ephemeral_peer: bool = False,
+    ) -> bytes:
         """
         Open a box made by C{peer_public_key} for this vault's key.
 
         @raise BadPacket: the box does not verify, or the peer key is
             unusable.
         """
-        shared_key = self._shared_key(peer_public_key)
+        shared_key = self._shared_key(peer_public_key, ephemeral_peer)
         try:
             return crypto_box_open_easy_afternm(ciphertext, nonce, shared_key)
         except CryptoError as e:  # nacl's ValueError and RuntimeError are CryptoErrors
             raise BadPacket("box does not open") from e
 
-    def _shared_key(self, peer_public_key: bytes) -> bytes:
-        # The server boxes to the same peer key twice in a row (it opens the
-        # hello and seals the cookie with EC) and sees the same client key
-        # on every connection (the vouch), so remembering the X25519 result
-        # halves the work of a handshake. Least recently used goes first.
-        shared_key = self._shared_keys.get(peer_public_key)
-        if shared_key is not None:
-            self._shared_keys.move_to_end(peer_public_key)
-            return shared_key
+    def _shared_key(self, peer_public_key: bytes, ephemeral_peer: bool) -> bytes:
+        # The server boxes to the same ephemeral key twice in a row (it
+        # opens the hello and seals the cookie with EC): one slot keeps the
+        # last one. Long-term peers come back on every connection (the
+        # vouch): an LRU keeps those, which ephemeral keys never enter, so
+        # a burst of handshakes cannot evict them.
+        if ephemeral_peer:
+            last = self._last_ephemeral
+            if last is not None and last[0] == peer_public_key:
+                return last[1]
+        else:
+            cached = self._shared_keys.get(peer_public_key)
+            if cached is not None:
+                self._shared_keys.move_to_end(peer_public_key)
+                return cached
         try:
-            shared_key = crypto_box_beforenm(peer_public_key, self._secret_key)
+            shared_key: bytes = crypto_box_beforenm(peer_public_key, self._secret_key)
         except CryptoError as e:
             raise BadPacket("peer public key is unusable (wrong size or low order)") from e
+        if ephemeral_peer:
+            self._last_ephemeral = (peer_public_key, shared_key)
+            return shared_key
         self._shared_keys[peer_public_key] = shared_key
         if len(self._shared_keys) > SHARED_KEY_CACHE_SIZE:
             self._shared_keys.popitem(last=False)
@@ -197,13 +221,7 @@ class FileVault(Service):
         self.public_key = self._vault.public_key
         if not keys_equal(stored_public_key, self.public_key):
             self.close()
-            raise KeyFileError(
-                f"{self.keydir.child(PUBLIC_KEY_FILE).path} "
-                f"({fingerprint(stored_public_key)}...) does not match "
-                f"{self.keydir.child(SECRET_KEY_FILE).path} "
-                f"({fingerprint(self.public_key)}...); "
-                "restore both files from the same backup"
-            )
+            raise _mismatch(self.keydir, stored_public_key, self.public_key)
 
     @classmethod
     def create(cls, keydir: str | FilePath[str], overwrite: bool = False) -> FileVault:
@@ -275,17 +293,29 @@ class FileVault(Service):
         """
         return self._vault.safe_nonce()
 
-    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box(
+        self,
+        plaintext: bytes,
+        nonce: bytes,
+        peer_public_key: bytes,
+        ephemeral_peer: bool = False,
+    ) -> bytes:
         """
         See L{MemoryVault.box}.
         """
-        return self._vault.box(plaintext, nonce, peer_public_key)
+        return self._vault.box(plaintext, nonce, peer_public_key, ephemeral_peer)
 
-    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box_open(
+        self,
+        ciphertext: bytes,
+        nonce: bytes,
+        peer_public_key: bytes,
+        ephemeral_peer: bool = False,
+    ) -> bytes:
         """
         See L{MemoryVault.box_open}.
         """
-        return self._vault.box_open(ciphertext, nonce, peer_public_key)
+        return self._vault.box_open(ciphertext, nonce, peer_public_key, ephemeral_peer)
 
     def _store_counter(self, value: int) -> None:
         # Synchronous, and so blocking the reactor for one fsync: this
@@ -301,6 +331,35 @@ class FileVault(Service):
 
     def __repr__(self) -> str:
         return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
+
+
+def read_public_key(keydir: str | FilePath[str]) -> bytes:
+    """
+    The public key of the key directory C{keydir}, checked against its
+    secret key, without taking the directory's lock or reading its
+    counter: this shows the identity of a directory that a running process
+    may be using (C{curvetun pubkey}), and hands out no nonce.
+
+    @raise KeyFileError: a key file is missing, damaged or readable by
+        others, or the public key is not the secret key's.
+    """
+    path = FilePath(keydir) if isinstance(keydir, str) else keydir
+    secret_key = _read_key(path.child(SECRET_KEY_FILE), secret=True)
+    stored_public_key = _read_key(path.child(PUBLIC_KEY_FILE), secret=False)
+    public_key = crypto_scalarmult_base(secret_key)
+    if not keys_equal(stored_public_key, public_key):
+        raise _mismatch(path, stored_public_key, public_key)
+    return public_key
+
+
+def _mismatch(keydir: FilePath[str], stored_public_key: bytes, public_key: bytes) -> KeyFileError:
+    return KeyFileError(
+        f"{keydir.child(PUBLIC_KEY_FILE).path} "
+        f"({fingerprint(stored_public_key)}...) does not match "
+        f"{keydir.child(SECRET_KEY_FILE).path} "
+        f"({fingerprint(public_key)}...); "
+        "restore both files from the same backup"
+    )
 
 
 def _lock_keydir(keydir: FilePath[str]) -> IO[bytes]:

@@ -91,10 +91,14 @@ class FakeVault:
     def safe_nonce(self) -> bytes:
         return self._safe_nonces.pop(0)
 
-    def box(self, plaintext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box(
+        self, plaintext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
         return crypto_box_easy(plaintext, nonce, peer_public_key, self._secret_key)
 
-    def box_open(self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes) -> bytes:
+    def box_open(
+        self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
         try:
             return crypto_box_open_easy(ciphertext, nonce, peer_public_key, self._secret_key)
         except CryptoError:
