@@ -123,6 +123,20 @@ class LoopbackMessageTests(LoopbackTestCase):
 
         return run(go())
 
+    def test_nagle_is_off_on_both_ends(self) -> Deferred[None]:
+        """
+        Each handshake step is a small packet waiting for an answer: with
+        Nagle's algorithm on, each would wait for a delayed ACK.
+        """
+
+        async def go() -> None:
+            await self.start()
+            client, server = await self.pair()
+            for channel in (client, server):
+                self.assertTrue(channel.transport.transport.getTcpNoDelay())
+
+        return run(go())
+
     def test_sending_too_much_in_one_message_fails_clearly(self) -> Deferred[None]:
         async def go() -> None:
             await self.start()
