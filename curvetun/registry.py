@@ -70,7 +70,7 @@ def _ip(text: str) -> IPv4Address | IPv6Address | None:
     return ip
 
 
-def _parse_address(text: str) -> tuple[str, IPv4Network | IPv6Network | None]:
+def parse_address(text: str) -> tuple[str, IPv4Network | IPv6Network | None]:
     """
     Parse the ADDRESS field of a registry line.
 
@@ -119,7 +119,7 @@ def _parse_line(line: str, source: str, lineno: int) -> Entry | None:
     if not fields or fields[0].startswith("#"):
         return None
     try:
-        address, network = _parse_address(fields[0])
+        address, network = parse_address(fields[0])
         if len(fields) < 2 or fields[1].startswith("#"):
             raise ValueError(f"missing key after {quoted(fields[0])}")
         key = parse_public_key(fields[1])
@@ -293,7 +293,7 @@ class FileRegistry(Service):
             is malformed or cannot be written; the file is then unchanged.
         """
         try:
-            canonical, network = _parse_address(address)
+            canonical, network = parse_address(address)
             entry = Entry(canonical, _parse_key(key), network)
         except ValueError as e:
             raise RegistryError(str(e)) from None
@@ -318,7 +318,7 @@ class FileRegistry(Service):
         @raise RegistryError: as for L{add}.
         """
         try:
-            target, _ = _parse_address(address)
+            target, _ = parse_address(address)
             target_key = None if key is None else _parse_key(key)
         except ValueError as e:
             raise RegistryError(str(e)) from None
