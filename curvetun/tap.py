@@ -51,7 +51,8 @@ from .errors import CurveTunError, KeyFileError, RegistryError
 from .keys import format_public_key
 from .service import CurveTunService
 from .transport import DEFAULT_HANDSHAKE_TIMEOUT
-from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory, format_address
+from .transport import format_address
+from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
 from .vault import SECRET_KEY_FILE
 
 # sysexits.h values (the os module has them only on Unix).

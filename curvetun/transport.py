@@ -61,6 +61,19 @@ _LENGTH = struct.Struct(">H")
 log = Logger()
 
 
+def format_address(address: IAddress) -> str:
+    """
+    An address for a log message: C{host:port} (C{[host]:port} for IPv6),
+    or its C{str} if it is not an IP address.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
 class _StreamTransport(TypingProtocol):
     """
     The parts of a TCP transport that L{CurveTunProtocol} uses.
@@ -409,7 +422,7 @@ class _CurveTunFactory(Factory):
         Log how a connection ended: peer address, peer key fingerprint when
         known, and why.
         """
-        peer = protocol.getPeer()
+        peer = format_address(protocol.getPeer())
         key = fingerprint(protocol.peer_public_key) if protocol.peer_public_key else "-"
         if protocol.wrappedProtocol is None:
             log.info(

@@ -35,21 +35,9 @@ from twisted.python.failure import Failure
 
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
+from .transport import format_address
 
 log = Logger()
-
-
-def format_address(address: IAddress) -> str:
-    """
-    An address for a log message: C{host:port} (C{[host]:port} for IPv6),
-    or its C{str} if it is not an IP address.
-    """
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is None or port is None:
-        return str(address)
-    if ":" in host:
-        return f"[{host}]:{port}"
-    return f"{host}:{port}"
 
 
 def describe_peer(transport: ITransport | None) -> tuple[str, str]:
