@@ -12,7 +12,7 @@ The server end of a tunnel to a local service::
 
 and its client end::
 
-    twist curvetun --listen tcp:127.0.0.1:6380 --forward curvetun:server:7700:key=KEY
+    twist curvetun --listen tcp:6380:interface=127.0.0.1 --forward curvetun:server:7700:key=KEY
 
 Without C{--forward} each connection is echoed, so that C{twist curvetun}
 alone is a curvetun server to try.
