@@ -152,6 +152,10 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         # Set by the machine once messages may bypass it (the fast path).
         self._send_session: Session | None = None
         self._receive_session: Session | None = None
+        # Stream writes waiting to be coalesced (see write).
+        self._pending_writes: list[bytes] = []
+        self._pending_size = 0
+        self._flush_call: IDelayedCall | None = None
         self._lost_reported = False
         machine = self._machine
         # Dispatch on the packet's type; parse() guarantees one of these.
@@ -183,6 +187,10 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             super().dataReceived(data)
         finally:
             self._receiving = False
+        # What the application wrote in answer to this read goes out now,
+        # coalesced, without waiting for the next reactor iteration.
+        if self._pending_writes:
+            self._flush_writes()
 
     def stringReceived(self, frame: bytes) -> None:
         try:
@@ -203,6 +211,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             self._dispatch[type(packet)](packet)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._discard_writes()
         self._cancel_timer()
         self.setTimeout(None)
         self._machine.connection_lost(reason)
@@ -264,17 +273,51 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
 
     def write(self, data: bytes) -> None:
         """
-        Send C{data} as part of a byte stream: in messages of at most 65503
+        Send C{data} as part of a byte stream, in messages of at most 65503
         bytes. An empty write sends nothing, as with TCP.
+
+        Small writes made in the same reactor turn are coalesced into one
+        message (as Twisted's TLS transport coalesces them into one record):
+        writes made while a read is delivered go out when that read is
+        done, others at the next reactor iteration. Use L{write_message} to
+        keep a message's boundary.
         """
-        send = self._send
+        if not data:
+            return
+        pending = self._pending_writes
+        if not pending and len(data) >= MAX_MESSAGE:
+            # Nothing to coalesce with: straight out, without a copy.
+            self._send_stream(data)
+            return
+        pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= MAX_MESSAGE:
+            self._flush_writes()
+        elif not self._receiving and self._flush_call is None:
+            self._flush_call = self.factory.clock.callLater(0, self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        """
+        Send what L{write} has buffered.
+        """
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        pending = self._pending_writes
+        if pending:
+            data = b"".join(pending) if len(pending) > 1 else pending[0]
+            pending.clear()
+            self._pending_size = 0
+            self._send_stream(data)
+
+    def _send_stream(self, data: bytes) -> None:
         if len(data) <= MAX_MESSAGE:
-            if data:
-                send(data)
+            self._send(data)
             return
         view = memoryview(data)
         for start in range(0, len(data), MAX_MESSAGE):
-            send(bytes(view[start : start + MAX_MESSAGE]))
+            self._send(bytes(view[start : start + MAX_MESSAGE]))
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
@@ -284,6 +327,8 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             raise MessageTooLong(
                 f"a message can be at most {MAX_MESSAGE} bytes, not {len(data)}"
             )
+        # Stream data written before goes first.
+        self._flush_writes()
         self._send(data)
 
     def _send(self, message: bytes) -> None:
@@ -305,6 +350,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         Close after every message written so far has been sent. Idempotent.
         """
         self.disconnecting = True
+        self._flush_writes()
         self._machine.close()
 
     def abortConnection(self) -> None:
@@ -312,6 +358,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         Close at once, discarding anything not yet sent.
         """
         self.disconnecting = True
+        self._discard_writes()
         # The machine closes first, so that nothing read after this point
         # is processed; then TCP drops what it has not sent.
         self._machine.close()
@@ -370,6 +417,14 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     def _cancel_handshake(self, waiting: Deferred[IProtocol]) -> None:
         self._waiting = None
         self.abortConnection()
+
+    def _discard_writes(self) -> None:
+        self._pending_writes.clear()
+        self._pending_size = 0
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
 
     def _cancel_timer(self) -> None:
         if self._handshake_timer is not None:

@@ -142,4 +142,6 @@ class Peers:
                 p, True, hostAddress=SERVER_ADDRESS, peerAddress=client_address
             ),
             greet=greet,
+            # The pump runs the clock's due calls (coalesced writes).
+            clock=self.clock,
         )

@@ -125,6 +125,42 @@ class MessageTests(SynchronousTestCase):
             [MAX_MESSAGE] * 3 + [len(data) - 3 * MAX_MESSAGE],
         )
 
+    def test_small_writes_in_one_reactor_turn_are_coalesced(self) -> None:
+        for part in (b"a", b"b", b"c"):
+            self.client.write(part)
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b"abc"])
+
+    def test_writes_in_answer_to_a_read_go_out_when_the_read_is_done(self) -> None:
+        """
+        An application that answers in its dataReceived is not held up until
+        the next reactor iteration: its writes leave with the end of the read.
+        """
+
+        def answer(data: bytes) -> None:
+            self.client.write(b"re: ")
+            self.client.write(data)
+
+        self.client_app.dataReceived = answer  # type: ignore[method-assign]
+        self.server.write_message(b"question")
+        wire = self.server.transport.getOutBuffer()  # type: ignore[attr-defined]
+        self.client.dataReceived(wire)
+        self.server.dataReceived(self.client.transport.getOutBuffer())  # type: ignore[attr-defined]
+        self.assertEqual(self.server_app.received, [b"re: question"])
+
+    def test_a_message_after_stream_writes_keeps_the_order(self) -> None:
+        self.client.write(b"stream")
+        self.client.write_message(b"message")
+        self.client.write(b"more")
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [b"stream", b"message", b"more"])
+
+    def test_abort_discards_coalesced_writes(self) -> None:
+        self.client.write(b"never sent")
+        self.client.abortConnection()
+        self.pump.flush()
+        self.assertEqual(self.server_app.received, [])
+
     def test_write_sequence_joins_its_parts(self) -> None:
         self.client.writeSequence([b"a", b"b", b"c"])
         self.pump.flush()
