@@ -8,6 +8,7 @@ replaced every minute, so that a cookie is good for 60 to 120 seconds.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import nacl.utils
@@ -28,12 +29,16 @@ COOKIE_K_SIZE = 96
 
 class CookieKeys(TimerService):
     """
-    The current and the previous cookie key, replaced every C{interval}
-    seconds while the service runs. They live only in memory.
+    The current and the previous cookie key. They live only in memory.
 
-    The key in use when the service starts is the one made (or given) at
-    construction; the first rotation comes C{interval} seconds after each
-    start.
+    Time is cut into periods of C{interval} seconds on the clock; each
+    period has its own key, and a cookie opens in the period it was sealed
+    in and the next one, so it lives C{interval} to twice that. Keys are
+    replaced by the timer while the service runs (so an old key is
+    forgotten even when no connection comes), and whenever one is used: a
+    stopped service, a blocked reactor or a jump of the clock never keeps
+    a cookie alive longer (the replay memory, which forgets by the same
+    clock, relies on this).
     """
 
     def __init__(
@@ -44,39 +49,45 @@ class CookieKeys(TimerService):
         random_bytes: Callable[[int], bytes] = nacl.utils.random,
     ) -> None:
         """
-        @param interval: seconds between rotations.
+        @param interval: the length of a period, in seconds.
         @param clock: the reactor's clock, or L{None} for the global reactor.
-        @param initial_key: the first cookie key (known-answer tests give
-            one); a random one if L{None}.
+        @param initial_key: the key of the current period (known-answer
+            tests give one); a random one if L{None}.
         @param random_bytes: the source of new keys.
         """
         if initial_key is not None and len(initial_key) != COOKIE_KEY_SIZE:
             raise ValueError(f"a cookie key is {COOKIE_KEY_SIZE} bytes")
-        super().__init__(interval, self._rotate)
+        super().__init__(interval, self._catch_up)
         self.clock = clock
         self._random_bytes = random_bytes
         # The current key first, then the previous one once there is one.
         self._keys: tuple[bytes, ...] = (
             random_bytes(COOKIE_KEY_SIZE) if initial_key is None else initial_key,
         )
-        self._starting = False
+        self._period = self._current_period()
 
-    def startService(self) -> None:
-        """
-        Start rotating the keys; the first rotation is one interval from now.
-        """
-        # TimerService makes its first call at once, from inside
-        # startService; _starting lets _rotate tell that call apart.
-        self._starting = True
-        try:
-            super().startService()
-        finally:
-            self._starting = False
+    def _current_period(self) -> int:
+        clock = self.clock
+        if clock is None:
+            from twisted.internet import reactor
 
-    def _rotate(self) -> None:
-        if self._starting:
+            clock = reactor
+        assert clock is not None
+        period: int = math.floor(clock.seconds() / self.step)
+        return period
+
+    def _catch_up(self) -> None:
+        """
+        Bring the keys up to the current period: one new key if one period
+        began since the last, two (forgetting both old ones) if more did.
+        """
+        period = self._current_period()
+        behind = period - self._period
+        if behind <= 0:
             return
-        self._keys = (self._random_bytes(COOKIE_KEY_SIZE), self._keys[0])
+        key = self._random_bytes(COOKIE_KEY_SIZE)
+        self._keys = (key, self._keys[0]) if behind == 1 else (key,)
+        self._period = period
 
     def seal(
         self, safe_nonce: bytes, client_ephemeral_key: bytes, server_ephemeral_secret: bytes
@@ -87,6 +98,7 @@ class CookieKeys(TimerService):
         """
         if {len(client_ephemeral_key), len(server_ephemeral_secret)} != {_EPHEMERAL_KEY_SIZE}:
             raise ValueError("EC and ESs are 32 bytes each")
+        self._catch_up()
         return crypto_secretbox_easy(
             client_ephemeral_key + server_ephemeral_secret,
             long_term_nonce(MINUTE_KEY_PREFIX, safe_nonce),
@@ -101,6 +113,7 @@ class CookieKeys(TimerService):
         @return: C{(EC, ESs)}.
         @raise BadPacket: C{K} has the wrong size, or neither key opens it.
         """
+        self._catch_up()
         if len(cookie_K) == COOKIE_K_SIZE:
             nonce = long_term_nonce(MINUTE_KEY_PREFIX, cookie_K[:_SAFE_NONCE_SIZE])
             for key in self._keys:

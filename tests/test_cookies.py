@@ -4,6 +4,8 @@ Tests for L{curvetun.cookies}.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nacl.bindings import crypto_secretbox_easy
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -21,13 +23,13 @@ SN = b"\x5a" * 16
 
 
 class CookieKeysTests(SynchronousTestCase):
-    def started(self, keys: CookieKeys | None = None) -> tuple[CookieKeys, Clock]:
+    def started(self, **options: Any) -> tuple[CookieKeys, Clock]:
         """
-        Start C{keys} (default: a new L{CookieKeys}) with a fake clock; it
-        is stopped at cleanup.
+        Start a L{CookieKeys} made with C{options} on a fake clock; it is
+        stopped at cleanup.
         """
-        keys = CookieKeys() if keys is None else keys
-        keys.clock = clock = Clock()
+        clock = Clock()
+        keys = CookieKeys(clock=clock, **options)
         keys.startService()
         self.addCleanup(keys.stopService)
         return keys, clock
@@ -45,7 +47,7 @@ class CookieKeysTests(SynchronousTestCase):
         self.assertEqual(keys.open(unhex(COOKIE["cookie_K"])), (plaintext[:32], plaintext[32:]))
 
     def test_initial_key_is_kept_until_one_interval_after_start(self) -> None:
-        keys, clock = self.started(CookieKeys(initial_key=unhex(COOKIE["cookie_secretbox_key_Ts"])))
+        keys, clock = self.started(initial_key=unhex(COOKIE["cookie_secretbox_key_Ts"]))
         clock.advance(59.9)
         plaintext = unhex(COOKIE["cookie_secretbox_plaintext"])
         sealed = keys.seal(unhex(COOKIE["safe_nonce_16"]), plaintext[:32], plaintext[32:])
@@ -76,27 +78,38 @@ class CookieKeysTests(SynchronousTestCase):
         self.assertEqual(cm.exception.reason, "cookie does not open: expired or forged")
 
     def test_interval_is_configurable(self) -> None:
-        keys, clock = self.started(CookieKeys(interval=5.0))
+        keys, clock = self.started(interval=5.0)
         cookie = SN + keys.seal(SN, EC, ESs)
         clock.advance(5)
         self.assertEqual(keys.open(cookie), (EC, ESs))
         clock.advance(5)
         self.assertRaises(BadPacket, keys.open, cookie)
 
-    def test_keys_do_not_rotate_while_stopped(self) -> None:
+    def test_a_stopped_service_still_refuses_old_cookies(self) -> None:
+        """
+        Keys follow the clock even when no timer runs: a cookie never
+        outlives two periods (the replay memory counts on it).
+        """
         clock = Clock()
         keys = CookieKeys(clock=clock)
-        keys.startService()
-        keys.stopService()
         cookie = SN + keys.seal(SN, EC, ESs)
-        clock.advance(600)
-        self.assertEqual(clock.getDelayedCalls(), [])
+        clock.advance(60)
         self.assertEqual(keys.open(cookie), (EC, ESs))
+        clock.advance(60)
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertRaises(BadPacket, keys.open, cookie)
+
+    def test_a_clock_jump_forgets_both_keys(self) -> None:
+        keys, clock = self.started()
+        cookie = SN + keys.seal(SN, EC, ESs)
+        # One late timer call for many periods still retires both keys.
+        clock.advance(600)
+        self.assertRaises(BadPacket, keys.open, cookie)
 
     def test_new_keys_come_from_random_bytes(self) -> None:
         new_key = b"\x07" * 32
         keys, clock = self.started(
-            CookieKeys(initial_key=b"\x01" * 32, random_bytes=lambda n: new_key[:n])
+            initial_key=b"\x01" * 32, random_bytes=lambda n: new_key[:n]
         )
         clock.advance(60)
         self.assertEqual(

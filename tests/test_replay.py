@@ -29,7 +29,6 @@ from curvetun.packets import HELLO_MAGIC, MESSAGE_MAGIC, VOUCH_MAGIC
 from curvetun.transport import CurveTunProtocol, CurveTunServerFactory
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
-from .test_tamper import todo
 
 MESSAGES = [b"first", b"second: " + bytes(range(256)), b"", b"fourth", b"fifth" * 100]
 
@@ -273,12 +272,6 @@ class ReplayTests(ReplayTestCase):
         # The memory had indeed forgotten it: it takes the same key again.
         self.assertTrue(peers.server.replay_guard.remember(recording.client_ephemeral_key))
 
-    @todo(
-        "CookieKeys rotates from a LoopingCall, which runs once for any number "
-        "of missed periods: after a jump of 120 s the cookie key of the "
-        "recorded session is still the previous key, while ReplayGuard has "
-        "forgotten the session by the clock"
-    )
     def test_a_replay_is_refused_after_the_clock_jumps_two_cookie_periods(self) -> None:
         """
         When the clock jumps (the machine was suspended, or the reactor
@@ -296,11 +289,6 @@ class ReplayTests(ReplayTestCase):
         self.assertEqual(connection.delivered, [])
         self.assertTrue(connection.transport.disconnecting)
 
-    @todo(
-        "cookie keys rotate only while CurveTunService runs (CookieKeys is a "
-        "TimerService), but ReplayGuard forgets by the clock after 120 s: a "
-        "server whose service is not running accepts a replay 120 s later"
-    )
     def test_a_replay_is_refused_long_after_when_the_service_was_never_started(
         self,
     ) -> None:
