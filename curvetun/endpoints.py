@@ -19,7 +19,9 @@ See docs/usage.md for the full reference.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from typing import Any, Callable
 
 import attrs
@@ -41,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import KeyFileError, RegistryError
-from .keys import parse_public_key
+from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
 
@@ -318,6 +320,26 @@ The process-wide pool behind endpoint strings.
 # -- endpoint-string parsing -----------------------------------------------------
 
 
+_MAX_BACKLOG = 65535
+
+# A DNS name: dot-separated labels of letters, digits, hyphens (and, as
+# some resolvers allow, underscores), at most 253 characters.
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(text: str) -> bool:
+    return _is_ip_address(text) or (text.isascii() and _HOST_NAME.match(text) is not None)
+
+
 def _option_error(kind: str, message: str) -> ValueError:
     return ValueError(f"curvetun {kind} endpoint: {message}")
 
@@ -336,7 +358,7 @@ def _collect(
     unknown = sorted(set(kwargs) - set(known))
     if unknown:
         raise _option_error(
-            kind, f"unknown keyword {unknown[0]!r} (known: {', '.join(known)})"
+            kind, f"unknown keyword {quoted(unknown[0])} (known: {', '.join(known)})"
         )
     if len(args) > len(positional_names):
         raise _option_error(
@@ -351,13 +373,35 @@ def _collect(
     return options
 
 
+def _paths(kind: str, options: dict[str, str]) -> tuple[str | None, str | None]:
+    """
+    The C{keydir} and C{registry} options, refused if they cannot be paths.
+    """
+    paths = []
+    for option in ("keydir", "registry"):
+        value = options.get(option)
+        if value is not None and (not value or "\x00" in value):
+            raise _option_error(kind, f"{option} must be a path, not {quoted(value)}")
+        paths.append(value)
+    return paths[0], paths[1]
+
+
+def _decimal(value: str) -> int | None:
+    """
+    C{value} as a number if it is plain ASCII digits (int() would also take
+    "8_0", " 80", "+80" and other scripts' digits), else L{None}.
+    """
+    if value.isascii() and value.isdigit() and len(value) <= 10:
+        return int(value)
+    return None
+
+
 def _port(kind: str, value: str | None, allow_zero: bool) -> int:
     if not value:
         raise _option_error(kind, "a port is required")
-    try:
-        port = int(value)
-    except ValueError:
-        raise _option_error(kind, f"port must be a number, not {value[:40]!r}") from None
+    port = _decimal(value)
+    if port is None:
+        raise _option_error(kind, f"port must be a number, not {quoted(value)}")
     if not (0 if allow_zero else 1) <= port <= 65535:
         raise _option_error(kind, f"port must be between {0 if allow_zero else 1} and 65535, not {port}")
     return port
@@ -382,6 +426,10 @@ def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunCl
     host = options.get("host")
     if not host:
         raise _option_error("client", "a host is required (curvetun:HOST:PORT)")
+    if not _is_host(host):
+        raise _option_error(
+            "client", f"host must be a host name or an IP address, not {quoted(host)}"
+        )
     port = _port("client", options.get("port"), allow_zero=False)
     timeout: float | None = None
     if "timeout" in options:
@@ -391,7 +439,7 @@ def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunCl
             timeout = -1
         if not 0 < timeout < float("inf"):
             raise _option_error("client", f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}")
-    lease = service_pool.lease(options.get("keydir"), options.get("registry"))
+    lease = service_pool.lease(*_paths("client", options))
     if "key" in options:
         try:
             server_key = parse_public_key(options["key"])
@@ -427,13 +475,17 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
     )
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
-    try:
-        backlog = int(options.get("backlog", "50"))
-    except ValueError:
-        backlog = 0
-    if backlog < 1:
-        raise _option_error("server", f"backlog must be a positive number, not {options['backlog'][:40]!r}")
-    lease = service_pool.lease(options.get("keydir"), options.get("registry"))
+    if interface and not _is_ip_address(interface):
+        raise _option_error(
+            "server", f"interface must be an IP address, not {quoted(interface)}"
+        )
+    backlog = _decimal(options.get("backlog", "50"))
+    if backlog is None or not 1 <= backlog <= _MAX_BACKLOG:
+        raise _option_error(
+            "server",
+            f"backlog must be a number from 1 to {_MAX_BACKLOG}, not {quoted(options['backlog'])}",
+        )
+    lease = service_pool.lease(*_paths("server", options))
     wrapped: IStreamServerEndpoint
     if ":" in interface:
         wrapped = TCP6ServerEndpoint(reactor, port, backlog, interface)

@@ -154,8 +154,8 @@ class ServerStringTests(SynchronousTestCase):
             "curvetun:7700:7701": "too many positional arguments",
             "curvetun:7700:port=7701": "port given twice",
             "curvetun:7700:colour=blue": "unknown keyword 'colour'",
-            "curvetun:7700:backlog=-1": "backlog must be a positive number",
-            "curvetun:7700:backlog=many": "backlog must be a positive number",
+            "curvetun:7700:backlog=-1": "backlog must be a number from 1 to 65535",
+            "curvetun:7700:backlog=many": "backlog must be a number from 1 to 65535",
             "curvetun:7700:keydir=/nonexistent/curvetun": "no curvetun key directory at /nonexistent/curvetun",
         }
         for description, message in cases.items():
