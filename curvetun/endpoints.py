@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -35,7 +35,6 @@ from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
     IProtocolFactory,
-    IReactorCore,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )

@@ -32,6 +32,7 @@ from nacl.exceptions import CryptoError
 
 from curvetun.errors import BadPacket
 from curvetun.interfaces import IVault
+from curvetun.keys import is_canonical
 from curvetun.nonces import (
     COOKIE_BOX_PREFIX,
     HELLO_PREFIX,
@@ -40,7 +41,7 @@ from curvetun.nonces import (
     long_term_nonce,
     short_term_nonce,
 )
-from curvetun.packets import COOKIE_MAGIC, Cookie, Hello, Vouch
+from curvetun.packets import Cookie, Hello, Vouch
 from curvetun.session import Session
 
 _HELLO_ZEROS = bytes(64)
@@ -182,6 +183,10 @@ def server_open_hello(hello: Hello, vault: IVault) -> None:
     """
     if hello.counter != 0:
         raise BadPacket("hello counter must be 0")
+    if not is_canonical(hello.client_ephemeral_key):
+        # X25519 ignores the top bit, so a peer could send one key in two
+        # spellings; honest peers (libsodium) never send a non-canonical one.
+        raise BadPacket("client ephemeral key is not canonical")
     with _refuse("hello does not verify"):
         plaintext = vault.box_open(
             hello.box,

@@ -85,6 +85,17 @@ def parse_public_key(text: str) -> bytes:
     return key
 
 
+_FIELD_PRIME = 2**255 - 19
+
+
+def is_canonical(key: bytes) -> bool:
+    """
+    Is C{key} the one encoding of its Curve25519 point: a little-endian
+    number below the field prime (so with the top bit clear)?
+    """
+    return int.from_bytes(key, "little") < _FIELD_PRIME
+
+
 def format_public_key(key: bytes) -> str:
     """
     Write a 32-byte public key as 64 lowercase hex digits, the form curvetun

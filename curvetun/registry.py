@@ -21,7 +21,7 @@ from zope.interface import implementer
 from curvetun.errors import RegistryError
 from curvetun.interfaces import IRegistry
 from curvetun.keys import format_public_key, keys_equal, parse_public_key, quoted
-from curvetun.vault import write_atomically
+from curvetun.files import open_regular_file, write_atomically
 
 ANY = "*"
 
@@ -98,10 +98,29 @@ def parse_address(text: str) -> tuple[str, IPv4Network | IPv6Network | None]:
         and not labels[-1].isdigit()
     ):
         return name, None
-    raise ValueError(
-        f"bad address {quoted(text)}: expected an IP address, a CIDR network, "
-        "a host name or '*'"
-    )
+    # Not quoted: a registry= that names the wrong file (a secret key, say)
+    # must not print it.
+    raise ValueError("bad address: expected an IP address, a CIDR network, a host name or '*'")
+
+
+MAX_REGISTRY_SIZE = 16 * 1024 * 1024
+"""
+The largest registry file read (some 100,000 entries); a larger one is
+refused rather than read into memory.
+"""
+
+
+def _lines(text: str) -> list[str]:
+    """
+    The lines of registry text. Only a newline ends a line (with an optional
+    carriage return before it): str.splitlines would also split at form
+    feeds, U+2028 and the like, so that an entry that an editor shows inside
+    a comment would count.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _parse_key(key: bytes | str) -> bytes:
@@ -148,7 +167,7 @@ class Registry:
         @raise RegistryError: a line is malformed; the message is
             C{"{source}:{lineno}: {problem}"}.
         """
-        lines = enumerate(text.splitlines(), start=1)
+        lines = enumerate(_lines(text), start=1)
         entries = (_parse_line(line, source, n) for n, line in lines)
         return cls(tuple(e for e in entries if e is not None))
 
@@ -233,12 +252,18 @@ class FileRegistry(Service):
         @raise RegistryError: it cannot be read or is not UTF-8.
         """
         try:
-            with open(self.path.path, "rb") as f:
-                data = f.read()
+            with open_regular_file(self.path.path) as f:
+                data = f.read(MAX_REGISTRY_SIZE + 1)
         except FileNotFoundError:
             return ""
         except OSError as e:
             raise RegistryError(f"cannot read {self.path.path}: {e.strerror}") from e
+        except ValueError as e:  # a NUL byte in the path
+            raise RegistryError(f"cannot read {quoted(self.path.path)}: {e}") from e
+        if len(data) > MAX_REGISTRY_SIZE:
+            raise RegistryError(
+                f"{self.path.path} is larger than {MAX_REGISTRY_SIZE} bytes: not a registry?"
+            )
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -305,7 +330,7 @@ class FileRegistry(Service):
         if entry in Registry.parse(text, self.path.path).entries:
             return False
         line = f"{entry.address} {format_public_key(entry.key)}"
-        self._write([*text.splitlines(), f"{line}  # {comment}" if comment else line])
+        self._write([*_lines(text), f"{line}  # {comment}" if comment else line])
         return True
 
     def remove(self, address: str, key: bytes | str | None = None) -> int:
@@ -322,7 +347,7 @@ class FileRegistry(Service):
             target_key = None if key is None else _parse_key(key)
         except ValueError as e:
             raise RegistryError(str(e)) from None
-        lines = self._read().splitlines()
+        lines = _lines(self._read())
         kept = []
         for lineno, line in enumerate(lines, start=1):
             entry = _parse_line(line, self.path.path, lineno)

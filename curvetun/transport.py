@@ -30,7 +30,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -135,6 +135,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     peer_host = ""
     disconnecting = False
     _receiving = False
+    _input_closed = False
 
     def __init__(
         self,
@@ -181,6 +182,8 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         self._machine.connection_made()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._input_closed:
+            return
         self.resetTimeout()
         self._receiving = True
         try:
@@ -250,6 +253,10 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
 
     def disconnect(self, reason: BaseException) -> None:
         self._send_session = self._receive_session = None
+        # Nothing more that arrives matters: stop Int16StringReceiver's loop
+        # over the frames of the current read (a refused peer must not cost
+        # a parse per frame) and ignore later reads.
+        self._input_closed = self.paused = True
         if self._close_reason is None:
             self._close_reason = Failure(reason)
         self.transport.loseConnection()
@@ -377,6 +384,8 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     # (Int16StringReceiver's pauseProducing/resumeProducing).
 
     def resumeProducing(self) -> None:
+        if self._input_closed:
+            return
         self.paused = False
         self.transport.resumeProducing()
         # Int16StringReceiver would re-enter dataReceived here, and a

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from collections import OrderedDict
-from contextlib import suppress
 from typing import IO, Callable
 
 import nacl.utils
@@ -30,8 +28,9 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from curvetun.errors import BadPacket, KeyFileError
+from curvetun.files import open_regular_file, write_atomically
 from curvetun.interfaces import IVault
-from curvetun.keys import KEY_SIZE, fingerprint, format_public_key, keys_equal
+from curvetun.keys import KEY_SIZE, fingerprint, format_public_key, keys_equal, quoted
 from curvetun.nonces import scramble16
 
 # Spec "Safe nonces (vault)": whenever the counter is a multiple of
@@ -208,6 +207,7 @@ class FileVault(Service):
         """
         self.keydir = FilePath(keydir) if isinstance(keydir, str) else keydir
         secret_key = _read_key(self.keydir.child(SECRET_KEY_FILE), secret=True)
+        _check_directory(self.keydir)
         nonce_key = _read_key(self.keydir.child(NONCE_KEY_FILE), secret=True)
         stored_public_key = _read_key(self.keydir.child(PUBLIC_KEY_FILE), secret=False)
         # Lock before reading the counter: the counter we read must be ours.
@@ -362,6 +362,22 @@ def _mismatch(keydir: FilePath[str], stored_public_key: bytes, public_key: bytes
     )
 
 
+def _check_directory(keydir: FilePath[str]) -> None:
+    """
+    Refuse a key directory that others may write to: they could put back
+    an old nonce counter (and so make nonces repeat) or swap the keys.
+    """
+    try:
+        mode = os.stat(keydir.path).st_mode & 0o777
+    except OSError as e:
+        raise KeyFileError(f"cannot read {keydir.path}: {e.strerror}") from e
+    if mode & 0o022:
+        raise KeyFileError(
+            f"{keydir.path} is writable by group or others (mode {mode:04o}); "
+            f"run: chmod 700 {keydir.path}"
+        )
+
+
 def _lock_keydir(keydir: FilePath[str]) -> IO[bytes]:
     """
     Take the key directory's exclusive lock, so that only one vault at a
@@ -388,39 +404,6 @@ def _lock_keydir(keydir: FilePath[str]) -> IO[bytes]:
     return lock
 
 
-def write_atomically(path: FilePath[str], data: bytes, mode: int) -> None:
-    """
-    Replace the contents of C{path} with C{data}, so that a crash at any
-    moment leaves either the old file or the new one, whole: write a
-    temporary file in the same directory, fsync it, rename it over C{path},
-    fsync the directory.
-
-    @param mode: the permissions of the new file (not subject to the umask).
-    @raise OSError: the file could not be written; C{path} is unchanged.
-    """
-    directory = path.parent().path
-    # mkstemp creates with O_CREAT | O_EXCL and mode 0600, so nobody else
-    # can open the file before it has its final mode.
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{path.basename()}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path.path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
-    # The rename is durable only once the directory is.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 # Key-directory files are a line of at most 64 characters; reading a little
 # more than that is enough to tell that a file is too long.
 _READ_LIMIT = 256
@@ -434,7 +417,7 @@ def _read_text(path: FilePath[str], secret: bool, fix: str) -> str:
     @param fix: what to do if the file is missing or damaged.
     """
     try:
-        with open(path.path, "rb") as f:
+        with open_regular_file(path.path) as f:
             mode = os.fstat(f.fileno()).st_mode & 0o777
             if secret and mode & 0o077:
                 raise KeyFileError(
@@ -446,6 +429,8 @@ def _read_text(path: FilePath[str], secret: bool, fix: str) -> str:
         raise KeyFileError(f"{path.path} is missing; {fix}") from e
     except OSError as e:
         raise KeyFileError(f"cannot read {path.path}: {e.strerror}") from e
+    except ValueError as e:  # a NUL byte in the path
+        raise KeyFileError(f"cannot read {quoted(path.path)}: {e}") from e
     text = data.strip()
     if not text:
         raise KeyFileError(f"{path.path} is empty; {fix}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.errors import (

@@ -45,7 +45,7 @@ from curvetun.nonces import (
     long_term_nonce,
     short_term_nonce,
 )
-from curvetun.packets import Cookie, Hello, Message, Vouch, parse, parse_as
+from curvetun.packets import Cookie, Hello, Message, Vouch, parse_as
 from curvetun.session import Session
 from tests._vectors import load, unhex
 

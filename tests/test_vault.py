@@ -20,12 +20,12 @@ from curvetun import vault as vault_module
 from curvetun.errors import BadPacket, KeyFileError
 from curvetun.interfaces import IVault
 from curvetun.keys import fingerprint
+from curvetun.files import write_atomically
 from curvetun.vault import (
     COUNTER_RESERVE,
     COUNTER_STEP,
     FileVault,
     MemoryVault,
-    write_atomically,
 )
 
 from ._vectors import load, unhex

@@ -1,0 +1,480 @@
+"""
+The benchmark (curvetun.bench): a quick run end to end, in its own
+processes, that yields every figure; and its parts without a network:
+the server protocols, the client's byte counting and writer, the
+summaries, ratios, targets and both output formats.
+
+No test asserts a speed: the machine running the tests may be anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from curvetun import bench
+from curvetun.bench import (
+    CRYPTO_COLUMN,
+    FIGURES,
+    FIGURES_BY_KEY,
+    TARGETS,
+    TLS_SKIPPED,
+    Pump,
+    Report,
+    Summary,
+    evaluate_targets,
+    format_report,
+    plan_transports,
+    report_json,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_TIMEOUT = 120
+
+
+def _report(transports: tuple[str, ...] = ("tcp", "tls", "curvetun")) -> Report:
+    return Report(
+        transports=transports,
+        figures=FIGURES,
+        runs=3,
+        quick=False,
+        argv=[],
+        environment={"python": "Python 3", "twisted": "1", "pynacl": "1", "cpus": "2", "date": "today"},
+    )
+
+
+def _fill(report: Report, key: str, **columns: list[float]) -> None:
+    figure = FIGURES_BY_KEY[key]
+    for column, values in columns.items():
+        for value in values:
+            report.add(figure, column, value)
+
+
+@functools.cache
+def _quick_run() -> subprocess.CompletedProcess[str]:
+    """
+    Run C{python -m curvetun.bench --quick --json} once for all the tests
+    that look at it.
+    """
+    env = dict(os.environ)
+    paths = [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return subprocess.run(
+        [sys.executable, "-m", "curvetun.bench", "--quick", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT,
+    )
+
+
+class QuickRunTests(SynchronousTestCase):
+    """
+    C{python -m curvetun.bench --quick --json}, as a user runs it.
+    """
+
+    def setUp(self) -> None:
+        self.result = _quick_run()
+        self.assertEqual(self.result.returncode, 0, self.result.stderr[-3000:])
+        self.data: dict[str, Any] = json.loads(self.result.stdout)
+
+    def test_every_figure_is_present_and_positive_for_every_transport_that_ran(self) -> None:
+        figures = {figure["key"]: figure for figure in self.data["figures"]}
+        self.assertEqual(set(figures), {figure.key for figure in FIGURES})
+        transports = self.data["transports"]
+        self.assertIn("tcp", transports)
+        self.assertIn("curvetun", transports)
+        for figure in FIGURES:
+            results = figures[figure.key]["results"]
+            columns = [CRYPTO_COLUMN] if figure.in_process else transports
+            for column in columns:
+                if not figure.applies_to(column):
+                    continue
+                summary = results[column]
+                self.assertIsNotNone(summary, f"{figure.key} over {column}")
+                self.assertGreater(summary["median"], 0, f"{figure.key} over {column}")
+                self.assertGreater(summary["min"], 0, f"{figure.key} over {column}")
+                self.assertEqual(len(summary["runs"]), self.data["runs"])
+
+    def test_the_message_api_row_is_not_applicable_to_tcp_and_tls(self) -> None:
+        figure = next(f for f in self.data["figures"] if f["key"] == "pipelined_message")
+        self.assertIsNone(figure["results"]["tcp"])
+        self.assertIsNone(figure["ratios"]["curvetun/tcp"])
+
+    def test_tls_ran_as_tls_1_3_or_is_said_to_be_skipped(self) -> None:
+        if "tls" in self.data["transports"]:
+            self.assertTrue(self.data["tls"].startswith("TLSv1.3 "), self.data["tls"])
+            self.assertEqual(self.data["skipped"], {})
+        else:
+            self.assertIn(TLS_SKIPPED, self.data["skipped"]["tls"])
+
+    def test_ratios_to_every_other_transport_that_ran_are_given(self) -> None:
+        others = [t for t in ("tcp", "tls") if t in self.data["transports"]]
+        bulk = next(f for f in self.data["figures"] if f["key"] == "bulk")
+        self.assertEqual(sorted(bulk["ratios"]), sorted(f"curvetun/{t}" for t in others))
+        for ratio in bulk["ratios"].values():
+            self.assertGreater(ratio, 0)
+
+    def test_every_target_is_reported_with_a_verdict(self) -> None:
+        self.assertEqual(len(self.data["targets"]), len(TARGETS))
+        for target in self.data["targets"]:
+            if target["reference"] == "tls" and "tls" not in self.data["transports"]:
+                self.assertIsNone(target["met"])
+            else:
+                self.assertIsInstance(target["met"], bool, target["label"])
+
+    def test_progress_goes_to_stderr(self) -> None:
+        self.assertIn("run 1/1: bulk over curvetun", self.result.stderr)
+
+
+class SummaryAndRatioTests(SynchronousTestCase):
+    def test_a_summary_is_the_median_and_the_range(self) -> None:
+        summary = Summary.of([3.0, 1.0, 2.0, 10.0, 4.0])
+        self.assertEqual((summary.median, summary.low, summary.high), (3.0, 1.0, 10.0))
+        self.assertEqual(summary.runs, (3.0, 1.0, 2.0, 10.0, 4.0))
+
+    def test_nothing_to_summarize_is_an_error(self) -> None:
+        self.assertRaises(ValueError, Summary.of, [])
+
+    def test_ratios_are_of_medians(self) -> None:
+        report = _report()
+        _fill(report, "bulk", tcp=[100.0, 200.0, 300.0], curvetun=[50.0, 60.0, 1000.0])
+        self.assertEqual(report.ratio("bulk", "tcp"), 0.3)
+        self.assertIsNone(report.ratio("bulk", "tls"))
+
+    def test_the_crypto_ceiling_is_the_slower_of_box_and_open(self) -> None:
+        report = _report()
+        _fill(report, "box_100", pynacl=[500.0])
+        self.assertIsNone(report.crypto_ceiling_100())
+        _fill(report, "open_100", pynacl=[400.0])
+        self.assertEqual(report.crypto_ceiling_100(), 400.0)
+
+
+class TargetTests(SynchronousTestCase):
+    def _verdicts(self, report: Report) -> dict[str, bool | None]:
+        return {result.target.label: result.met for result in evaluate_targets(report)}
+
+    def test_a_ratio_target_is_met_at_or_above_its_goal(self) -> None:
+        report = _report()
+        _fill(report, "pingpong", tcp=[100.0], tls=[100.0], curvetun=[140.0])
+        verdicts = self._verdicts(report)
+        self.assertTrue(verdicts["ping-pong >= 0.85 x TCP"])
+        self.assertTrue(verdicts["ping-pong >= 1.4 x TLS"])
+        _fill(report, "pingpong", curvetun=[130.0])  # median now 135
+        self.assertFalse(self._verdicts(report)["ping-pong >= 1.4 x TLS"])
+
+    def test_the_memory_target_is_a_ceiling(self) -> None:
+        report = _report()
+        _fill(report, "idle_memory", curvetun=[4.0])
+        self.assertTrue(self._verdicts(report)["idle memory per connection <= 4 KiB"])
+        report = _report()
+        _fill(report, "idle_memory", curvetun=[4.5])
+        self.assertFalse(self._verdicts(report)["idle memory per connection <= 4 KiB"])
+
+    def test_messages_are_compared_with_the_crypto_ceiling(self) -> None:
+        report = _report()
+        _fill(report, "pipelined_message", curvetun=[300.0])
+        _fill(report, "box_100", pynacl=[600.0])
+        _fill(report, "open_100", pynacl=[500.0])
+        result = next(r for r in evaluate_targets(report) if r.target.figure == "pipelined_message")
+        self.assertEqual(result.measured, 0.6)
+        self.assertTrue(result.met)
+
+    def test_a_target_without_its_figures_has_no_verdict(self) -> None:
+        report = _report(("tcp", "curvetun"))
+        _fill(report, "bulk", tcp=[10.0], curvetun=[10.0])
+        verdicts = self._verdicts(report)
+        self.assertIsNone(verdicts["bulk >= 1.0 x TLS"])
+        self.assertTrue(verdicts["bulk >= 0.5 x TCP"])
+
+
+class OutputTests(SynchronousTestCase):
+    def _measured(self) -> Report:
+        report = _report()
+        for figure in FIGURES:
+            columns = [CRYPTO_COLUMN] if figure.in_process else ["tcp", "tls", "curvetun"]
+            for column in columns:
+                if figure.applies_to(column):
+                    for value in (900.0, 1000.0, 1100.0):
+                        report.add(figure, column, value)
+        return report
+
+    def test_the_table_shows_median_range_ratios_and_verdicts(self) -> None:
+        text = format_report(self._measured())
+        bulk = next(line for line in text.splitlines() if line.startswith("bulk one-way"))
+        self.assertIn("1,000 (900-1,100)", bulk)
+        self.assertEqual(bench.format_number(1_654_098), "1.65M")
+        self.assertEqual(bench.format_number(12_649), "12.6k")
+        self.assertEqual(bench.format_number(4.186), "4.19")
+        self.assertEqual(bulk.split()[-2:], ["1.00", "1.00"])
+        self.assertIn("ping-pong >= 1.4 x TLS", text)
+        self.assertIn("NOT MET", text)
+        self.assertIn("X25519", text)
+
+    def test_the_message_api_row_says_n_a_for_tcp_and_tls(self) -> None:
+        text = format_report(self._measured())
+        row = next(line for line in text.splitlines() if "write_message" in line)
+        self.assertEqual(row.split().count("n/a"), 4)  # tcp, tls, and both ratios
+
+    def test_the_table_says_tls_was_skipped(self) -> None:
+        report = _report(("tcp", "curvetun"))
+        report.skipped = {"tls": f"{TLS_SKIPPED}: No module named 'OpenSSL'"}
+        _fill(report, "bulk", tcp=[10.0], curvetun=[5.0])
+        text = format_report(report)
+        self.assertIn("TLS: skipped (install curvetun[bench])", text)
+        self.assertNotIn("curvetun/tls", text)
+
+    def test_json_gives_every_run_and_null_where_not_applicable(self) -> None:
+        data = report_json(self._measured())
+        json.dumps(data)  # serializable
+        figure = next(f for f in data["figures"] if f["key"] == "pipelined_message")
+        self.assertIsNone(figure["results"]["tcp"])
+        self.assertEqual(figure["results"]["curvetun"]["runs"], [900.0, 1000.0, 1100.0])
+        self.assertEqual(data["crypto_ceiling_100"], 1000.0)
+
+
+class PlanTests(SynchronousTestCase):
+    def test_tls_is_skipped_and_said_so_when_its_libraries_are_missing(self) -> None:
+        transports, skipped = plan_transports(("tcp", "tls", "curvetun"), "No module named 'OpenSSL'")
+        self.assertEqual(transports, ("tcp", "curvetun"))
+        self.assertEqual(skipped, {"tls": f"{TLS_SKIPPED}: No module named 'OpenSSL'"})
+
+    def test_nothing_is_skipped_when_tls_is_available(self) -> None:
+        self.assertEqual(plan_transports(("tls", "curvetun"), None), (("tls", "curvetun"), {}))
+
+    def test_missing_pyopenssl_is_detected(self) -> None:
+        saved = sys.modules.get("OpenSSL")
+        sys.modules["OpenSSL"] = None  # type: ignore[assignment]
+        try:
+            problem = bench.tls_unavailable()
+        finally:
+            if saved is None:
+                del sys.modules["OpenSSL"]
+            else:
+                sys.modules["OpenSSL"] = saved
+        self.assertIsNotNone(problem)
+        self.assertIn("OpenSSL", str(problem))
+
+
+class CommandLineTests(SynchronousTestCase):
+    def _main(self, *argv: str) -> tuple[int, str]:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        return bench.main(list(argv)), stderr.getvalue()
+
+    def test_an_unknown_figure_group_is_a_usage_error(self) -> None:
+        status, message = self._main("--only", "bulk,speed")
+        self.assertEqual(status, 2)
+        self.assertIn("unknown figure group speed", message)
+
+    def test_an_unknown_transport_is_a_usage_error(self) -> None:
+        status, message = self._main("--transports", "tcp,quic")
+        self.assertEqual(status, 2)
+        self.assertIn("unknown transport quic", message)
+
+    def test_runs_must_be_positive(self) -> None:
+        status, message = self._main("--runs", "0")
+        self.assertEqual(status, 2)
+        self.assertIn("must be positive", message)
+
+    def test_quick_is_one_short_run_and_options_override_it(self) -> None:
+        options = bench._parser().parse_args(["--quick", "--runs", "2", "--only", "crypto,bulk"])
+        settings = bench.settings_from(options)
+        self.assertEqual(settings.runs, 2)
+        self.assertEqual(settings.duration, bench.QUICK["duration"])
+        self.assertEqual([f.key for f in settings.figures][0], "bulk")
+        self.assertEqual({f.group for f in settings.figures}, {"bulk", "crypto"})
+
+    def test_single_figures_can_be_chosen_by_their_key(self) -> None:
+        options = bench._parser().parse_args(["--only", "pipelined_message,x25519"])
+        settings = bench.settings_from(options)
+        self.assertEqual([f.key for f in settings.figures], ["pipelined_message", "x25519"])
+
+    def test_the_defaults_are_five_runs_of_every_figure_on_every_transport(self) -> None:
+        settings = bench.settings_from(bench._parser().parse_args([]))
+        self.assertEqual(settings.runs, 5)
+        self.assertEqual(settings.transports, ("tcp", "tls", "curvetun"))
+        self.assertEqual(settings.figures, FIGURES)
+        self.assertGreaterEqual(settings.connections, 1000)
+
+
+class PinTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if not hasattr(os, "sched_getaffinity"):
+            raise SkipTest("no CPU affinity on this platform")
+
+    def test_no_pinning_pins_nothing(self) -> None:
+        self.assertEqual(bench.pin_cpus("none"), (None, None))
+
+    def test_same_puts_client_and_servers_on_one_usable_cpu(self) -> None:
+        client, server = bench.pin_cpus("same")
+        self.assertEqual(client, server)
+        self.assertIn(client, os.sched_getaffinity(0))
+
+    def test_split_puts_them_on_two_cpus_or_says_it_cannot(self) -> None:
+        if len(os.sched_getaffinity(0)) < 2:
+            self.assertRaises(bench.BenchError, bench.pin_cpus, "split")
+            return
+        client, server = bench.pin_cpus("split")
+        self.assertNotEqual(client, server)
+        self.assertLessEqual({client, server}, os.sched_getaffinity(0))
+
+
+class ServerProtocolTests(SynchronousTestCase):
+    def _connect(self, protocol: Any) -> StringTransport:
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return transport
+
+    def test_the_sink_answers_the_count_then_the_end_even_if_the_header_is_split(self) -> None:
+        sink = bench._SinkServer()
+        transport = self._connect(sink)
+        sink.dataReceived((250).to_bytes(8, "big")[:3])
+        self.assertEqual(transport.value(), b"")
+        sink.dataReceived((250).to_bytes(8, "big")[3:] + b"x" * 100)
+        self.assertEqual(transport.value(), b"R")
+        sink.dataReceived(b"x" * 149)
+        self.assertEqual(transport.value(), b"R")
+        sink.dataReceived(b"x")
+        self.assertEqual(transport.value(), b"RD")
+        sink.dataReceived(b"x")
+        self.assertEqual(transport.value(), b"RD")
+
+    def test_the_echo_server_writes_back_and_counts_open_connections(self) -> None:
+        factory = bench._EchoFactory()
+        echo = factory.buildProtocol(None)
+        transport = self._connect(echo)
+        self.assertEqual(factory.open, 1)
+        echo.dataReceived(b"ping")
+        self.assertEqual(transport.value(), b"ping")
+        echo.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(factory.open, 0)
+
+    def test_the_control_port_reports_resident_memory_and_open_connections(self) -> None:
+        factory = bench._EchoFactory()
+        factory.open = 7
+        control = bench._ControlServer(factory)
+        transport = self._connect(control)
+        control.dataReceived(b"rss\n")
+        rss, open_connections = transport.value().split()
+        self.assertGreater(int(rss), 1024 * 1024)
+        self.assertEqual(int(open_connections), 7)
+
+
+class ClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.client = bench._Client()
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+
+    def test_ping_pong_sends_the_next_ping_only_when_the_whole_echo_is_back(self) -> None:
+        done = self.client.ping_pong(b"p" * 10, 3)
+        self.assertEqual(self.transport.value(), b"p" * 10)
+        self.client.dataReceived(b"p" * 6)
+        self.assertEqual(len(self.transport.value()), 10)
+        self.client.dataReceived(b"p" * 4)
+        self.assertEqual(len(self.transport.value()), 20)
+        self.client.dataReceived(b"p" * 10)
+        self.assertNoResult(done)
+        self.assertEqual(len(self.transport.value()), 30)
+        self.client.dataReceived(b"p" * 10)
+        self.successResultOf(done)
+        self.assertEqual(len(self.transport.value()), 30)
+
+    def test_expect_waits_for_bytes_not_yet_claimed(self) -> None:
+        self.client.dataReceived(b"R")
+        self.successResultOf(self.client.expect(1))
+        waiting = self.client.expect(1)
+        self.assertNoResult(waiting)
+        self.client.dataReceived(b"D")
+        self.successResultOf(waiting)
+
+    def test_a_lost_connection_fails_the_wait(self) -> None:
+        waiting = self.client.expect(1)
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, ConnectionDone)
+        self.successResultOf(self.client.closed)
+
+
+class PumpTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.written: list[bytes] = []
+
+    def test_it_writes_in_batches_and_lets_the_reactor_run_between_them(self) -> None:
+        pump = Pump(self.clock, self.written.append, b"x", 5, batch=2)
+        done = pump.start()
+        self.assertEqual(len(self.written), 2)
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [0])
+        self.assertNoResult(done)
+        self.clock.advance(0)
+        self.assertEqual(len(self.written), 5)
+        self.successResultOf(done)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_it_stops_when_paused_and_carries_on_when_resumed(self) -> None:
+        pump: Pump
+
+        def write(piece: bytes) -> None:
+            self.written.append(piece)
+            if len(self.written) == 3:
+                pump.pauseProducing()  # as a transport does when its buffer fills
+
+        pump = Pump(self.clock, write, b"x", 10, batch=100)
+        done = pump.start()
+        self.assertEqual(len(self.written), 3)
+        self.clock.advance(0)
+        self.assertEqual(len(self.written), 3)
+        pump.resumeProducing()
+        self.assertEqual(len(self.written), 10)
+        self.successResultOf(done)
+
+    def test_stopping_it_fails_the_wait(self) -> None:
+        pump = Pump(self.clock, self.written.append, b"x", 10, batch=2)
+        done = pump.start()
+        pump.stopProducing()
+        self.clock.advance(0)
+        self.assertEqual(len(self.written), 2)
+        self.failureResultOf(done, ConnectionDone)
+
+
+class CryptoCeilingTests(SynchronousTestCase):
+    def test_every_crypto_figure_has_an_operation_that_works(self) -> None:
+        operations = bench.crypto_operations()
+        crypto = {f.key for f in FIGURES if f.in_process}
+        self.assertEqual(set(operations), crypto)
+        for operation in operations.values():
+            self.assertIsInstance(operation(), bytes)
+
+    def test_a_rate_counts_calls_over_at_least_the_duration(self) -> None:
+        calls: list[None] = []
+        rate = bench.crypto_rate(lambda: calls.append(None), 0.01)
+        self.assertGreater(rate, 0)
+        self.assertGreaterEqual(len(calls), 16)
+
+
+class CertificateTests(SynchronousTestCase):
+    def test_the_throwaway_certificate_names_localhost_and_loads_in_twisted(self) -> None:
+        if bench.tls_unavailable() is not None:
+            raise SkipTest("pyOpenSSL is not installed (it comes with the bench extra)")
+        from twisted.internet.ssl import PrivateCertificate
+
+        with tempfile.TemporaryDirectory() as directory:
+            cert_path, key_path = bench.make_certificate(directory)
+            pem = Path(key_path).read_bytes() + Path(cert_path).read_bytes()
+            certificate = PrivateCertificate.loadPEM(pem)
+        self.assertEqual(certificate.getSubject().commonName, b"localhost")
