@@ -33,6 +33,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+import attrs
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -50,8 +51,7 @@ from .endpoints import DEFAULT_PORT, REGISTRY_FILE, default_keydir, service_pool
 from .errors import CurveTunError, KeyFileError, RegistryError
 from .keys import format_public_key
 from .service import CurveTunService
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT
-from .transport import format_address
+from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits, format_address
 from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
 from .vault import SECRET_KEY_FILE
 
@@ -100,6 +100,9 @@ def _seconds(option: str, text: str, allow_zero: bool) -> float:
     return value
 
 
+_DEFAULT_LIMITS = ConnectionLimits()
+
+
 class Options(usage.Options):
     """
     The options of C{twist curvetun}. After parsing: C{"listen"} is a
@@ -110,7 +113,8 @@ class Options(usage.Options):
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
-        "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS]"
+        "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
+        "[--idle-timeout SECONDS] [--max-connections N] ..."
     )
     longdesc = (
         "Forward each connection accepted on a --listen endpoint to a connection "
@@ -148,6 +152,28 @@ class Options(usage.Options):
             str(DEFAULT_HANDSHAKE_TIMEOUT),
             "Seconds a curvetun handshake may take.",
         ],
+        [
+            "idle-timeout",
+            None,
+            "0",
+            "Close a curvetun connection that receives nothing for this many seconds "
+            "(0: never).",
+        ],
+        *(
+            [
+                f"max-{name.replace('_', '-')}",
+                None,
+                str(getattr(_DEFAULT_LIMITS, name)),
+                f"The most {what} a curvetun listen endpoint takes at once "
+                "(0: no limit); past it, new connections are closed at once.",
+            ]
+            for name, what in (
+                ("connections", "connections"),
+                ("connections_per_address", "connections from one IP address"),
+                ("handshakes", "unfinished handshakes"),
+                ("handshakes_per_address", "unfinished handshakes from one IP address"),
+            )
+        ),
     ]
 
     def __init__(self) -> None:
@@ -185,6 +211,17 @@ class Options(usage.Options):
         self["handshake-timeout"] = _seconds(
             "handshake-timeout", str(self["handshake-timeout"]), allow_zero=False
         )
+        self["idle-timeout"] = (
+            _seconds("idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
+        )
+        limits = {}
+        for field in attrs.fields(ConnectionLimits):
+            option = f"max-{field.name.replace('_', '-')}"
+            text = str(self[option])
+            if not (text.isascii() and text.isdigit()):
+                raise usage.UsageError(f"--{option} must be a whole number, not {text[:40]!r}")
+            limits[field.name] = int(text) or None
+        self["limits"] = ConnectionLimits(**limits)
 
 
 class TunnelListener(Service):
@@ -436,6 +473,8 @@ def make_tunnel(
             create=True,
             clock=reactor,
             handshake_timeout=options["handshake-timeout"],
+            idle_timeout=options["idle-timeout"],
+            limits=options["limits"],
         )
     except (KeyFileError, RegistryError) as error:
         raise StartupError(str(error), EX_CONFIG) from error

@@ -38,6 +38,7 @@ from zope.interface import implementer
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
+from curvetun.transport import ConnectionLimits
 from curvetun.tap import (
     EX_CONFIG,
     EX_UNAVAILABLE,
@@ -102,6 +103,8 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(options["registry"])
         self.assertEqual(options["grace"], 10.0)
         self.assertEqual(options["handshake-timeout"], 10.0)
+        self.assertIsNone(options["idle-timeout"])
+        self.assertEqual(options["limits"], ConnectionLimits())
 
     def test_listen_can_be_repeated_and_replaces_the_default(self) -> None:
         options = parse("--listen", "tcp:6380", "-l", "curvetun:7701", "--listen=unix:/tmp/s")
@@ -133,11 +136,26 @@ class OptionsTests(SynchronousTestCase):
             (["--forward", " "], "--forward needs an endpoint"),
             (["--keydir", ""], "--keydir needs a path"),
             (["--registry", ""], "--registry needs a path"),
+            (["--idle-timeout", "-1"], "--idle-timeout must be a non-negative number"),
+            (["--max-connections", "many"], "--max-connections must be a whole number"),
+            (["--max-handshakes-per-address", "-2"], "must be a whole number"),
         ]
         for argv, message in cases:
             error = self.assertRaises(usage.UsageError, parse, *argv)
             self.assertIn(message, str(error), argv)
             self.assertNotIn("\n", str(error), argv)
+
+    def test_limits_and_the_idle_timeout_can_be_set_and_zero_means_none(self) -> None:
+        options = parse(
+            "--idle-timeout", "300",
+            "--max-connections", "100",
+            "--max-connections-per-address", "0",
+            "--max-handshakes", "20",
+            "--max-handshakes-per-address", "4",
+        )  # fmt: skip
+        self.assertEqual(options["idle-timeout"], 300.0)
+        self.assertEqual(options["limits"], ConnectionLimits(100, None, 20, 4))
+        self.assertIsNone(parse("--idle-timeout", "0")["idle-timeout"])
 
     def test_unknown_options_and_arguments_are_refused(self) -> None:
         self.assertRaises(usage.UsageError, parse, "--colour", "blue")
@@ -169,6 +187,15 @@ class MakeTunnelTests(SynchronousTestCase):
         with open(os.path.join(keydir, "public.key")) as f:
             self.assertEqual(f.read().strip(), format_public_key(tunnel.identity.vault.public_key))
         self.assertEqual(os.stat(os.path.join(keydir, "secret.key")).st_mode & 0o777, 0o600)
+
+    def test_limits_and_the_idle_timeout_reach_the_curvetun_service(self) -> None:
+        keydir, _ = make_keydir(self)
+        tunnel = self.make(
+            "--keydir", keydir, "--listen", "tcp:0",
+            "--idle-timeout", "60", "--max-handshakes-per-address", "3",
+        )  # fmt: skip
+        self.assertEqual(tunnel.identity.idle_timeout, 60.0)
+        self.assertEqual(tunnel.identity.limits.handshakes_per_address, 3)
 
     def test_an_existing_key_directory_keeps_its_key(self) -> None:
         keydir, key = make_keydir(self)
