@@ -364,6 +364,16 @@ class CatOptions(_KeydirOptions):
         self.wait = wait
 
 
+class BenchOptions(usage.Options):
+    """
+    C{curvetun bench}: its arguments go as they are to
+    L{curvetun.bench.main}, which parses them (C{curvetun bench --help}).
+    """
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        self.argv = list(options or [])
+
+
 class Options(_Options):
     """
     The command line of C{curvetun}.
@@ -376,6 +386,7 @@ class Options(_Options):
         ["untrust", None, UntrustOptions, "Remove a peer's entries from a registry."],
         ["peers", None, PeersOptions, "List the entries of a registry."],
         ["cat", None, CatOptions, "Send standard input to a server; print what it sends."],
+        ["bench", None, BenchOptions, "Measure curvetun beside TCP and TLS ('bench --help')."],
     ]
     longdesc = (
         "Run 'curvetun COMMAND --help' for a command's options. Exit status: "
@@ -895,7 +906,14 @@ _COMMANDS: dict[str, Callable[[Any], int]] = {
     "untrust": untrust,
     "peers": peers,
     "cat": cat,
+    "bench": lambda options: _bench(options.argv),
 }
+
+
+def _bench(argv: list[str]) -> int:
+    from . import bench
+
+    return bench.main(argv)
 
 
 def run(argv: list[str]) -> int:

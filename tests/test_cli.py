@@ -339,6 +339,12 @@ class UsageTests(CommandTestCase):
     def test_unknown_command_exits_2(self) -> None:
         self.assertOneLineError(self.call("frobnicate"), 2, "frobnicate")
 
+    def test_bench_is_a_command_with_its_own_options(self) -> None:
+        self.assertIn("bench", self.call("--help").out)
+        result = self.call("bench", "--frobnicate")
+        self.assertEqual(result.code, 2)
+        self.assertIn("--frobnicate", result.err)
+
     def test_unknown_option_exits_2(self) -> None:
         self.assertOneLineError(self.call("keygen", "--frobnicate"), 2, "--frobnicate")
 
