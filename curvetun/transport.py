@@ -48,7 +48,7 @@ from .errors import BadPacket, CounterExhausted, IdleTimeout, MessageTooLong
 from .handshake import CookieSealer
 from .interfaces import ICurveTunTransport, IRegistry, IVault
 from .keys import fingerprint
-from .packets import MAX_MESSAGE, MAX_PAYLOAD, Cookie, Hello, Message, Vouch, parse
+from .packets import MAX_MESSAGE, MAX_PAYLOAD, MESSAGE_MAGIC, Cookie, Hello, Message, Vouch, parse
 from .session import Session
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -134,8 +134,30 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     peer_public_key: bytes = b""
     peer_host = ""
     disconnecting = False
+    handshake_done = False
+    # Defaults on the class, not the instance: an idle connection's memory
+    # holds only what it has set (the issue's budget is 4 KiB a connection).
     _receiving = False
     _input_closed = False
+    _close_reason: Failure | None = None
+    _handshake_timer: IDelayedCall | None = None
+    _waiting: Deferred[IProtocol] | None = None
+    _lost_reported = False
+    # Set by the machine once messages may bypass it (the fast path).
+    _send_session: Session | None = None
+    _receive_session: Session | None = None
+    # Stream writes waiting to be coalesced (see write).
+    _pending_writes: list[bytes] | None = None
+    _pending_size = 0
+    _flush_call: IDelayedCall | None = None
+
+    # The machine's input for each packet type that parse() returns.
+    _INPUTS: dict[type, str] = {
+        Message: "message_received",
+        Hello: "hello_received",
+        Cookie: "cookie_received",
+        Vouch: "vouch_received",
+    }
 
     def __init__(
         self,
@@ -143,29 +165,14 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         make_machine: Callable[[CurveTunProtocol], ConnectionInputs],
     ) -> None:
         self.factory = factory
-        # TimeoutMixin (the idle timeout) schedules on the factory's clock.
-        self.callLater = factory.clock.callLater  # type: ignore[method-assign,assignment]
-        self.handshake_done = False
         self._machine = make_machine(self)
-        self._close_reason: Failure | None = None
-        self._handshake_timer: IDelayedCall | None = None
-        self._waiting: Deferred[IProtocol] | None = None
-        # Set by the machine once messages may bypass it (the fast path).
-        self._send_session: Session | None = None
-        self._receive_session: Session | None = None
-        # Stream writes waiting to be coalesced (see write).
-        self._pending_writes: list[bytes] = []
-        self._pending_size = 0
-        self._flush_call: IDelayedCall | None = None
-        self._lost_reported = False
-        machine = self._machine
-        # Dispatch on the packet's type; parse() guarantees one of these.
-        self._dispatch: dict[type, Callable[..., None]] = {
-            Message: machine.message_received,
-            Hello: machine.hello_received,
-            Cookie: machine.cookie_received,
-            Vouch: machine.vouch_received,
-        }
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        """
+        Schedule on the factory's clock (for TimeoutMixin's idle timeout).
+        """
+        clock: IReactorTime = self.factory.clock
+        return clock.callLater(period, func)
 
     # -- TCP side ----------------------------------------------------------
 
@@ -196,22 +203,23 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             self._flush_writes()
 
     def stringReceived(self, frame: bytes) -> None:
-        try:
-            packet = parse(frame)
-        except BadPacket as error:
-            self._machine.bad_packet(error)
-            return
         session = self._receive_session
-        if session is not None and type(packet) is Message:
-            # The per-message fast path (see ConnectionOwner.receiving_with).
+        if session is not None and frame.startswith(MESSAGE_MAGIC):
+            # The per-message fast path (see ConnectionOwner.receiving_with):
+            # no packet object, no machine input.
             try:
-                plaintext = session.open(packet)
+                plaintext = session.open_payload(frame)
             except BadPacket as error:
                 self._machine.bad_packet(error)
                 return
             self.wrappedProtocol.dataReceived(plaintext)  # type: ignore[union-attr]
+            return
+        try:
+            packet = parse(frame)
+        except BadPacket as error:
+            self._machine.bad_packet(error)
         else:
-            self._dispatch[type(packet)](packet)
+            getattr(self._machine, self._INPUTS[type(packet)])(packet)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self._discard_writes()
@@ -289,18 +297,22 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         done, others at the next reactor iteration. Use L{write_message} to
         keep a message's boundary.
         """
+        pending = self._pending_writes
+        if pending:
+            pending.append(data)
+            size = self._pending_size = self._pending_size + len(data)
+            if size >= MAX_MESSAGE:
+                self._flush_writes()
+            return
         if not data:
             return
-        pending = self._pending_writes
-        if not pending and len(data) >= MAX_MESSAGE:
+        if len(data) >= MAX_MESSAGE:
             # Nothing to coalesce with: straight out, without a copy.
             self._send_stream(data)
             return
-        pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size >= MAX_MESSAGE:
-            self._flush_writes()
-        elif not self._receiving and self._flush_call is None:
+        self._pending_writes = [data]
+        self._pending_size = len(data)
+        if not self._receiving:
             self._flush_call = self.factory.clock.callLater(0, self._flush_writes)
 
     def _flush_writes(self) -> None:
@@ -314,7 +326,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         pending = self._pending_writes
         if pending:
             data = b"".join(pending) if len(pending) > 1 else pending[0]
-            pending.clear()
+            self._pending_writes = None
             self._pending_size = 0
             self._send_stream(data)
 
@@ -428,7 +440,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         self.abortConnection()
 
     def _discard_writes(self) -> None:
-        self._pending_writes.clear()
+        self._pending_writes = None
         self._pending_size = 0
         if self._flush_call is not None:
             if self._flush_call.active():
