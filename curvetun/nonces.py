@@ -44,6 +44,8 @@ def long_term_nonce(prefix8: bytes, safe_nonce16: bytes) -> bytes:
 
 _MASK64 = 2**64 - 1
 _DELTA = 0x9E3779B97F4A7C15
+# The round sums, sum_i = i * delta mod 2**64, computed once.
+_SUMS = tuple((_DELTA * i) & _MASK64 for i in range(1, 33))
 _BLOCK = struct.Struct("<2Q")
 _KEY = struct.Struct("<4Q")
 
@@ -62,9 +64,9 @@ def scramble16(block16: bytes, key32: bytes) -> bytes:
     """
     v0, v1 = _BLOCK.unpack(block16)
     k0, k1, k2, k3 = _KEY.unpack(key32)
-    total = 0
-    for _ in range(32):
-        total = (total + _DELTA) & _MASK64
+    # v0 and v1 are reduced mod 2**64 after each step, so the right shifts
+    # see 64-bit values; +, ^ and << only need their result reduced.
+    for total in _SUMS:
         v0 = (v0 + ((((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1)))) & _MASK64
         v1 = (v1 + ((((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3)))) & _MASK64
     return _BLOCK.pack(v0, v1)

@@ -82,6 +82,18 @@ class Session:
         @raise CounterExhausted: the send counter reached L{COUNTER_LIMIT};
             the connection must be closed.
         """
+        header, box = self.seal_frame(message)
+        return header[2:] + box
+
+    def seal_frame(self, message: bytes) -> tuple[bytes, bytes]:
+        """
+        L{seal} C{message} as a whole frame in two parts, for a vectored
+        write: the 18-byte head (length prefix, magic, counter) and the box.
+        The per-message fast path uses it, to save copying the box.
+
+        @raise MessageTooLong: as for L{seal}.
+        @raise CounterExhausted: as for L{seal}.
+        """
         if len(message) > MAX_MESSAGE:
             raise MessageTooLong(
                 f"a message of {len(message)} bytes is longer than the"
@@ -92,9 +104,10 @@ class Session:
             raise CounterExhausted("the session's message counter is exhausted")
         # The same 8 bytes go into the nonce and the header.
         counter = n.to_bytes(8, "big")
-        box = crypto_box_easy_afternm(message, self._send_prefix + counter, self._key)
+        box: bytes = crypto_box_easy_afternm(message, self._send_prefix + counter, self._key)
         self.next_send = n + 1
-        return MESSAGE_MAGIC + counter + box
+        length = (MESSAGE_OVERHEAD + len(message)).to_bytes(2, "big")
+        return length + MESSAGE_MAGIC + counter, box
 
     def open(self, message: Message) -> bytes:
         """

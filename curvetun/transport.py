@@ -357,12 +357,12 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             return
         # The per-message fast path (see ConnectionOwner.sending_with).
         try:
-            payload = session.seal(message)
+            frame = session.seal_frame(message)
         except CounterExhausted:
             # The machine closes the connection for this.
             self._machine.send(message)
         else:
-            self.transport.writeSequence((_LENGTH.pack(len(payload)), payload))
+            self.transport.writeSequence(frame)
 
     def loseConnection(self) -> None:
         """
