@@ -220,7 +220,8 @@ def _send(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Sess
 
 def _deliver(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: Message) -> None:
     """
-    The per-message receive path: verify, then deliver.
+    A message through the machine (for an owner that does not take the
+    per-message fast path): verify, then deliver.
     """
     try:
         plaintext = session.open(message)

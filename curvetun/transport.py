@@ -6,7 +6,12 @@ protocol (as Twisted's TLS layer is).
     TCP bytes -> frame (Int16StringReceiver) -> parse (curvetun.packets)
               -> machine input (curvetun.connection) -> send frame /
                  deliver to the application / close
-    application write() -> chunk -> machine.send -> seal -> frame -> TCP
+    application write() -> coalesce, chunk -> seal -> frame -> TCP
+
+Once a connection is established its machine hands the session to this
+protocol (the per-message fast path): message frames are opened, and
+application messages sealed, without a machine input each; anything that
+does not verify still goes to the machine, which closes.
 """
 
 from __future__ import annotations
@@ -389,9 +394,10 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
     def getHost(self) -> IAddress:
         return self.transport.getHost()
 
-    # Flow control. Writes go straight through to TCP, which buffers them,
-    # so the application's producer can be TCP's producer: TCP pauses it
-    # when its buffer fills. In the other direction, pausing us stops both
+    # Flow control. Writes reach TCP at once, or (coalesced) within the
+    # reactor turn, less than one message's worth held back; TCP buffers
+    # them, so the application's producer can be TCP's producer: TCP pauses
+    # it when its buffer fills. In the other direction, pausing us stops both
     # the reading of TCP and the delivery of frames already read
     # (Int16StringReceiver's pauseProducing/resumeProducing).
 
