@@ -30,7 +30,6 @@ first run so that it takes about C{--duration} seconds.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import datetime
 import gc
@@ -45,7 +44,7 @@ import sys
 import tempfile
 import time
 from functools import partial
-from typing import IO, Any, Awaitable, Callable, Iterable, Sequence, cast
+from typing import IO, Any, Awaitable, Callable, Iterable, NoReturn, Sequence, cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -62,8 +61,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import LineReceiver
+from twisted.python import usage
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from . import __version__
 
 TRANSPORTS = ("tcp", "tls", "curvetun")
 """
@@ -1826,13 +1828,17 @@ def _checkout_revision() -> str:
 # -- the command line -------------------------------------------------------------------
 
 
-def _comma_list(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+def _comma_list(choices: Sequence[str], what: str, option: str) -> Callable[[str], tuple[str, ...]]:
+    """
+    A parser of C{--option}'s comma-separated list of C{choices}.
+    """
+
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(name.strip() for name in text.split(",") if name.strip())
         unknown = [name for name in names if name not in choices]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(unknown) or '(none given)'}"
+            raise usage.UsageError(
+                f"--{option}: unknown {what} {', '.join(unknown) or '(none given)'}"
                 f" (choose from {','.join(choices)})"
             )
         return names
@@ -1840,92 +1846,193 @@ def _comma_list(choices: Sequence[str], what: str) -> Callable[[str], tuple[str,
     return parse
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+def _positive(kind: Callable[[str], float], option: str) -> Callable[[str], float]:
+    """
+    A parser of C{--option}'s number (an C{int} or C{float}, by C{kind}),
+    more than 0.
+    """
+
     def parse(text: str) -> float:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            raise usage.UsageError(f"--{option}: not a number: {text!r}") from None
         if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+            raise usage.UsageError(f"--{option}: must be positive: {text!r}")
         return value
 
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="curvetun bench",
-        description=(
-            "Measure curvetun beside plain TCP and TLS 1.3 (Twisted) on 127.0.0.1,"
-            " server and client in separate processes. See docs/performance.md."
-        ),
-    )
-    parser.add_argument("--runs", type=_positive(int), help="runs per figure (default 5; --quick: 1)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
-    parser.add_argument("--json", action="store_true", help="write JSON to stdout instead of the table")
-    parser.add_argument(
-        "--only",
-        type=_comma_list(GROUPS + tuple(FIGURES_BY_KEY), "figure group"),
-        default=GROUPS,
-        metavar="FIGURES",
-        help=f"measure only these figure groups ({','.join(GROUPS)}) or single"
-        " figures (their JSON keys, such as pipelined_message), comma-separated",
-    )
-    parser.add_argument(
-        "--transports",
-        type=_comma_list(TRANSPORTS, "transport"),
-        default=TRANSPORTS,
-        metavar="LIST",
-        help="the transports to measure (default tcp,tls,curvetun)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=_positive(float),
-        help="seconds each timed measurement aims to take (default 1; --quick: 0.03)",
-    )
-    parser.add_argument(
-        "--connections",
-        type=_positive(int),
-        help="idle connections for the memory figure, opened after as many others (default 1000; --quick: 200)",
-    )
-    parser.add_argument(
-        "--profile",
-        metavar="DIR",
-        help="write cProfile data of the client (client.prof) and of each server"
-        " (server-TRANSPORT.prof) into DIR",
-    )
-    parser.add_argument(
-        "--pin",
-        choices=PINNINGS,
-        default="none",
-        help="pin the processes to CPUs: none (default), same (client and servers"
-        " on one CPU), split (client on one, servers on another)",
-    )
-    # The server process (internal).
-    parser.add_argument("--serve", choices=TRANSPORTS, help=argparse.SUPPRESS)
-    parser.add_argument("--client-key", help=argparse.SUPPRESS)
-    parser.add_argument("--tls-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--profile-to", help=argparse.SUPPRESS)
-    parser.add_argument("--cpu", type=int, help=argparse.SUPPRESS)
-    return parser
+def _choice(choices: Sequence[str], option: str) -> Callable[[str], str]:
+    """
+    A parser of C{--option}'s value, one of C{choices}.
+    """
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise usage.UsageError(
+                f"--{option}: invalid choice: {text!r} (choose from {', '.join(choices)})"
+            )
+        return text
+
+    return parse
 
 
-def settings_from(options: argparse.Namespace) -> Settings:
+def _integer(option: str) -> Callable[[str], int]:
+    """
+    A parser of C{--option}'s whole number.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: invalid int value: {text!r}") from None
+
+    return parse
+
+
+_SERVER_PARAMETERS: list[list[Any]] = [
+    # The server process's options (internal: see ServerProcess.spawn), left
+    # out of --help by BenchOptions.getUsage:
+    #   --serve TRANSPORT   be the server process for TRANSPORT
+    #   --client-key HEX    the benchmark client's curvetun public key
+    #   --tls-dir DIR       where the TLS certificate and key are
+    #   --profile-to FILE   write the server's cProfile data into FILE
+    #   --cpu N             pin the server process to CPU N
+    ["serve", None, None, None, _choice(TRANSPORTS, "serve")],
+    ["client-key", None, None, None],
+    ["tls-dir", None, None, None],
+    ["profile-to", None, None, None],
+    ["cpu", None, None, None, _integer("cpu")],
+]
+
+
+class BenchOptions(usage.Options):
+    """
+    The command line of C{curvetun bench} (and of C{python -m
+    curvetun.bench}).
+
+    After L{parseOptions}, C{self["only"]} and C{self["transports"]} are
+    tuples of names, C{self["runs"]}, C{self["duration"]} and
+    C{self["connections"]} are numbers or C{None} (the default for
+    C{--quick} or not: see L{settings_from}).
+    """
+
+    synopsis = "Usage: curvetun bench [options]"
+    longdesc = (
+        "Measure curvetun beside plain TCP and TLS 1.3 (Twisted) on 127.0.0.1,"
+        " server and client in separate processes. See docs/performance.md."
+        " Exit status: 0 on success, 1 when the benchmark failed, 2 for a"
+        " wrong command line."
+    )
+
+    optFlags = [
+        ["quick", None, "A smoke run of a few seconds."],
+        ["json", None, "Write JSON to stdout instead of the table."],
+    ]
+    optParameters = [
+        ["runs", None, None, "Runs per figure (default 5; --quick: 1).", _positive(int, "runs")],
+        [
+            "only",
+            None,
+            None,
+            f"FIGURES: measure only these figure groups ({','.join(GROUPS)}) or single"
+            " figures (their JSON keys, such as pipelined_message), comma-separated"
+            " (default: all).",
+            _comma_list(tuple(dict.fromkeys(GROUPS + tuple(FIGURES_BY_KEY))), "figure group", "only"),
+        ],
+        [
+            "transports",
+            None,
+            None,
+            "LIST: the transports to measure (default tcp,tls,curvetun).",
+            _comma_list(TRANSPORTS, "transport", "transports"),
+        ],
+        [
+            "duration",
+            None,
+            None,
+            "Seconds each timed measurement aims to take (default 1; --quick: 0.03).",
+            _positive(float, "duration"),
+        ],
+        [
+            "connections",
+            None,
+            None,
+            "Idle connections for the memory figure, opened after as many others"
+            " (default 1000; --quick: 200).",
+            _positive(int, "connections"),
+        ],
+        [
+            "profile",
+            None,
+            None,
+            "DIR: write cProfile data of the client (client.prof) and of each server"
+            " (server-TRANSPORT.prof) into DIR.",
+        ],
+        [
+            "pin",
+            None,
+            "none",
+            "Pin the processes to CPUs: none, same (client and servers on one CPU),"
+            " split (client on one, servers on another).",
+            _choice(PINNINGS, "pin"),
+        ],
+        *_SERVER_PARAMETERS,
+    ]
+
+    def opt_version(self) -> NoReturn:
+        """
+        Display curvetun's version and exit.
+        """
+        print(f"curvetun {__version__}")
+        sys.exit(0)
+
+    opt_h = usage.Options.opt_help
+
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            raise usage.UsageError(f"unrecognized arguments: {' '.join(arguments)}")
+
+    def postOptions(self) -> None:
+        if self["only"] is None:
+            self["only"] = GROUPS
+        if self["transports"] is None:
+            self["transports"] = TRANSPORTS
+        if self["serve"] is not None and self["client-key"] is None:
+            raise usage.UsageError("--serve needs --client-key")
+
+    def getUsage(self, width: int | None = None) -> str:
+        # usage.Options lists every option it parses: hide the server
+        # process's while it writes the help.
+        hidden = {parameter[0] for parameter in _SERVER_PARAMETERS}
+        everything = self.longOpt
+        self.longOpt = [name for name in everything if name.rstrip("=") not in hidden]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = everything
+
+
+def settings_from(options: BenchOptions) -> Settings:
     """
     The settings the parsed command line asks for.
     """
-    defaults = QUICK if options.quick else NORMAL
-    figures = tuple(f for f in FIGURES if f.group in options.only or f.key in options.only)
+    quick = bool(options["quick"])
+    defaults = QUICK if quick else NORMAL
+    only = options["only"]
+    figures = tuple(f for f in FIGURES if f.group in only or f.key in only)
     return Settings(
-        runs=int(options.runs or defaults["runs"]),
-        duration=float(options.duration or defaults["duration"]),
-        connections=int(options.connections or defaults["connections"]),
-        quick=options.quick,
-        transports=tuple(t for t in TRANSPORTS if t in options.transports),
+        runs=int(options["runs"] or defaults["runs"]),
+        duration=float(options["duration"] or defaults["duration"]),
+        connections=int(options["connections"] or defaults["connections"]),
+        quick=quick,
+        transports=tuple(t for t in TRANSPORTS if t in options["transports"]),
         figures=figures,
-        profile=options.profile,
-        pin=options.pin,
+        profile=options["profile"],
+        pin=options["pin"],
     )
 
 
@@ -2032,25 +2139,27 @@ def main(argv: list[str]) -> int:
     @param argv: the arguments after the command name.
     @return: the exit status: 0 done, 1 failed, 2 bad command line.
     """
-    parser = _parser()
+    options = BenchOptions()
     try:
-        options = parser.parse_args(argv)
+        options.parseOptions(argv)
+    except usage.UsageError as error:
+        # One line, always, as curvetun's other commands say it.
+        message = " ".join(str(error).splitlines())
+        sys.stderr.write(f"curvetun bench: error: {message} (see 'curvetun bench --help')\n")
+        return 2
     except SystemExit as exit:
-        return exit.code if isinstance(exit.code, int) else 2
-    if options.serve is not None:
-        if options.client_key is None:
-            parser.print_usage(sys.stderr)
-            sys.stderr.write("curvetun bench: error: --serve needs --client-key\n")
-            return 2
+        # --help and --version print, then exit.
+        return exit.code if isinstance(exit.code, int) else 0
+    if options["serve"] is not None:
         return serve(
-            options.serve,
-            bytes.fromhex(options.client_key),
-            options.tls_dir,
-            options.profile_to,
-            options.cpu,
+            options["serve"],
+            bytes.fromhex(options["client-key"]),
+            options["tls-dir"],
+            options["profile-to"],
+            options["cpu"],
         )
     _log_warnings_only()
-    return run_benchmark(settings_from(options), argv, sys.stdout, options.json)
+    return run_benchmark(settings_from(options), argv, sys.stdout, bool(options["json"]))
 
 
 if __name__ == "__main__":

@@ -271,45 +271,94 @@ class PlanTests(SynchronousTestCase):
 
 
 class CommandLineTests(SynchronousTestCase):
-    def _main(self, *argv: str) -> tuple[int, str]:
-        stderr = io.StringIO()
+    def _main(self, *argv: str) -> tuple[int, str, str]:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", stdout)
         self.patch(sys, "stderr", stderr)
-        return bench.main(list(argv)), stderr.getvalue()
+        return bench.main(list(argv)), stdout.getvalue(), stderr.getvalue()
+
+    def _options(self, *argv: str) -> bench.BenchOptions:
+        options = bench.BenchOptions()
+        options.parseOptions(list(argv))
+        return options
+
+    def _assert_usage_error(self, argv: tuple[str, ...], expected: str) -> None:
+        """
+        C{argv} is refused with exit status 2 and one line on standard
+        error that says C{expected} and where the help is.
+        """
+        status, out, message = self._main(*argv)
+        self.assertEqual(status, 2)
+        self.assertEqual(out, "")
+        self.assertIn(expected, message)
+        self.assertTrue(message.startswith("curvetun bench: error: "), message)
+        self.assertIn("'curvetun bench --help'", message)
+        self.assertEqual(len(message.splitlines()), 1, message)
 
     def test_an_unknown_figure_group_is_a_usage_error(self) -> None:
-        status, message = self._main("--only", "bulk,speed")
-        self.assertEqual(status, 2)
-        self.assertIn("unknown figure group speed", message)
+        self._assert_usage_error(("--only", "bulk,speed"), "--only: unknown figure group speed")
 
     def test_an_unknown_transport_is_a_usage_error(self) -> None:
-        status, message = self._main("--transports", "tcp,quic")
-        self.assertEqual(status, 2)
-        self.assertIn("unknown transport quic", message)
+        self._assert_usage_error(("--transports", "tcp,quic"), "--transports: unknown transport quic")
 
     def test_runs_must_be_positive(self) -> None:
-        status, message = self._main("--runs", "0")
-        self.assertEqual(status, 2)
-        self.assertIn("must be positive", message)
+        self._assert_usage_error(("--runs", "0"), "--runs: must be positive: '0'")
+
+    def test_numbers_must_be_numbers(self) -> None:
+        self._assert_usage_error(("--duration", "soon"), "--duration: not a number: 'soon'")
+        self._assert_usage_error(("--connections", "1.5"), "--connections: not a number: '1.5'")
+
+    def test_an_unknown_pinning_is_a_usage_error(self) -> None:
+        self._assert_usage_error(("--pin", "left"), "--pin: invalid choice: 'left'")
+
+    def test_unknown_options_and_arguments_are_usage_errors(self) -> None:
+        self._assert_usage_error(("--fast",), "--fast")
+        self._assert_usage_error(("--quick", "now"), "unrecognized arguments: now")
+
+    def test_serve_needs_the_client_key(self) -> None:
+        self._assert_usage_error(("--serve", "tcp"), "--serve needs --client-key")
+
+    def test_help_names_the_command_and_hides_the_server_options(self) -> None:
+        status, out, message = self._main("--help")
+        self.assertEqual((status, message), (0, ""))
+        self.assertTrue(out.startswith("Usage: curvetun bench [options]\n"), out)
+        for option in ("--runs", "--quick", "--json", "--only", "--transports", "--duration"):
+            self.assertIn(option, out)
+        for option in ("--connections", "--profile", "--pin"):
+            self.assertIn(option, out)
+        for option in ("--serve", "--client-key", "--tls-dir", "--profile-to", "--cpu"):
+            self.assertNotIn(option, out)
+
+    def test_the_server_options_are_parsed(self) -> None:
+        options = self._options(
+            *("--serve", "curvetun", "--client-key", "ab", "--tls-dir", "T"),
+            *("--profile-to", "P", "--cpu", "3"),
+        )
+        self.assertEqual(
+            [options[name] for name in ("serve", "client-key", "tls-dir", "profile-to", "cpu")],
+            ["curvetun", "ab", "T", "P", 3],
+        )
 
     def test_quick_is_one_short_run_and_options_override_it(self) -> None:
-        options = bench._parser().parse_args(["--quick", "--runs", "2", "--only", "crypto,bulk"])
-        settings = bench.settings_from(options)
+        settings = bench.settings_from(self._options("--quick", "--runs", "2", "--only", "crypto,bulk"))
         self.assertEqual(settings.runs, 2)
+        self.assertTrue(settings.quick)
         self.assertEqual(settings.duration, bench.QUICK["duration"])
         self.assertEqual([f.key for f in settings.figures][0], "bulk")
         self.assertEqual({f.group for f in settings.figures}, {"bulk", "crypto"})
 
     def test_single_figures_can_be_chosen_by_their_key(self) -> None:
-        options = bench._parser().parse_args(["--only", "pipelined_message,x25519"])
-        settings = bench.settings_from(options)
+        settings = bench.settings_from(self._options("--only", "pipelined_message,x25519"))
         self.assertEqual([f.key for f in settings.figures], ["pipelined_message", "x25519"])
 
     def test_the_defaults_are_five_runs_of_every_figure_on_every_transport(self) -> None:
-        settings = bench.settings_from(bench._parser().parse_args([]))
+        settings = bench.settings_from(self._options())
         self.assertEqual(settings.runs, 5)
+        self.assertFalse(settings.quick)
         self.assertEqual(settings.transports, ("tcp", "tls", "curvetun"))
         self.assertEqual(settings.figures, FIGURES)
         self.assertGreaterEqual(settings.connections, 1000)
+        self.assertEqual((settings.profile, settings.pin), (None, "none"))
 
 
 class PinTests(SynchronousTestCase):
