@@ -795,9 +795,7 @@ class ServerProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             [package_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
-        process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-        )
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         return cls(transport, process)
 
     def wait_ready(self) -> ServerProcess:
@@ -1382,7 +1380,9 @@ class Progress:
             self._stream.flush()
 
 
-def _with_timeout(reactor: Any, awaitable: Awaitable[float], seconds: float, what: str) -> Deferred[float]:
+def _with_timeout(
+    reactor: Any, awaitable: Awaitable[float], seconds: float, what: str
+) -> Deferred[float]:
     """
     C{awaitable} as a Deferred that fails with L{BenchError} after
     C{seconds}.
@@ -1489,9 +1489,7 @@ class Bench:
             await client.ping_pong(b"?", 1)
             if name == "tls":
                 handle = cast(Any, client.transport).getHandle()
-                self.report.tls = (
-                    f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
-                )
+                self.report.tls = f"{handle.get_protocol_version_name()} {handle.get_cipher_name()}"
             await client.close()
 
     # -- measuring
@@ -1583,9 +1581,7 @@ class Bench:
             for run in range(1, self.settings.runs + 1):
                 for figure in self.settings.figures:
                     for column in self._columns(figure):
-                        progress.step(
-                            f"run {run}/{self.settings.runs}: {figure.key} over {column}"
-                        )
+                        progress.step(f"run {run}/{self.settings.runs}: {figure.key} over {column}")
                         value = await self.measure(figure, column)
                         self.report.add(figure, column, value)
         finally:
@@ -1667,7 +1663,9 @@ def format_report(report: Report) -> str:
     network = [f for f in report.figures if not f.in_process]
     crypto = [f for f in report.figures if f.in_process]
     if network:
-        ratios = [t for t in ("tcp", "tls") if t in report.transports and "curvetun" in report.transports]
+        ratios = [
+            t for t in ("tcp", "tls") if t in report.transports and "curvetun" in report.transports
+        ]
         header = ["figure", "unit", *report.transports, *(f"curvetun/{t}" for t in ratios)]
         rows = [header]
         for figure in network:
@@ -1684,7 +1682,11 @@ def format_report(report: Report) -> str:
         rows = [["in-process crypto ceiling (PyNaCl)", "unit", "value"]]
         for figure in crypto:
             rows.append(
-                [figure.title, figure.unit, format_summary(report.summary(figure.key, CRYPTO_COLUMN))]
+                [
+                    figure.title,
+                    figure.unit,
+                    format_summary(report.summary(figure.key, CRYPTO_COLUMN)),
+                ]
             )
         lines += ["", *_render(rows)]
     targets = [r for r in evaluate_targets(report) if r.target.figure in report.samples]
@@ -1811,7 +1813,11 @@ def _checkout_revision() -> str:
         return ""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         changed = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -1941,7 +1947,9 @@ class BenchOptions(usage.Options):
             f"FIGURES: measure only these figure groups ({','.join(GROUPS)}) or single"
             " figures (their JSON keys, such as pipelined_message), comma-separated"
             " (default: all).",
-            _comma_list(tuple(dict.fromkeys(GROUPS + tuple(FIGURES_BY_KEY))), "figure group", "only"),
+            _comma_list(
+                tuple(dict.fromkeys(GROUPS + tuple(FIGURES_BY_KEY))), "figure group", "only"
+            ),
         ],
         [
             "transports",

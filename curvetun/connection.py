@@ -205,7 +205,9 @@ def _session_data(
 # states, whatever nodata says when the new state is a plain one.
 
 
-def _send(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: bytes) -> None:
+def _send(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: bytes
+) -> None:
     """
     Seal one application message and write it; close when the session's
     counter is exhausted (spec: never send N = 2**64 - 1).
@@ -218,7 +220,9 @@ def _send(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Sess
         core.owner.send_frame(payload)
 
 
-def _deliver(inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: Message) -> None:
+def _deliver(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: Message
+) -> None:
     """
     A message through the machine (for an owner that does not take the
     per-message fast path): verify, then deliver.
@@ -448,9 +452,7 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
         inputs: ConnectionInputs, core: ClientCore, state: Initiating, cookie: Cookie
     ) -> None:
         try:
-            server_ephemeral_key, cookie_K = handshake.client_open_cookie(
-                cookie, state.shared_key
-            )
+            server_ephemeral_key, cookie_K = handshake.client_open_cookie(cookie, state.shared_key)
         except BadPacket as error:
             inputs._rejected(
                 ServerKeyMismatch(
@@ -506,6 +508,7 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
         peer_public_key: bytes,
     ) -> None:
         core.owner.receiving_with(session)
+
     connected.upon(ConnectionInputs.message_received).loop()(_deliver)
 
     for state in (ready, connected):

@@ -118,9 +118,7 @@ class CookieKeys(TimerService):
             nonce = long_term_nonce(MINUTE_KEY_PREFIX, cookie_K[:_SAFE_NONCE_SIZE])
             for key in self._keys:
                 try:
-                    plaintext = crypto_secretbox_open_easy(
-                        cookie_K[_SAFE_NONCE_SIZE:], nonce, key
-                    )
+                    plaintext = crypto_secretbox_open_easy(cookie_K[_SAFE_NONCE_SIZE:], nonce, key)
                 except CryptoError:
                     continue
                 return plaintext[:_EPHEMERAL_KEY_SIZE], plaintext[_EPHEMERAL_KEY_SIZE:]

@@ -323,8 +323,10 @@ _MAX_BACKLOG = 65535
 
 # A DNS name: dot-separated labels of letters, digits, hyphens (and, as
 # some resolvers allow, underscores), at most 253 characters.
-_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-                        r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z")
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z"
+)
 
 
 def _is_ip_address(text: str) -> bool:
@@ -402,7 +404,9 @@ def _port(kind: str, value: str | None, allow_zero: bool) -> int:
     if port is None:
         raise _option_error(kind, f"port must be a number, not {quoted(value)}")
     if not (0 if allow_zero else 1) <= port <= 65535:
-        raise _option_error(kind, f"port must be between {0 if allow_zero else 1} and 65535, not {port}")
+        raise _option_error(
+            kind, f"port must be between {0 if allow_zero else 1} and 65535, not {port}"
+        )
     return port
 
 
@@ -437,7 +441,10 @@ def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunCl
         except ValueError:
             timeout = -1
         if not 0 < timeout < float("inf"):
-            raise _option_error("client", f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}")
+            raise _option_error(
+                "client",
+                f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}",
+            )
     lease = service_pool.lease(*_paths("client", options))
     if "key" in options:
         try:
@@ -475,9 +482,7 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
     if interface and not _is_ip_address(interface):
-        raise _option_error(
-            "server", f"interface must be an IP address, not {quoted(interface)}"
-        )
+        raise _option_error("server", f"interface must be an IP address, not {quoted(interface)}")
     backlog = _decimal(options.get("backlog", "50"))
     if backlog is None or not 1 <= backlog <= _MAX_BACKLOG:
         raise _option_error(

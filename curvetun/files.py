@@ -65,5 +65,3 @@ def write_atomically(path: FilePath[str], data: bytes, mode: int) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-

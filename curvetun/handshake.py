@@ -221,9 +221,7 @@ def server_cookie(
     safe_nonce = vault.safe_nonce()
     # One SN serves both the cookie secretbox and the box around it, under
     # different prefixes and keys (spec section 2).
-    cookie_K = safe_nonce + cookie_keys.seal(
-        safe_nonce, client_ephemeral_key, ephemeral.secret_key
-    )
+    cookie_K = safe_nonce + cookie_keys.seal(safe_nonce, client_ephemeral_key, ephemeral.secret_key)
     with _refuse("client ephemeral key is not a usable public key"):
         box = vault.box(
             ephemeral.public_key + cookie_K,

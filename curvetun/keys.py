@@ -79,8 +79,7 @@ def parse_public_key(text: str) -> bytes:
         raise ValueError(f"bad public key {quoted(text)}: {_EXPECTED}")
     if _is_low_order(key):
         raise ValueError(
-            f"bad public key {quoted(text)}: a low-order Curve25519 point, "
-            "not a real public key"
+            f"bad public key {quoted(text)}: a low-order Curve25519 point, not a real public key"
         )
     return key
 

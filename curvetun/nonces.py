@@ -67,6 +67,6 @@ def scramble16(block16: bytes, key32: bytes) -> bytes:
     # v0 and v1 are reduced mod 2**64 after each step, so the right shifts
     # see 64-bit values; +, ^ and << only need their result reduced.
     for total in _SUMS:
-        v0 = (v0 + ((((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1)))) & _MASK64
-        v1 = (v1 + ((((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3)))) & _MASK64
+        v0 = (v0 + (((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1))) & _MASK64
+        v1 = (v1 + (((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3))) & _MASK64
     return _BLOCK.pack(v0, v1)

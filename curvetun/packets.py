@@ -49,12 +49,7 @@ class Hello:
         """
         Encode this packet as a payload.
         """
-        return (
-            HELLO_MAGIC
-            + self.client_ephemeral_key
-            + self.counter.to_bytes(8, "big")
-            + self.box
-        )
+        return HELLO_MAGIC + self.client_ephemeral_key + self.counter.to_bytes(8, "big") + self.box
 
 
 @attrs.frozen
@@ -191,8 +186,5 @@ def parse_as(payload: bytes, packet_type: type[_P]) -> _P:
     """
     packet = parse(payload)
     if not isinstance(packet, packet_type):
-        raise BadPacket(
-            f"unexpected {_NAMES[type(packet)]} packet,"
-            f" expected {_NAMES[packet_type]}"
-        )
+        raise BadPacket(f"unexpected {_NAMES[type(packet)]} packet, expected {_NAMES[packet_type]}")
     return packet

@@ -375,4 +375,3 @@ class FileRegistry(Service):
             write_atomically(self.path, text.encode("utf-8"), mode)
         except OSError as e:
             raise RegistryError(f"cannot write {self.path.path}: {e.strerror}") from e
-

@@ -158,6 +158,8 @@ class CurveTunService(MultiService):
             self.vault,
             server_key,
             self.clock,
-            self.handshake_timeout if isinstance(handshake_timeout, _Default) else handshake_timeout,
+            self.handshake_timeout
+            if isinstance(handshake_timeout, _Default)
+            else handshake_timeout,
             self.idle_timeout,
         )

@@ -68,10 +68,7 @@ class Session:
     def __repr__(self) -> str:
         # Never show the key.
         side = "client" if self._send_prefix == CLIENT_MESSAGE_PREFIX else "server"
-        return (
-            f"<Session {side} next_send={self.next_send}"
-            f" last_received={self.last_received}>"
-        )
+        return f"<Session {side} next_send={self.next_send} last_received={self.last_received}>"
 
     def seal(self, message: bytes) -> bytes:
         """
@@ -137,9 +134,7 @@ class Session:
         if n >= self.COUNTER_LIMIT:
             raise BadPacket("message counter limit")
         if n != self.last_received + 1:
-            raise BadPacket(
-                f"message counter {n} is not previous+1 ({self.last_received + 1})"
-            )
+            raise BadPacket(f"message counter {n} is not previous+1 ({self.last_received + 1})")
         try:
             plaintext: bytes = crypto_box_open_easy_afternm(
                 box, self._receive_prefix + n.to_bytes(8, "big"), self._key

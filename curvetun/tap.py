@@ -156,8 +156,7 @@ class Options(usage.Options):
             "idle-timeout",
             None,
             "0",
-            "Close a curvetun connection that receives nothing for this many seconds "
-            "(0: never).",
+            "Close a curvetun connection that receives nothing for this many seconds (0: never).",
         ],
         *(
             [
@@ -525,7 +524,9 @@ def _parse(option: str, description: str, parse: Any, reactor: Any) -> Any:
         return parse(reactor, description)
     except (ValueError, TypeError, KeyError) as error:
         # TypeError: a parser given keywords it does not take (tcp:1:foo=2).
-        raise StartupError(f"bad {option} endpoint {description[:80]!r}: {error}", EX_USAGE) from None
+        raise StartupError(
+            f"bad {option} endpoint {description[:80]!r}: {error}", EX_USAGE
+        ) from None
 
 
 class _ExitOnStartupError(MultiService):

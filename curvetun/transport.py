@@ -188,9 +188,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         timeout = self.factory.handshake_timeout
         if timeout is not None:
-            self._handshake_timer = self.factory.clock.callLater(
-                timeout, self._machine.timed_out
-            )
+            self._handshake_timer = self.factory.clock.callLater(timeout, self._machine.timed_out)
         self._machine.connection_made()
 
     def dataReceived(self, data: bytes) -> None:
@@ -348,9 +346,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
 
     def write_message(self, data: bytes) -> None:
         if len(data) > MAX_MESSAGE:
-            raise MessageTooLong(
-                f"a message can be at most {MAX_MESSAGE} bytes, not {len(data)}"
-            )
+            raise MessageTooLong(f"a message can be at most {MAX_MESSAGE} bytes, not {len(data)}")
         # Stream data written before goes first.
         self._flush_writes()
         self._send(data)
@@ -422,9 +418,7 @@ class CurveTunProtocol(Int16StringReceiver, TimeoutMixin):
         """
         The idle timeout passed with nothing received: close.
         """
-        self.disconnect(
-            IdleTimeout(f"nothing received for {self.factory.idle_timeout} seconds")
-        )
+        self.disconnect(IdleTimeout(f"nothing received for {self.factory.idle_timeout} seconds"))
         self._machine.close()
 
     # -- internals -----------------------------------------------------------
@@ -556,9 +550,17 @@ class CurveTunServerFactory(_CurveTunFactory):
         limits = self.limits
         for count, limit, what in (
             (self._connections.total(), limits.connections, "connections"),
-            (self._connections[peer_host], limits.connections_per_address, "connections from one address"),
+            (
+                self._connections[peer_host],
+                limits.connections_per_address,
+                "connections from one address",
+            ),
             (self._handshakes.total(), limits.handshakes, "unfinished handshakes"),
-            (self._handshakes[peer_host], limits.handshakes_per_address, "unfinished handshakes from one address"),
+            (
+                self._handshakes[peer_host],
+                limits.handshakes_per_address,
+                "unfinished handshakes from one address",
+            ),
         ):
             if limit is not None and count >= limit:
                 return f"{limit} {what}"
@@ -604,7 +606,6 @@ class CurveTunServerFactory(_CurveTunFactory):
         protocol = CurveTunProtocol(self, make_machine)
         protocol.peer_host = peer_host
         return protocol
-
 
     def handshake_completed(self, protocol: CurveTunProtocol) -> None:
         self._uncount(self._handshakes, protocol.peer_host)

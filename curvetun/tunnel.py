@@ -284,7 +284,9 @@ class Forwarder(Proxy):
             forward=self.forwarding.description,
             why=failure.getErrorMessage(),
         )
-        self._first_close = self._first_close or f"forward connection failed: {failure.getErrorMessage()}"
+        self._first_close = (
+            self._first_close or f"forward connection failed: {failure.getErrorMessage()}"
+        )
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -302,14 +304,17 @@ class Forwarder(Proxy):
         if connecting is not None:
             # The forward connection is not made yet: give it up.
             self._first_close = (
-                f"client closed before the forward connection was made: "
-                f"{reason.getErrorMessage()}"
+                f"client closed before the forward connection was made: {reason.getErrorMessage()}"
             )
             self._side_closed(reason, "client")
             connecting.cancel()
             return
         forward_side = self.forward_side
-        if forward_side is not None and not forward_side.closed and forward_side.transport is not None:
+        if (
+            forward_side is not None
+            and not forward_side.closed
+            and forward_side.transport is not None
+        ):
             forward_side.transport.loseConnection()
         self._side_closed(reason, "client")
 
@@ -347,7 +352,11 @@ class Forwarder(Proxy):
         if self._connecting is not None:
             self._connecting.cancel()
         forward_side = self.forward_side
-        if forward_side is not None and not forward_side.closed and forward_side.transport is not None:
+        if (
+            forward_side is not None
+            and not forward_side.closed
+            and forward_side.transport is not None
+        ):
             forward_side.transport.abortConnection()  # type: ignore[attr-defined]
         if not self._accepted_side_closed and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]

@@ -239,8 +239,7 @@ class FileVault(Service):
         existing = [name for name in _KEY_FILES if path.child(name).exists()]
         if existing and not overwrite:
             raise KeyFileError(
-                f"{path.path} already holds keys ({', '.join(existing)}); "
-                "refusing to replace them"
+                f"{path.path} already holds keys ({', '.join(existing)}); refusing to replace them"
             )
         public_key, secret_key = crypto_box_keypair()
         try:

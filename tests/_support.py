@@ -43,9 +43,7 @@ class AllowList:
 
     def is_client_allowed(self, client_key: bytes, peer_host: str) -> bool:
         self.asked.append((client_key, peer_host))
-        return any(
-            keys_equal(key, client_key) and host == peer_host for key, host in self.clients
-        )
+        return any(keys_equal(key, client_key) and host == peer_host for key, host in self.clients)
 
     def server_key_for(self, host: str) -> bytes | None:
         return self.servers.get(host)

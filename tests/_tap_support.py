@@ -342,7 +342,9 @@ def buffered(transport: Any) -> int:
     if isinstance(transport, CurveTunProtocol):
         return buffered(transport.transport) + len(getattr(transport, "_unprocessed", b""))
     data_buffer = getattr(transport, "dataBuffer", b"")
-    return len(data_buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+    return (
+        len(data_buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+    )
 
 
 def tunnel_transports(tunnel: TunnelService) -> list[Any]:

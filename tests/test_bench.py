@@ -52,7 +52,13 @@ def _report(transports: tuple[str, ...] = ("tcp", "tls", "curvetun")) -> Report:
         runs=3,
         quick=False,
         argv=[],
-        environment={"python": "Python 3", "twisted": "1", "pynacl": "1", "cpus": "2", "date": "today"},
+        environment={
+            "python": "Python 3",
+            "twisted": "1",
+            "pynacl": "1",
+            "cpus": "2",
+            "date": "today",
+        },
     )
 
 
@@ -249,7 +255,9 @@ class OutputTests(SynchronousTestCase):
 
 class PlanTests(SynchronousTestCase):
     def test_tls_is_skipped_and_said_so_when_its_libraries_are_missing(self) -> None:
-        transports, skipped = plan_transports(("tcp", "tls", "curvetun"), "No module named 'OpenSSL'")
+        transports, skipped = plan_transports(
+            ("tcp", "tls", "curvetun"), "No module named 'OpenSSL'"
+        )
         self.assertEqual(transports, ("tcp", "curvetun"))
         self.assertEqual(skipped, {"tls": f"{TLS_SKIPPED}: No module named 'OpenSSL'"})
 
@@ -299,7 +307,9 @@ class CommandLineTests(SynchronousTestCase):
         self._assert_usage_error(("--only", "bulk,speed"), "--only: unknown figure group speed")
 
     def test_an_unknown_transport_is_a_usage_error(self) -> None:
-        self._assert_usage_error(("--transports", "tcp,quic"), "--transports: unknown transport quic")
+        self._assert_usage_error(
+            ("--transports", "tcp,quic"), "--transports: unknown transport quic"
+        )
 
     def test_runs_must_be_positive(self) -> None:
         self._assert_usage_error(("--runs", "0"), "--runs: must be positive: '0'")
@@ -340,7 +350,9 @@ class CommandLineTests(SynchronousTestCase):
         )
 
     def test_quick_is_one_short_run_and_options_override_it(self) -> None:
-        settings = bench.settings_from(self._options("--quick", "--runs", "2", "--only", "crypto,bulk"))
+        settings = bench.settings_from(
+            self._options("--quick", "--runs", "2", "--only", "crypto,bulk")
+        )
         self.assertEqual(settings.runs, 2)
         self.assertTrue(settings.quick)
         self.assertEqual(settings.duration, bench.QUICK["duration"])

@@ -108,9 +108,7 @@ class CookieKeysTests(SynchronousTestCase):
 
     def test_new_keys_come_from_random_bytes(self) -> None:
         new_key = b"\x07" * 32
-        keys, clock = self.started(
-            initial_key=b"\x01" * 32, random_bytes=lambda n: new_key[:n]
-        )
+        keys, clock = self.started(initial_key=b"\x01" * 32, random_bytes=lambda n: new_key[:n])
         clock.advance(60)
         self.assertEqual(
             keys.seal(SN, EC, ESs), crypto_secretbox_easy(EC + ESs, b"minute-k" + SN, new_key)

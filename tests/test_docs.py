@@ -46,9 +46,7 @@ class ScratchHome:
         with open(command, "w") as f:
             f.write(f'#!/bin/sh\nexec "{sys.executable}" -m curvetun "$@"\n')
         os.chmod(command, stat.S_IRWXU)
-        self.environ = {
-            key: value for key, value in os.environ.items() if key != "CURVETUN_HOME"
-        }
+        self.environ = {key: value for key, value in os.environ.items() if key != "CURVETUN_HOME"}
         self.environ.update(
             HOME=self.home,
             PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),

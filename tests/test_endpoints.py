@@ -134,7 +134,9 @@ class ServerStringTests(SynchronousTestCase):
             f"curvetun:port=7701:interface=127.0.0.1:backlog=5:keydir={self.dirs.server}"
         )
         wrapped = endpoint._wrapped
-        self.assertEqual((wrapped._port, wrapped._interface, wrapped._backlog), (7701, "127.0.0.1", 5))
+        self.assertEqual(
+            (wrapped._port, wrapped._interface, wrapped._backlog), (7701, "127.0.0.1", 5)
+        )
 
     def test_an_ipv6_interface_listens_on_ipv6(self) -> None:
         endpoint = self.parse(f"curvetun:7700:interface=\\:\\:1:keydir={self.dirs.server}")
@@ -169,7 +171,9 @@ class ServerStringTests(SynchronousTestCase):
         with open(os.path.join(self.dirs.server, "secret.key"), "w") as f:
             f.write("not hex\n")
         os.chmod(os.path.join(self.dirs.server, "secret.key"), 0o600)
-        error = self.assertRaises(ValueError, self.parse, f"curvetun:7700:keydir={self.dirs.server}")
+        error = self.assertRaises(
+            ValueError, self.parse, f"curvetun:7700:keydir={self.dirs.server}"
+        )
         self.assertIn("secret.key", str(error))
 
     def test_a_malformed_registry_fails_naming_the_line(self) -> None:

@@ -146,7 +146,9 @@ def client_protocol(
     """
 
     def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
-        return ClientMachine(ClientCore(owner, factory.vault, factory.server_key, lambda: ephemeral))
+        return ClientMachine(
+            ClientCore(owner, factory.vault, factory.server_key, lambda: ephemeral)
+        )
 
     return CurveTunProtocol(factory, make_machine)
 
@@ -632,7 +634,8 @@ class ModelTests(SynchronousTestCase):
             Outcome([CLIENT_MESSAGES[0]], closed=True),
         )
         self.assertEqual(
-            expected_outcome(role, [hello, vouch, first]), Outcome([CLIENT_MESSAGES[0]], closed=False)
+            expected_outcome(role, [hello, vouch, first]),
+            Outcome([CLIENT_MESSAGES[0]], closed=False),
         )
         self.assertEqual(expected_outcome(role, [vouch]), Outcome([], closed=True))
 

@@ -234,9 +234,7 @@ class KnownSessionTests(SynchronousTestCase):
         )
         self.assertEqual(cookie.hex(), COOKIE_V["payload"])
         self.assertEqual(sealer.sealed, [(SERVER_SAFE_NONCE, EC, ESS)])
-        server_ephemeral_key, cookie_K = client_open_cookie(
-            parse_as(cookie, Cookie), client_shared
-        )
+        server_ephemeral_key, cookie_K = client_open_cookie(parse_as(cookie, Cookie), client_shared)
         self.assertEqual((server_ephemeral_key, cookie_K), (ES, COOKIE_K))
 
         # vouch: client -> server

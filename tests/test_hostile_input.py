@@ -270,7 +270,9 @@ class EndpointStringTests(OneLineErrorMixin, SynchronousTestCase):
                     description = f"curvetun:1:keydir={escaped(value)}"
                 else:
                     description += f":registry={escaped(value)}"
-                self.assert_refused(ValueError, lambda: serverFromString(reactor, description), option)
+                self.assert_refused(
+                    ValueError, lambda: serverFromString(reactor, description), option
+                )
 
 
 class RegistryFileTests(OneLineErrorMixin, SynchronousTestCase):

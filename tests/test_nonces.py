@@ -54,9 +54,7 @@ class ScrambleTests(SynchronousTestCase):
         for side in ("server", "client"):
             block = bytes(8) + unhex(inputs[f"{side}_safe_nonce_random8"])
             key = unhex(inputs[f"{side}_safe_nonce_scramble_key"])
-            self.assertEqual(
-                scramble16(block, key).hex(), inputs[f"{side}_safe_nonce_16"], side
-            )
+            self.assertEqual(scramble16(block, key).hex(), inputs[f"{side}_safe_nonce_16"], side)
 
 
 class NonceTests(SynchronousTestCase):
@@ -99,9 +97,7 @@ class NonceTests(SynchronousTestCase):
                 if msg["direction"] == "client->server"
                 else SERVER_MESSAGE_PREFIX
             )
-            self.assertEqual(
-                short_term_nonce(prefix, msg["counter"]).hex(), msg["box_nonce_24"]
-            )
+            self.assertEqual(short_term_nonce(prefix, msg["counter"]).hex(), msg["box_nonce_24"])
 
     def test_long_term_nonces_of_the_vectors(self) -> None:
         """

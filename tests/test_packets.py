@@ -60,9 +60,7 @@ class VectorPacketTests(SynchronousTestCase):
         for packet in PACKETS:
             payload = unhex(packet["payload"])
             self.assertEqual(len(payload), packet["payload_len"])
-            self.assertEqual(
-                len(payload).to_bytes(2, "big") + payload, unhex(packet["framed"])
-            )
+            self.assertEqual(len(payload).to_bytes(2, "big") + payload, unhex(packet["framed"]))
 
     def test_hello(self) -> None:
         """
@@ -94,9 +92,7 @@ class VectorPacketTests(SynchronousTestCase):
         The vouch parses to C{K}, counter 1 and its box.
         """
         vouch = parse(VOUCH)
-        self.assertEqual(
-            vouch, Vouch(unhex(PACKETS[2]["cookie_K"]), 1, unhex(PACKETS[2]["box"]))
-        )
+        self.assertEqual(vouch, Vouch(unhex(PACKETS[2]["cookie_K"]), 1, unhex(PACKETS[2]["box"])))
         self.assertEqual(vouch.to_bytes(), VOUCH)
 
     def test_messages(self) -> None:
@@ -179,9 +175,9 @@ def _payloads() -> st.SearchStrategy[bytes]:
     well_sized = st.sampled_from(
         [(HELLO_MAGIC, HELLO_SIZE), (COOKIE_MAGIC, COOKIE_SIZE), (VOUCH_MAGIC, VOUCH_SIZE)]
     ).flatmap(
-        lambda magic_size: st.binary(
-            min_size=magic_size[1] - 8, max_size=magic_size[1] - 8
-        ).map(magic_size[0].__add__)
+        lambda magic_size: st.binary(min_size=magic_size[1] - 8, max_size=magic_size[1] - 8).map(
+            magic_size[0].__add__
+        )
     )
     return st.one_of(st.binary(max_size=300), with_magic, well_sized)
 

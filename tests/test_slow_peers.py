@@ -256,7 +256,8 @@ class SilentPeerTests(TestCase):
             # Those past the limit were refused at once; the others were
             # held no longer than the handshake timeout.
             held = [
-                a for a in attackers
+                a
+                for a in attackers
                 if a.closed_at is not None and a.closed_at - a.connected_at > HANDSHAKE_TIMEOUT / 2
             ]
             assert limits.handshakes_per_address is not None

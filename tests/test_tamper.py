@@ -87,6 +87,7 @@ def protocol_of(peer: Peer) -> CurveTunProtocol:
     assert peer.protocol is not None
     return peer.protocol
 
+
 MAGICS = {
     "hello": HELLO_MAGIC,
     "cookie": COOKIE_MAGIC,
@@ -265,7 +266,11 @@ def client_connected(messages_before: int) -> Callable[[], Peer]:
 
 
 HELLO_SCENARIO = Scenario(
-    "hello at the server", server_awaiting_hello, HELLO_PAYLOAD, [], [VOUCH_PAYLOAD, *CLIENT_PAYLOADS]
+    "hello at the server",
+    server_awaiting_hello,
+    HELLO_PAYLOAD,
+    [],
+    [VOUCH_PAYLOAD, *CLIENT_PAYLOADS],
 )
 COOKIE_SCENARIO = Scenario(
     "cookie at the client", client_awaiting_cookie, COOKIE_PAYLOAD, [], SERVER_PAYLOADS
@@ -403,9 +408,7 @@ class HelloKeyEncodingTests(TamperTestCase):
     """
 
     def test_a_hello_whose_EC_has_the_top_bit_set_is_refused(self) -> None:
-        self.assert_all_refused(
-            HELLO_SCENARIO, bit_flips(HELLO_PAYLOAD, [HELLO_EC_TOP_BIT])
-        )
+        self.assert_all_refused(HELLO_SCENARIO, bit_flips(HELLO_PAYLOAD, [HELLO_EC_TOP_BIT]))
 
 
 class HandshakeShapeTests(TamperTestCase):
@@ -468,7 +471,11 @@ def length_prefix_flips(payload: bytes) -> Iterator[tuple[str, bytes, int]]:
     for bit in range(16):
         tampered = flip(genuine, bit)
         (announced,) = struct.unpack(">H", tampered[:2])
-        yield f"length prefix bit {bit} flipped ({len(payload)} -> {announced})", tampered, announced
+        yield (
+            f"length prefix bit {bit} flipped ({len(payload)} -> {announced})",
+            tampered,
+            announced,
+        )
 
 
 class LengthPrefixTests(SynchronousTestCase):

@@ -212,7 +212,14 @@ class MakeTunnelTests(SynchronousTestCase):
     def test_with_forward_every_listener_forwards_there(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = self.make(
-            "--keydir", keydir, "--listen", "tcp:0", "--listen", "tcp:0", "--forward", "tcp:127.0.0.1:1"
+            "--keydir",
+            keydir,
+            "--listen",
+            "tcp:0",
+            "--listen",
+            "tcp:0",
+            "--forward",
+            "tcp:127.0.0.1:1",
         )
         for listener in tunnel.listeners:
             assert isinstance(listener.factory, ForwardingFactory)
@@ -446,7 +453,9 @@ class EchoTests(TestCase):
     Without C{--forward}: an echo service.
     """
 
-    def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(self) -> Deferred[None]:
+    def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(
+        self,
+    ) -> Deferred[None]:
         return run(self._echo())
 
     async def _echo(self) -> None:
@@ -509,14 +518,18 @@ class TunnelTests(TestCase):
     curvetun to service B, which forwards over TCP to a backend.
     """
 
-    def start_backend(self, stall: tuple[int, float] | None = None) -> tuple[HashingEchoFactory, int]:
+    def start_backend(
+        self, stall: tuple[int, float] | None = None
+    ) -> tuple[HashingEchoFactory, int]:
         backend = HashingEchoFactory(stall)
         d = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
         port = self.successResultOf(d)
         self.addCleanup(port.stopListening)
         return backend, port.getHost().port
 
-    def start_pair(self, backend_port: int, admit_a: bool = True) -> tuple[TunnelService, TunnelService]:
+    def start_pair(
+        self, backend_port: int, admit_a: bool = True
+    ) -> tuple[TunnelService, TunnelService]:
         dir_a, key_a = make_keydir(self)
         dir_b, key_b = make_keydir(self)
         if admit_a:
@@ -607,7 +620,9 @@ class TunnelTests(TestCase):
         events = capture_logs(self)
         backend, backend_port = self.start_backend()
         a, b = self.start_pair(backend_port)
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector())
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
+        )
         await round_trip(client, b"x" * 1000)
         await round_trip(client, b"y" * 234)
         assert client.transport is not None
@@ -624,7 +639,9 @@ class TunnelTests(TestCase):
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
 
-    def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(self) -> Deferred[None]:
+    def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
+        self,
+    ) -> Deferred[None]:
         return run(self._refused())
 
     async def _refused(self) -> None:
@@ -643,14 +660,18 @@ class TunnelTests(TestCase):
         self.assertTrue(intruder.reason.check(NotAuthorized), intruder.reason)
         self.assertEqual(backend.connections, 0)
 
-    def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(self) -> Deferred[None]:
+    def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(
+        self,
+    ) -> Deferred[None]:
         return run(self._refused_tunnel())
 
     async def _refused_tunnel(self) -> None:
         events = capture_logs(self)
         backend, backend_port = self.start_backend()
         a, _ = self.start_pair(backend_port, admit_a=False)
-        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector())
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
+        )
         assert client.transport is not None
         client.transport.write(b"hello?")
         await client.lost
@@ -660,13 +681,17 @@ class TunnelTests(TestCase):
         [ended] = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertIn("not in the server's registry", ended["why"])
 
-    def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(self) -> Deferred[None]:
+    def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(
+        self,
+    ) -> Deferred[None]:
         return run(self._forward_fails())
 
     async def _forward_fails(self) -> None:
         events = capture_logs(self)
         # A port nobody listens on: listen, note it, stop.
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Collector))
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Collector)
+        )
         closed_port = port.getHost().port
         await port.stopListening()
         keydir, _ = make_keydir(self)
@@ -711,7 +736,9 @@ class GracefulStopTests(TestCase):
     async def connect(self, port: int) -> Collector:
         return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collector())
 
-    def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(self) -> Deferred[None]:
+    def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(
+        self,
+    ) -> Deferred[None]:
         return run(self._lets_finish())
 
     async def _lets_finish(self) -> None:
@@ -754,7 +781,9 @@ class GracefulStopTests(TestCase):
         [aborting] = events_like(events, "Aborting {count} connection(s)")
         self.assertEqual(aborting["count"], 1)
 
-    def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(self) -> Deferred[None]:
+    def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(
+        self,
+    ) -> Deferred[None]:
         return run(self._aborts_both_sides())
 
     async def _aborts_both_sides(self) -> None:
@@ -809,7 +838,9 @@ class CommandTests(SynchronousTestCase):
             timeout=60,
         )
 
-    def assertOneLineError(self, result: subprocess.CompletedProcess[str], status: int, text: str) -> None:
+    def assertOneLineError(
+        self, result: subprocess.CompletedProcess[str], status: int, text: str
+    ) -> None:
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
         self.assertEqual(result.returncode, status, output)
@@ -836,7 +867,9 @@ class CommandTests(SynchronousTestCase):
         with open(bad, "w") as f:
             f.write("not a directory\n")
         result = self.run_twist("--keydir", bad)
-        self.assertOneLineError(result, EX_CONFIG, f"twist curvetun: cannot create key directory {bad}")
+        self.assertOneLineError(
+            result, EX_CONFIG, f"twist curvetun: cannot create key directory {bad}"
+        )
         self.assertEqual(len(result.stderr.splitlines()), 1)
 
     def test_a_port_in_use_is_one_line_and_status_69(self) -> None:
@@ -846,7 +879,9 @@ class CommandTests(SynchronousTestCase):
         taken.listen(1)
         port = taken.getsockname()[1]
         result = self.run_twist("--keydir", self.home, "--listen", f"tcp:{port}:{LOCALHOST}")
-        self.assertOneLineError(result, EX_UNAVAILABLE, f"twist curvetun: cannot listen on tcp:{port}")
+        self.assertOneLineError(
+            result, EX_UNAVAILABLE, f"twist curvetun: cannot listen on tcp:{port}"
+        )
         self.assertEqual(len(result.stderr.splitlines()), 1)
 
     def test_it_starts_logs_its_key_and_on_sigterm_lets_open_connections_finish(self) -> None:

@@ -43,8 +43,8 @@ def unscramble16(block16: bytes, key32: bytes) -> bytes:
     k0, k1, k2, k3 = struct.unpack("<4Q", key32)
     total = (_DELTA * 32) & _MASK64
     for _ in range(32):
-        v1 = (v1 - ((((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3)))) & _MASK64
-        v0 = (v0 - ((((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1)))) & _MASK64
+        v1 = (v1 - (((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3))) & _MASK64
+        v0 = (v0 - (((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1))) & _MASK64
         total = (total - _DELTA) & _MASK64
     return struct.pack("<2Q", v0, v1)
 
@@ -201,6 +201,7 @@ class MemoryVaultTests(SynchronousTestCase):
 
     def test_shared_key_is_computed_once_per_peer(self) -> None:
         calls: list[bytes] = []
+
         def counting(pk: bytes, sk: bytes) -> bytes:
             calls.append(pk)
             return crypto_box_beforenm(pk, sk)
@@ -215,6 +216,7 @@ class MemoryVaultTests(SynchronousTestCase):
 
     def test_least_recently_used_shared_key_is_forgotten(self) -> None:
         calls: list[bytes] = []
+
         def counting(pk: bytes, sk: bytes) -> bytes:
             calls.append(pk)
             return crypto_box_beforenm(pk, sk)
@@ -354,8 +356,7 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         keydir = self.make_keydir()
         vault = FileVault(keydir)
         secrets = [
-            keydir.child(name).getContent().strip().decode()
-            for name in ("secret.key", "nonce.key")
+            keydir.child(name).getContent().strip().decode() for name in ("secret.key", "nonce.key")
         ]
         for text in (repr(vault), str(vault)):
             self.assertIn(fingerprint(vault.public_key), text)

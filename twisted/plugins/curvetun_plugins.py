@@ -40,7 +40,9 @@ class _CurveTunClientParser:
     ) -> IStreamClientEndpoint:
         from curvetun.endpoints import parse_client_endpoint
 
-        return parse_client_endpoint(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
+        return parse_client_endpoint(
+            reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()}
+        )
 
 
 @implementer(IPlugin, IStreamServerEndpointStringParser)
@@ -56,7 +58,9 @@ class _CurveTunServerParser:
     ) -> IStreamServerEndpoint:
         from curvetun.endpoints import parse_server_endpoint
 
-        return parse_server_endpoint(reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()})
+        return parse_server_endpoint(
+            reactor, *map(str, args), **{k: str(v) for k, v in kwargs.items()}
+        )
 
 
 curvetunClientParser = _CurveTunClientParser()
