@@ -4,8 +4,9 @@ diagrams: docs/server-machine.svg and docs/client-machine.svg.
 
 Edges between the same two states are merged into one, labelled with every
 input that takes it; the closed state's self-loops (it ignores everything)
-are left out. Run from the project root: python docs/make_diagrams.py
-(needs Graphviz's dot on the PATH).
+are left out. Run from the project root, with curvetun importable:
+PYTHONPATH=. python docs/make_diagrams.py (needs Graphviz's dot on the
+PATH). tests/test_docs.py checks that the .dot files are up to date.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ endpoint strings parse.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -125,3 +126,25 @@ def _forget(keydir: str) -> None:
     close = getattr(service.vault if service is not None else None, "close", None)
     if close is not None:
         close()
+
+
+class DiagramTests(SynchronousTestCase):
+    def test_the_state_diagrams_match_the_machines(self) -> None:
+        """
+        docs/*-machine.dot (and the SVGs made from them) are drawn from the
+        Automat machines as they are: regenerate them if this fails.
+        """
+        spec = importlib.util.spec_from_file_location(
+            "make_diagrams", ROOT / "docs" / "make_diagrams.py"
+        )
+        assert spec is not None and spec.loader is not None
+        make_diagrams = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(make_diagrams)
+        from curvetun.connection import ClientMachine, ServerMachine
+
+        for name, machine in (("server", ServerMachine), ("client", ClientMachine)):
+            drawn = (ROOT / "docs" / f"{name}-machine.dot").read_text()
+            self.assertEqual(
+                drawn, make_diagrams.to_dot(f"curvetun {name} connection", machine), name
+            )
+
