@@ -7,6 +7,7 @@ The file format and the matching rules are in C{docs/keys-and-registry.md}.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -55,6 +56,9 @@ class Entry:
         return ip is not None and self.network is not None and ip in self.network
 
 
+# A server parses each peer's address on every handshake, and the same
+# peers come back: cache the (immutable) results, within a bound.
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> IPv4Address | IPv6Address | None:
     """
     C{text} as an IP address, or L{None} if it is not one. An IPv4-mapped

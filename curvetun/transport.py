@@ -461,6 +461,11 @@ class _CurveTunFactory(Factory):
     the clock for the handshake timeout, and connection logging.
     """
 
+    # No "Starting factory" / "Stopping factory" log lines: a client
+    # factory starts and stops with every connection, and each connection's
+    # end is logged already.
+    noisy = False
+
     def __init__(
         self,
         wrappedFactory: IProtocolFactory,
