@@ -14,7 +14,10 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_COMMAND = "pip install '.[test]' && python -m twisted.trial tests"
+TEST_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install '.[test]'"
+    " && python -m twisted.trial tests"
+)
 
 
 class ProjectTests(SynchronousTestCase):
