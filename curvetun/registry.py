@@ -161,6 +161,30 @@ class Registry:
     """
 
     entries: tuple[Entry, ...] = ()
+    # The server's look-up index: the keys of single-address entries by
+    # address, and the entries that cover more (CIDR, "*") to scan, so that
+    # a handshake costs a dict look-up, not a pass over every line.
+    _exact: dict[IPv4Address | IPv6Address, tuple[bytes, ...]] = attrs.field(
+        init=False, repr=False, eq=False
+    )
+    _wide: tuple[Entry, ...] = attrs.field(init=False, repr=False, eq=False)
+
+    @_exact.default
+    def _index_exact(self) -> dict[IPv4Address | IPv6Address, tuple[bytes, ...]]:
+        exact: dict[IPv4Address | IPv6Address, tuple[bytes, ...]] = {}
+        for entry in self.entries:
+            if entry.network is not None and entry.network.num_addresses == 1:
+                address = entry.network.network_address
+                exact[address] = exact.get(address, ()) + (entry.key,)
+        return exact
+
+    @_wide.default
+    def _index_wide(self) -> tuple[Entry, ...]:
+        return tuple(
+            e
+            for e in self.entries
+            if e.address == ANY or (e.network is not None and e.network.num_addresses > 1)
+        )
 
     @classmethod
     def parse(cls, text: str, source: str = "<string>") -> Registry:
@@ -183,7 +207,10 @@ class Registry:
         """
         ip = _ip(peer_host)
         allowed = False
-        for entry in self.entries:
+        if ip is not None:
+            for key in self._exact.get(ip, ()):
+                allowed |= keys_equal(key, client_key)
+        for entry in self._wide:
             if entry.allows_ip(ip):
                 allowed |= keys_equal(entry.key, client_key)
         return allowed

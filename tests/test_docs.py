@@ -147,4 +147,3 @@ class DiagramTests(SynchronousTestCase):
             self.assertEqual(
                 drawn, make_diagrams.to_dot(f"curvetun {name} connection", machine), name
             )
-

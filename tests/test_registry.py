@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 
 from curvetun.errors import RegistryError
 from curvetun.interfaces import IRegistry
+from curvetun import registry as registry_module
 from curvetun.registry import Entry, FileRegistry, Registry
 
 from ._vectors import load, unhex
@@ -140,6 +141,27 @@ class ServerSideTests(SynchronousTestCase):
 
     def test_empty_registry_allows_nobody(self) -> None:
         self.assertFalse(Registry().is_client_allowed(K1, "127.0.0.1"))
+
+    def test_a_large_registry_compares_only_the_entries_that_apply(self) -> None:
+        """
+        A handshake does not pass over every line: single addresses are
+        looked up, and only networks and "*" are scanned.
+        """
+        lines = [f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255} {K2.hex()}" for n in range(20_000)]
+        lines += [f"10.0.0.7 {K1.hex()}", f"192.168.0.0/16 {K3.hex()}", f"* {K4.hex()}"]
+        registry = Registry.parse("\n".join(lines))
+        compared: list[bytes] = []
+
+        def counting_keys_equal(a: bytes, b: bytes) -> bool:
+            compared.append(a)
+            return a == b
+
+        self.patch(registry_module, "keys_equal", counting_keys_equal)
+        self.assertTrue(registry.is_client_allowed(K1, "10.0.0.7"))
+        # Both keys for 10.0.0.7, and the "*" entry: the network does not apply.
+        self.assertEqual(sorted(compared), sorted([K2, K1, K4]))
+        self.assertTrue(registry.is_client_allowed(K3, "192.168.3.4"))
+        self.assertFalse(registry.is_client_allowed(K1, "10.0.0.8"))
 
 
 class ClientSideTests(SynchronousTestCase):
