@@ -723,6 +723,10 @@ class NewcomerTests(CommandTestCase):
     the README's three commands in a shell, a fresh home directory.
     """
 
+    def test_the_readme_gives_these_commands(self) -> None:
+        with open(os.path.join(PROJECT_ROOT, "README.md"), encoding="utf-8") as f:
+            self.assertIn(NEWCOMER, f.read())
+
     def test_twist_curvetun_and_three_commands_echo_hello(self) -> Deferred[None]:
         home = self.temp_dir()
         env = subprocess_env(home)
