@@ -125,6 +125,10 @@ class _CommandOptions(_Options):
                 ordered.append(option + value)
         super().parseOptions([*ordered, "--", *arguments])
 
+    def parseArgs(self, *args: str) -> None:
+        # Most commands take none; those that do override this.
+        _arguments(args, "no arguments", 0, 0)
+
 
 class _KeydirOptions(_CommandOptions):
     """
@@ -223,9 +227,6 @@ class KeygenOptions(_KeydirOptions):
         "trusts the old public key will refuse the new one."
     )
 
-    def parseArgs(self, *args: str) -> None:
-        _arguments(args, "no arguments", 0, 0)
-
 
 class PubkeyOptions(_KeydirOptions):
     """
@@ -238,9 +239,6 @@ class PubkeyOptions(_KeydirOptions):
         "checking it against the secret key. It works while a server uses the "
         "directory. Exit 1 if the directory is missing or damaged."
     )
-
-    def parseArgs(self, *args: str) -> None:
-        _arguments(args, "no arguments", 0, 0)
 
 
 class TrustOptions(_RegistryOptions):
@@ -311,9 +309,6 @@ class PeersOptions(_RegistryOptions):
         "format (ADDRESS KEY  # comment), in file order. An empty or missing "
         "registry lists nothing (exit 0)."
     )
-
-    def parseArgs(self, *args: str) -> None:
-        _arguments(args, "no arguments", 0, 0)
 
 
 class CatOptions(_KeydirOptions):

@@ -49,7 +49,30 @@ def fixed_random(name: str) -> Callable[[int], bytes]:
     return lambda n: value[:n]
 
 
-class VectorServer:
+class VectorPeer:
+    """
+    One end of the vectors' session: a curvetun protocol on a
+    StringTransport, and the application protocols it started.
+    """
+
+    protocol: CurveTunProtocol
+    transport: StringTransport
+    apps: RecordingFactory
+
+    def receive(self, payload: bytes) -> bytes:
+        """
+        Feed one framed payload; return what was written in answer.
+        """
+        self.transport.clear()
+        self.protocol.dataReceived(framed(payload))
+        return self.transport.value()
+
+    @property
+    def delivered(self) -> list[bytes]:
+        return [m for app in self.apps.built for m in app.received]
+
+
+class VectorServer(VectorPeer):
     """
     A server protocol holding the vectors' server key and cookie key, on a
     StringTransport, admitting the vectors' client from 127.0.0.1.
@@ -72,24 +95,14 @@ class VectorServer:
             ReplayGuard(clock, lifetime=120).remember,
             clock,
         )
-        self.protocol = factory.buildProtocol(CLIENT_ADDRESS)
+        protocol = factory.buildProtocol(CLIENT_ADDRESS)
+        assert protocol is not None
+        self.protocol = protocol
         self.transport = StringTransport(hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS)
         self.protocol.makeConnection(self.transport)
 
-    def receive(self, payload: bytes) -> bytes:
-        """
-        Feed one framed payload; return what the server wrote in answer.
-        """
-        self.transport.clear()
-        self.protocol.dataReceived(framed(payload))
-        return self.transport.value()
 
-    @property
-    def delivered(self) -> list[bytes]:
-        return [m for app in self.apps.built for m in app.received]
-
-
-class VectorClient:
+class VectorClient(VectorPeer):
     """
     A client protocol holding the vectors' client key and ephemeral key,
     on a StringTransport, expecting the vectors' server key.
@@ -118,15 +131,6 @@ class VectorClient:
         self.protocol = CurveTunProtocol(factory, make_machine)
         self.transport = StringTransport(hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS)
         self.protocol.makeConnection(self.transport)
-
-    def receive(self, payload: bytes) -> bytes:
-        self.transport.clear()
-        self.protocol.dataReceived(framed(payload))
-        return self.transport.value()
-
-    @property
-    def delivered(self) -> list[bytes]:
-        return [m for app in self.apps.built for m in app.received]
 
 
 class KnownAnswerSessionTests(SynchronousTestCase):
@@ -183,35 +187,30 @@ class KnownAnswerSessionTests(SynchronousTestCase):
         self.assertFalse(client.transport.disconnecting)
 
 
-def _prepare(case: dict[str, Any]) -> tuple[VectorServer | VectorClient, list[bytes]]:
+def _prepare(case: dict[str, Any]) -> tuple[VectorPeer, list[bytes]]:
     """
     Bring a connection into the state C{case} names; return it and what it
     has delivered legitimately so far.
     """
     target = case["target"]
-    prior = case["prior_msg_counters_received"]
+    peer: VectorPeer
     if target.startswith("server"):
         override = case["registry_override_key_for_127_0_0_1"]
-        server = VectorServer(None if override is None else unhex(override))
-        if target != "server_awaiting_hello":
-            server.receive(unhex(HELLO["payload"]))
-        if target == "server_connected":
-            server.receive(unhex(VOUCH["payload"]))
-        expected = []
-        for packet in CLIENT_MESSAGES:
-            if packet["counter"] in prior:
-                server.receive(unhex(packet["payload"]))
-                expected.append(unhex(packet["plaintext"]))
-        return server, expected
-    client = VectorClient()
-    if target == "client_connected":
-        client.receive(unhex(COOKIE["payload"]))
+        peer = VectorServer(None if override is None else unhex(override))
+        handshake = {"server_awaiting_vouch": [HELLO], "server_connected": [HELLO, VOUCH]}
+        messages = CLIENT_MESSAGES
+    else:
+        peer = VectorClient()
+        handshake = {"client_connected": [COOKIE]}
+        messages = SERVER_MESSAGES
+    for packet in handshake.get(target, []):
+        peer.receive(unhex(packet["payload"]))
     expected = []
-    for packet in SERVER_MESSAGES:
-        if packet["counter"] in prior:
-            client.receive(unhex(packet["payload"]))
+    for packet in messages:
+        if packet["counter"] in case["prior_msg_counters_received"]:
+            peer.receive(unhex(packet["payload"]))
             expected.append(unhex(packet["plaintext"]))
-    return client, expected
+    return peer, expected
 
 
 def _make_reject_test(case: dict[str, Any]) -> Callable[[SynchronousTestCase], None]:
