@@ -181,13 +181,18 @@ class _Unfinished:
                 self._resize(network, -1)
                 return
 
-    def victim(self) -> Candidate | None:
+    def victim(self, newcomer: str) -> Candidate | None:
         """
-        The unfinished handshake to evict first, or L{None} if there is none.
+        The unfinished handshake to evict first for a newcomer from network
+        C{newcomer}, or L{None} if there is none. On a tie for the largest
+        network, the newcomer's own gives way.
         """
         if not self._largest:
             return None
-        network = next(iter(self._by_size[self._largest]))
+        if self._size[newcomer] == self._largest:
+            network = newcomer
+        else:
+            network = next(iter(self._by_size[self._largest]))
         silent = self._silent.get(network)
         while silent:
             candidate = next(iter(silent))
@@ -281,22 +286,27 @@ class Admission:
     unfinished handshake instead of being refused: an attacker holding
     sockets open that never finish no longer shuts new clients out.
 
-    Whom to evict: the oldest unfinished handshake of the network that has
-    the most of them, one that has not sent a valid hello if that network
-    has any. The network comes first because a valid hello costs an
-    attacker nothing (a recorded one verifies again on any connection),
-    while networks cost it address space: a network evicts others only
-    once it is no larger than the largest, so a flood from one network
-    only churns its own handshakes, and an attacker spread over k networks
-    of at most c unfinished handshakes each cannot evict a handshake from a
-    network that has fewer than c. To evict an honest client from a network
-    of its own it must hold as many networks as the server holds unfinished
-    handshakes (512 by default), and make that many connections within the
-    client's handshake (two round trips). Oldest first (rather than at
-    random) because the newest are those most likely to be honest clients
-    about to finish; an attacker cannot make its own sockets younger than a
-    newcomer's. Among one network's, the silent go first: a client in the
-    middle of its handshake has sent its hello.
+    Whom to evict: an unfinished handshake of the network that has the most
+    of them (the newcomer's own, on a tie); within that network, one that
+    has not sent a valid hello if there is any; the oldest first.
+
+      - The network comes before the hello because a valid hello costs an
+        attacker nothing (a recorded one verifies again on any connection)
+        while networks cost it address space. A newcomer takes a place from
+        another network only if that network has more unfinished handshakes
+        than the newcomer's own: a flood from one network churns its own
+        handshakes, and an attacker spread over networks of C{c} each
+        cannot evict from a network with fewer than C{c}. To reach an
+        honest client alone in its network, every network must be down to
+        one: the attacker needs about as many networks as the server takes
+        unfinished handshakes (512 by default), and must make that many
+        connections within the client's handshake (two round trips).
+      - Oldest first, not at random: an honest handshake is over in a few
+        round trips, so the oldest are the stalled ones; a random choice
+        would give every attacker connection a fair chance at an honest
+        client in the middle of its handshake.
+      - Silent first within a network: a scanner or an idle socket goes
+        before a client that is in the middle of its handshake.
 
     Refusals are counted per limit (L{refusals}) and logged as at most one
     warning per interval, with counts.
@@ -372,7 +382,7 @@ class Admission:
         victim = None
         label = self._own_share_reached(address, network)
         if label is None and (label := self._server_full()) is not None:
-            victim = self._unfinished.victim()
+            victim = self._unfinished.victim(network)
             if victim is not None:
                 label = None
         if label is not None:
