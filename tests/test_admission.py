@@ -137,6 +137,14 @@ class AddressAndNetworkTests(SynchronousTestCase):
             peer_address_and_network("2001:db8::1", 24, 64)[0],
         )
 
+    def test_an_ipv6_zone_is_ignored(self) -> None:
+        self.assertEqual(peer_address_and_network("fe80::1%eth0", 24, 64), ("fe80::1", "fe80::/64"))
+
+    def test_prefixes_of_zero_and_of_the_whole_address(self) -> None:
+        self.assertEqual(peer_address_and_network("10.1.2.3", 0, 64)[1], "0.0.0.0/0")
+        self.assertEqual(peer_address_and_network("10.1.2.3", 32, 64)[1], "10.1.2.3/32")
+        self.assertEqual(peer_address_and_network("2001:db8::1", 24, 128)[1], "2001:db8::1/128")
+
     def test_a_peer_without_an_ip_address_is_its_own_network(self) -> None:
         self.assertEqual(peer_address_and_network("", 24, 64), ("", ""))
 
