@@ -354,7 +354,7 @@ class EvictionTests(AdmissionCase):
         looks = Counter[str]()
 
         class Counted(FakeCandidate):
-            @property  # type: ignore[override]
+            @property
             def hello_verified(self) -> bool:
                 looks["hello"] += 1
                 return True
@@ -566,7 +566,7 @@ class FailureLogTests(SynchronousTestCase):
         self.assertEqual(len(debug_lines(events)), 10_000)
 
     def test_lines_are_at_least_an_interval_apart(self) -> None:
-        times = []
+        times: list[float] = []
         with capturedLogs() as events:
             for _ in range(120):
                 self.failures.failed("10.0.0.1:1", Failure(BadPacket("bad")))
