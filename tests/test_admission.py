@@ -312,10 +312,11 @@ class EvictionTests(AdmissionCase):
 
     def test_on_a_tie_the_newcomers_network_gives_way(self) -> None:
         self.make(limits(handshakes=4))
-        mine = [self.admit("10.0.0.1"), self.admit("10.0.0.1")]
+        # Theirs came first, and is as large as mine.
         theirs = [self.admit("10.0.1.1"), self.admit("10.0.1.1")]
+        mine = [self.admit("10.0.0.1"), self.admit("10.0.0.1")]
         self.admit("10.0.0.1")
-        self.assertEqual([c.evicted for c in mine + theirs], [True, False, False, False])
+        self.assertEqual([c.evicted for c in theirs + mine], [False, False, True, False])
 
     def test_networks_at_the_limit_are_evened_out(self) -> None:
         # The largest network gives way first, so several busy networks end
