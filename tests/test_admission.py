@@ -354,7 +354,11 @@ class EvictionTests(AdmissionCase):
         # once per newcomer.
         looks = Counter[str]()
 
-        class Counted(FakeCandidate):
+        class Greeted(FakeCandidate):
+            """
+            A candidate that has sent a valid hello, and counts the looks.
+            """
+
             @property
             def hello_verified(self) -> bool:
                 looks["hello"] += 1
@@ -366,7 +370,7 @@ class EvictionTests(AdmissionCase):
 
         self.make(limits(handshakes=512))
         for _ in range(2000):
-            self.admission.admit("10.0.0.1", Counted(self.admission, self.clock))
+            self.admission.admit("10.0.0.1", Greeted(self.admission, self.clock))
         self.assertLessEqual(looks["hello"], 2 * 2000)
         self.assertEqual(self.admission.evictions, 2000 - 512)
 
