@@ -696,7 +696,9 @@ class LockOut:
     cannot foresee, it reconnects one round trip later. Meanwhile a
     legitimate client from another network connects every second from
     C{first_client_ms} on, C{clients} times, and needs two round trips for
-    its handshake (its hello verifies after the first).
+    its handshake (its hello verifies after the first). With
+    C{attackers_send_hello}, the attackers' connections send a valid hello
+    (a recorded one will do) and then nothing.
     """
 
     def __init__(
@@ -707,11 +709,13 @@ class LockOut:
         attempt_every_ms: int = 5,
         first_client_ms: int = 5_000,
         clients: int = 20,
+        attackers_send_hello: bool = False,
     ) -> None:
         self.admission = admission
         self.clock = clock
         self.hosts = attacker_hosts
         self.attempt_every_ms = attempt_every_ms
+        self.attackers_send_hello = attackers_send_hello
         self.now = 0
         self.events: dict[int, list[Callable[[], None]]] = {}
         self.attacker_admitted = 0
@@ -736,6 +740,7 @@ class LockOut:
 
     def attacker_connects(self, host: str) -> None:
         connection = SimulatedConnection(self, host, attacker=True)
+        connection.hello_verified = self.attackers_send_hello
         if self.admission.admit(host, connection) is None:
             self.attacker_admitted += 1
             self.at(self.now + HANDSHAKE_TIMEOUT_MS, connection.end)
@@ -774,14 +779,20 @@ ATTACKERS_V6 = [f"2001:db8:bad:1::{i:x}" for i in range(1, 17)]
 class LockOutTests(SynchronousTestCase):
     """
     Silent connections from many addresses cannot lock legitimate clients
-    out: over 25 simulated seconds of attack, a client connecting once a
+    out: over 26 simulated seconds of attack, a client connecting once a
     second completes 20 handshakes of 20. The controls run the same attack
     against the refusing policy that admission replaces (refuse past any
     limit, no per-network counts): there the client is refused every time.
     """
 
-    def simulate(self, admission: _Admits, clock: MemoryReactorClock, hosts: list[str]) -> LockOut:
-        lock_out = LockOut(admission, clock, hosts)
+    def simulate(
+        self,
+        admission: _Admits,
+        clock: MemoryReactorClock,
+        hosts: list[str],
+        attackers_send_hello: bool = False,
+    ) -> LockOut:
+        lock_out = LockOut(admission, clock, hosts, attackers_send_hello=attackers_send_hello)
         lock_out.run()
         return lock_out
 
@@ -794,6 +805,13 @@ class LockOutTests(SynchronousTestCase):
         self.assertGreater(lock_out.attacker_admitted, 2 * 512)
         self.assertGreater(admission.evictions, 20)
         self.assertGreater(admission.refusals["handshakes_per_address"], 10_000)
+
+    def test_attackers_that_send_a_valid_hello_do_not_lock_clients_out(self) -> None:
+        clock = MemoryReactorClock()
+        admission = Admission(ConnectionLimits(), clock)
+        lock_out = self.simulate(admission, clock, ATTACKERS_V4, attackers_send_hello=True)
+        self.assertEqual((lock_out.clients_completed, lock_out.clients_refused), (20, 0))
+        self.assertGreater(admission.evictions, 20)
 
     def test_control_without_eviction_clients_are_locked_out(self) -> None:
         clock = MemoryReactorClock()
