@@ -28,6 +28,13 @@ class BadPacket(CurveTunError):
         self.reason = reason
 
 
+class ReplayedVouch(BadPacket):
+    """
+    A vouch that the server accepted before, on another connection, was
+    sent again.
+    """
+
+
 class HandshakeFailed(CurveTunError):
     """
     The handshake did not complete.
@@ -52,6 +59,13 @@ class NotAuthorized(HandshakeFailed):
 class HandshakeTimeout(HandshakeFailed):
     """
     The handshake did not complete in the allotted time.
+    """
+
+
+class HandshakeEvicted(HandshakeFailed):
+    """
+    The server, at its limit of connections or unfinished handshakes,
+    closed this unfinished handshake to make room for a newer connection.
     """
 
 
