@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Coroutine, TypeVar
+from typing import Any
 
 from twisted.internet import error as internet_error, reactor
 from twisted.internet.address import IPv4Address
@@ -38,43 +38,41 @@ from zope.interface import implementer
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
+from curvetun.listeners import OpenConnections
 from curvetun.transport import ConnectionLimits
-from curvetun.tap import (
+from curvetun.tunnel import EchoFactory, ForwardingFactory
+from curvetun.tunnel_service import (
     EX_CONFIG,
     EX_UNAVAILABLE,
     EX_USAGE,
     StartupError,
     TunnelService,
-    make_tunnel,
+    build_tunnel,
 )
-from curvetun.tunnel import EchoFactory, ForwardingFactory, OpenConnections
 
-from ._tap_support import (
-    ROOT,
+from ._support import (
     Collector,
-    HashingEchoFactory,
-    StreamingClient,
     admit,
-    buffered,
     capture_logs,
     events_like,
     forget_keydir,
     make_keydir,
+    round_trip,
+)
+from ._tap_support import (
+    ROOT,
+    HashingEchoFactory,
+    StreamingClient,
+    build,
+    buffered,
     parse,
     port_of,
     resident_bytes,
-    round_trip,
     start_tunnel,
     tunnel_transports,
 )
 
-T = TypeVar("T")
-
 LOCALHOST = "interface=127.0.0.1"
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
-    return Deferred.fromCoroutine(coroutine)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -163,21 +161,20 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(usage.UsageError, parse, "--grace")
 
 
-class MakeTunnelTests(SynchronousTestCase):
+class BuildTunnelTests(SynchronousTestCase):
     """
-    L{make_tunnel}: what it builds, and a one-line L{StartupError} with its
+    L{build_tunnel}: what it builds, and a one-line L{StartupError} with its
     exit status for every unusable input.
     """
 
     def make(self, *argv: str) -> TunnelService:
-        tunnel = make_tunnel(parse(*argv), reactor)
+        tunnel = build(*argv)
         # Built but never started: release the key directory and the pool.
-        self.addCleanup(lambda: tunnel.stopService() if tunnel.running else None)
-        self.addCleanup(forget_keydir, tunnel.keydir)
+        self.addCleanup(tunnel.release)
         return tunnel
 
     def fails(self, *argv: str) -> StartupError:
-        error = self.assertRaises(StartupError, make_tunnel, parse(*argv), reactor)
+        error = self.assertRaises(StartupError, build, *argv)
         self.assertNotIn("\n", str(error))
         return error
 
@@ -453,12 +450,7 @@ class EchoTests(TestCase):
     Without C{--forward}: an echo service.
     """
 
-    def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(
-        self,
-    ) -> Deferred[None]:
-        return run(self._echo())
-
-    async def _echo(self) -> None:
+    async def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(self) -> None:
         # The defaults, but on a free port and with a key directory that
         # does not exist yet (it is created with a fresh key).
         server_dir = os.path.abspath(self.mktemp())
@@ -477,12 +469,9 @@ class EchoTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
 
-    def test_echo_stops_reading_while_its_client_does_not_read(self) -> Deferred[None]:
-        return run(self._echo_backpressure())
-
-    async def _echo_backpressure(self) -> None:
+    async def test_echo_stops_reading_while_its_client_does_not_read(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = start_tunnel(self, "--keydir", keydir, "--listen", f"tcp:0:{LOCALHOST}")
         total = 20 * 1024 * 1024
@@ -509,7 +498,7 @@ class EchoTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
 
 
 class TunnelTests(TestCase):
@@ -548,10 +537,7 @@ class TunnelTests(TestCase):
         )  # fmt: skip
         return a, b
 
-    def test_50_mb_cross_a_two_hop_tunnel_each_way_intact_in_bounded_memory(self) -> Deferred[None]:
-        return run(self._fifty_megabytes())
-
-    async def _fifty_megabytes(self) -> None:
+    async def test_50_mb_cross_a_two_hop_tunnel_each_way_intact_in_bounded_memory(self) -> None:
         total = 50 * 1024 * 1024
         # Each end stops reading for half a second on the way, as a slow
         # reader would: the backend after 30 MB, the client after 10 MB
@@ -613,10 +599,7 @@ class TunnelTests(TestCase):
             growth=(peak["resident"] - baseline) / 1024 / 1024,
         )
 
-    def test_the_close_is_logged_with_the_bytes_carried_each_way(self) -> Deferred[None]:
-        return run(self._close_log())
-
-    async def _close_log(self) -> None:
+    async def test_the_close_is_logged_with_the_bytes_carried_each_way(self) -> None:
         events = capture_logs(self)
         backend, backend_port = self.start_backend()
         a, b = self.start_pair(backend_port)
@@ -628,8 +611,8 @@ class TunnelTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await a.listeners[0].factory.connections.when_empty()
-        await b.listeners[0].factory.connections.when_empty()
+        await a.listeners[0].connections.when_empty()
+        await b.listeners[0].connections.when_empty()
         ended = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertEqual(len(ended), 2)  # one at A, one at B
         for event in ended:
@@ -639,12 +622,7 @@ class TunnelTests(TestCase):
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
 
-    def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
-        self,
-    ) -> Deferred[None]:
-        return run(self._refused())
-
-    async def _refused(self) -> None:
+    async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(self) -> None:
         backend, backend_port = self.start_backend()
         _, b = self.start_pair(backend_port)
         intruder_dir, _ = make_keydir(self)
@@ -660,12 +638,7 @@ class TunnelTests(TestCase):
         self.assertTrue(intruder.reason.check(NotAuthorized), intruder.reason)
         self.assertEqual(backend.connections, 0)
 
-    def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(
-        self,
-    ) -> Deferred[None]:
-        return run(self._refused_tunnel())
-
-    async def _refused_tunnel(self) -> None:
+    async def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(self) -> None:
         events = capture_logs(self)
         backend, backend_port = self.start_backend()
         a, _ = self.start_pair(backend_port, admit_a=False)
@@ -675,18 +648,13 @@ class TunnelTests(TestCase):
         assert client.transport is not None
         client.transport.write(b"hello?")
         await client.lost
-        await a.listeners[0].factory.connections.when_empty()
+        await a.listeners[0].connections.when_empty()
         self.assertEqual(backend.connections, 0)
         self.assertEqual(client.data, b"")
         [ended] = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertIn("not in the server's registry", ended["why"])
 
-    def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(
-        self,
-    ) -> Deferred[None]:
-        return run(self._forward_fails())
-
-    async def _forward_fails(self) -> None:
+    async def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(self) -> None:
         events = capture_logs(self)
         # A port nobody listens on: listen, note it, stop.
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -705,7 +673,7 @@ class TunnelTests(TestCase):
             TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(tunnel)), Collector()
         )
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
         [failed] = events_like(events, "Forwarding {peer} (key {key}) to {forward} failed")
         self.assertEqual(failed["forward"], f"tcp:127.0.0.1:{closed_port}")
         self.assertIn("refused", failed["why"].lower())
@@ -736,12 +704,7 @@ class GracefulStopTests(TestCase):
     async def connect(self, port: int) -> Collector:
         return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collector())
 
-    def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(
-        self,
-    ) -> Deferred[None]:
-        return run(self._lets_finish())
-
-    async def _lets_finish(self) -> None:
+    async def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(self) -> None:
         tunnel = self.start()
         port = port_of(tunnel)
         client = await self.connect(port)
@@ -761,10 +724,7 @@ class GracefulStopTests(TestCase):
         # It finished on its own: the grace timer was cancelled, not run.
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_connections_still_open_after_the_grace_time_are_aborted(self) -> Deferred[None]:
-        return run(self._aborts())
-
-    async def _aborts(self) -> None:
+    async def test_connections_still_open_after_the_grace_time_are_aborted(self) -> None:
         events = capture_logs(self)
         tunnel = self.start()
         client = await self.connect(port_of(tunnel))
@@ -781,12 +741,7 @@ class GracefulStopTests(TestCase):
         [aborting] = events_like(events, "Aborting {count} connection(s)")
         self.assertEqual(aborting["count"], 1)
 
-    def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(
-        self,
-    ) -> Deferred[None]:
-        return run(self._aborts_both_sides())
-
-    async def _aborts_both_sides(self) -> None:
+    async def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(self) -> None:
         backend = HashingEchoFactory()
         backend_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
         self.addCleanup(backend_port.stopListening)
