@@ -22,6 +22,8 @@ and with which exit status it fails to start).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import attrs
 from twisted.application.service import IService
 from twisted.python import usage
@@ -56,20 +58,23 @@ class Options(usage.Options):
         "if it does not exist."
     )
 
-    _LIMITS = {
+    # The limits that have an option, and what each counts.
+    _LIMITS: ClassVar[dict[str, str]] = {
         "connections": "connections",
         "connections_per_address": "connections from one IP address",
         "handshakes": "unfinished handshakes",
         "handshakes_per_address": "unfinished handshakes from one IP address",
     }
 
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "keydir",
             "k",
             None,
-            "Key directory of this side's long-term key, created if missing "
-            "[default: $CURVETUN_HOME, else ~/.curvetun].",
+            (
+                "Key directory of this side's long-term key, created if missing "
+                "[default: $CURVETUN_HOME, else ~/.curvetun]."
+            ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
         [
@@ -95,8 +100,10 @@ class Options(usage.Options):
                 f"max-{name.replace('_', '-')}",
                 None,
                 str(getattr(ConnectionLimits(), name)),
-                f"The most {what} a curvetun listen endpoint takes at once "
-                "(0: no limit); past it, new connections are closed at once.",
+                (
+                    f"The most {what} a curvetun listen endpoint takes at once "
+                    "(0: no limit); past it, new connections are closed at once."
+                ),
             ]
             for name, what in _LIMITS.items()
         ),
@@ -157,8 +164,7 @@ class Options(usage.Options):
                 "--handshake-timeout", str(self["handshake-timeout"]), allow_zero=False
             )
             self["idle-timeout"] = (
-                parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True)
-                or None
+                parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
             )
             limits = {}
             for name in self._LIMITS:

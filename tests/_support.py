@@ -7,13 +7,13 @@ on disk, log capture and a collecting client for real connections.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
@@ -194,8 +194,9 @@ def capture_logs(testcase: SynchronousTestCase) -> list[LogEvent]:
     Every log event emitted until the end of the test.
     """
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -74,7 +75,9 @@ def port_of(tunnel: TunnelService, index: int = 0) -> int:
     """
     port = tunnel.listeners[index].port
     assert port is not None
-    return int(port.getHost().port)
+    address = port.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address)), address
+    return address.port
 
 
 # -- peers --------------------------------------------------------------------

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import attrs
-
-from twisted.internet import error as internet_error, reactor
-from twisted.internet.address import IPv4Address
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import error as internet_error
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -57,7 +57,6 @@ from curvetun.tunnel_service import (
     EX_USAGE,
     StartupError,
     TunnelService,
-    build_tunnel,
 )
 
 from ._support import (
@@ -243,7 +242,7 @@ class BuildTunnelTests(SynchronousTestCase):
         return tunnel
 
     def fails(self, *argv: str) -> StartupError:
-        error = self.assertRaises(StartupError, build, *argv)
+        error: StartupError = self.assertRaises(StartupError, build, *argv)
         self.assertNotIn("\n", str(error))
         return error
 
@@ -724,7 +723,7 @@ class BufferedTests(TestCase):
 
     def test_a_curvetun_connection_holds_the_unfinished_frame_it_has_read(self) -> None:
         peers = Peers()
-        _, server, pump = peers.connect()
+        _, server, _ = peers.connect()
         self.assertEqual(curvetun_read_buffer(server), 0)
         # The first bytes of a message frame: a length, then part of it.
         server.dataReceived(b"\x01\x00" + b"m" * 40)
@@ -733,12 +732,15 @@ class BufferedTests(TestCase):
     def test_a_transport_of_another_kind_fails_the_measure_loudly(self) -> None:
         self.assertRaises(AssertionError, buffered, StringTransport())
 
+
 class EchoTests(TestCase):
     """
     Without C{--forward}: an echo service.
     """
 
-    async def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(self) -> None:
+    async def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(
+        self,
+    ) -> None:
         # The defaults, but on a free port and with a key directory that
         # does not exist yet (it is created with a fresh key).
         server_dir = os.path.abspath(self.mktemp())
@@ -894,7 +896,7 @@ class TunnelTests(TestCase):
 
     async def test_the_close_is_logged_with_the_bytes_carried_each_way(self) -> None:
         events = capture_logs(self)
-        backend, backend_port = self.start_backend()
+        _, backend_port = self.start_backend()
         a, b = self.start_pair(backend_port)
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
@@ -915,7 +917,9 @@ class TunnelTests(TestCase):
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
 
-    async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(self) -> None:
+    async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
+        self,
+    ) -> None:
         backend, backend_port = self.start_backend()
         _, b = self.start_pair(backend_port)
         intruder_dir, _ = make_keydir(self)
@@ -947,7 +951,9 @@ class TunnelTests(TestCase):
         [ended] = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertIn("not in the server's registry", ended["why"])
 
-    async def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(self) -> None:
+    async def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(
+        self,
+    ) -> None:
         events = capture_logs(self)
         # A port nobody listens on: listen, note it, stop.
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -995,7 +1001,9 @@ class GracefulStopTests(TestCase):
         )  # fmt: skip
 
     async def connect(self, port: int) -> Collector:
-        return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collector())
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        client: Collector = await connectProtocol(endpoint, Collector())
+        return client
 
     async def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(self) -> None:
         tunnel = self.start()
@@ -1034,7 +1042,9 @@ class GracefulStopTests(TestCase):
         [aborting] = events_like(events, "Aborting {count} connection(s)")
         self.assertEqual(aborting["count"], 1)
 
-    async def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(self) -> None:
+    async def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(
+        self,
+    ) -> None:
         backend = HashingEchoFactory()
         backend_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
         self.addCleanup(backend_port.stopListening)
@@ -1084,6 +1094,7 @@ class CommandTests(SynchronousTestCase):
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
         )
 
     def assertOneLineError(
@@ -1092,7 +1103,7 @@ class CommandTests(SynchronousTestCase):
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
         self.assertEqual(result.returncode, status, output)
-        first, *rest = result.stderr.splitlines()
+        first = result.stderr.splitlines()[0]
         self.assertIn(text, first)
 
     def test_help_describes_the_options_and_exits_0(self) -> None:
@@ -1156,9 +1167,7 @@ class CommandTests(SynchronousTestCase):
         self.assertIn("lone backslash", result.stderr)
 
     def test_a_forward_endpoint_ending_in_a_backslash_is_one_line_and_status_64(self) -> None:
-        result = self.run_twist(
-            "--listen", f"tcp:0:{LOCALHOST}", "--forward", "tcp:127.0.0.1:1\\"
-        )
+        result = self.run_twist("--listen", f"tcp:0:{LOCALHOST}", "--forward", "tcp:127.0.0.1:1\\")
         self.assertExactlyOneLine(
             result, EX_USAGE, "twist curvetun: bad --forward endpoint 'tcp:127.0.0.1:1\\\\'"
         )
@@ -1193,7 +1202,7 @@ class CommandTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(lambda: None if process.poll() is not None else process.kill())
         output = read_until(process, b"", "Listening on", count=2)
         events = parse_events(output)
         [announced] = [e for e in events if e["log_format"].startswith("curvetun public key")]
