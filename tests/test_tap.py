@@ -6,6 +6,7 @@ run as a process.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -18,6 +19,7 @@ from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
 from twisted.internet import error as internet_error
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -57,7 +59,9 @@ from curvetun.tunnel_service import (
     EX_USAGE,
     StartupError,
     TunnelService,
+    make_service,
 )
+from curvetun.vault import FileVault
 
 from ._support import (
     Collector,
@@ -387,6 +391,55 @@ class BuildTunnelTests(SynchronousTestCase):
         self.assertIsNotNone(factory.buildProtocol(address))
         factory.connections.accepting = False
         self.assertIsNone(factory.buildProtocol(address))
+
+
+class MakeServiceTests(TestCase):
+    """
+    L{make_service}: the service C{twist} runs, one tunnel per
+    L{TunnelConfig}, and an exit with the error's status (after releasing
+    what was built) when one cannot be built.
+    """
+
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    async def test_one_tunnel_per_config_each_listening_and_stopping(self) -> None:
+        first, _ = make_keydir(self)
+        second, _ = make_keydir(self)
+        configs = [
+            TunnelConfig(keydir=first, listen=(f"tcp:0:{LOCALHOST}",)),
+            TunnelConfig(keydir=second, listen=(f"tcp:0:{LOCALHOST}",) * 2, grace=0),
+        ]
+        service = make_service(configs, reactor)
+        tunnels = list(IServiceCollection(service))
+        assert all(isinstance(tunnel, TunnelService) for tunnel in tunnels)
+        self.assertEqual([tunnel.config for tunnel in tunnels], configs)
+        service.startService()
+        for tunnel in tunnels:
+            for index in range(len(tunnel.config.listen)):
+                self.assertGreater(port_of(tunnel, index), 0)
+        await service.stopService()
+        # Stopped tunnels have released their key directories.
+        FileVault(first).close()
+        FileVault(second).close()
+
+    def test_a_config_that_cannot_be_built_exits_with_its_status_and_releases_the_rest(
+        self,
+    ) -> None:
+        good, _ = make_keydir(self)
+        other, _ = make_keydir(self)
+        configs = [
+            TunnelConfig(keydir=good, listen=("tcp:0",)),
+            TunnelConfig(keydir=other, listen=("foo:1",)),
+        ]
+        error = self.assertRaises(SystemExit, make_service, configs, reactor)
+        self.assertEqual(error.code, EX_USAGE)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "twist curvetun: bad --listen endpoint 'foo:1': Unknown endpoint type: 'foo'\n",
+        )
+        FileVault(good).close()
 
 
 @implementer(IStreamClientEndpoint)
