@@ -221,10 +221,11 @@ class Forwarder(Protocol):
             (the connect could not be cancelled in time), and the forward
             side should abort.
         """
+        if self.closed or self.transport is None or forward_side.transport is None:
+            # Not counted as a side: the pair has been logged as ended.
+            return False
         self.forward_side = forward_side
         self._open_sides += 1
-        if self.closed or self.transport is None or forward_side.transport is None:
-            return False
         accepted, forward = self.transport, forward_side.transport
         accepted.registerProducer(forward, True)  # type: ignore[attr-defined]
         forward.registerProducer(accepted, True)  # type: ignore[attr-defined]
@@ -240,11 +241,13 @@ class Forwarder(Protocol):
         self.bytes_returned += len(data)
         self.transport.write(data)
 
-    def forward_side_lost(self, reason: Failure) -> None:
+    def forward_side_lost(self, forward_side: ForwardedConnection, reason: Failure) -> None:
         """
         The forward side has closed: close this side too, after what it has
         been sent so far.
         """
+        if forward_side is not self.forward_side:
+            return  # one that L{forward_side_made} turned away
         if not self.closed and self.transport is not None:
             self.transport.loseConnection()
         self._side_closed(reason, "forward side")
@@ -339,7 +342,7 @@ class ForwardedConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
-        self.forwarder.forward_side_lost(reason)
+        self.forwarder.forward_side_lost(self, reason)
 
     def send(self, data: bytes) -> bool:
         """

@@ -530,6 +530,24 @@ class ForwarderTests(SynchronousTestCase):
         self.forwarder.connectionLost(Failure(internet_error.ConnectionDone()))
         self.assertEqual(len(self.factory.connections), 0)
 
+    def test_a_forward_connection_made_after_the_client_closed_is_aborted(self) -> None:
+        # An endpoint may build and start the protocol before the cancelled
+        # connect can stop it.
+        factory, _ = self.endpoint.attempts[0]
+        self.forwarder.connectionLost(Failure(internet_error.ConnectionDone()))
+        late = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6379))
+        assert late is not None
+        transport = StringTransport()
+        late.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        late.connectionLost(Failure(internet_error.ConnectionAborted()))
+        # The pair is logged once, and left the open connections once.
+        ended = events_like(self.events, "Connection from {peer} (key {key}) to {forward} ended")
+        self.assertEqual(len(ended), 1)
+        self.assertIn("client closed before the forward connection was made", ended[0]["why"])
+        self.assertEqual(len(self.factory.connections), 0)
+        self.assertEqual(self.accepted.value(), b"")
+
     def test_abort_aborts_both_sides(self) -> None:
         _, forward = self.endpoint.complete()
         self.forwarder.abort()
