@@ -155,6 +155,14 @@ class TunnelListener(StreamServerEndpointService):
     at once (TCP, UNIX and curvetun endpoints do); a failure that comes
     later is logged at critical level.
 
+    The base class learns of the outcome only after this class has, through
+    the endpoint it is given (a L{_ReportingEndpoint} around the real one,
+    so C{endpoint} is that wrapper): its private C{_raiseSynchronously}
+    switch is left alone. What is relied on beyond its documentation (that
+    a listen that fired with L{None} stops quietly; that C{startService}
+    after C{privilegedStartService} does not listen again) is pinned by
+    C{tests.test_tap.TunnelListenerTests}.
+
     @ivar description: the endpoint as given (for log messages).
     @ivar serving: what the factory does with a connection (for the log).
     @ivar port: the listening port, while listening.
