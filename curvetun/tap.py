@@ -125,8 +125,9 @@ class Options(usage.Options):
 
     def opt_forward(self, endpoint: str) -> None:
         """
-        Endpoint to forward each connection to, e.g. tcp:127.0.0.1:6379 or
-        curvetun:HOST:7700:key=KEY [default: echo what is received]; once.
+        Endpoint to forward each connection to, given at most once, e.g.
+        tcp:127.0.0.1:6379 or curvetun:HOST:7700:key=KEY [default: echo what
+        is received].
         """
         if self["forward"] is not None:
             # Not silently the last one: one tunnel forwards to one place.

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from .config import TunnelConfig
@@ -216,9 +216,12 @@ def build_tunnel(
     if registry is not None:
         service_pool.adopt(identity, keydir, os.path.join(keydir, REGISTRY_FILE), default=False)
     try:
-        forward = None
+        forward: tuple[IStreamClientEndpoint, str] | None = None
         if config.forward is not None:
-            forward = parse_endpoint("--forward", config.forward, clientFromString, reactor)
+            forward = (
+                parse_endpoint("--forward", config.forward, clientFromString, reactor),
+                config.forward,
+            )
         listens = [
             (description, parse_endpoint("--listen", description, serverFromString, reactor))
             for description in config.listen
@@ -230,10 +233,10 @@ def build_tunnel(
     for description, endpoint in listens:
         connections = OpenConnections()
         factory: TrackingFactory
-        if forward is None or config.forward is None:
+        if forward is None:
             factory = EchoFactory(connections)
         else:
-            factory = ForwardingFactory(forward, config.forward, connections)
+            factory = ForwardingFactory(*forward, connections)
         service.add_listener(
             TunnelListener(
                 endpoint,
