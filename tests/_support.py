@@ -1,25 +1,32 @@
 """
 Shared test fixtures: in-memory identities, a fake registry, a recording
-application protocol, and in-memory connections (iosim).
+application protocol, and in-memory connections (iosim); key directories
+on disk, log capture and a collecting client for real connections.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, cast
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from curvetun.cookies import CookieKeys
+from curvetun.endpoints import service_pool
 from curvetun.interfaces import IRegistry
 from curvetun.keys import keys_equal
+from curvetun.registry import FileRegistry
 from curvetun.service import CurveTunService
 from curvetun.transport import CurveTunProtocol
-from curvetun.vault import MemoryVault
+from curvetun.vault import FileVault, MemoryVault
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7700)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -143,3 +150,102 @@ class Peers:
             # The pump runs the clock's due calls (coalesced writes).
             clock=self.clock,
         )
+
+
+# -- key directories, logs and a collecting client (real connections) -----------
+#
+# Used by the tests of `twist curvetun` and by any test that runs a service
+# from a key directory on disk.
+
+
+def make_keydir(testcase: SynchronousTestCase) -> tuple[str, bytes]:
+    """
+    A new key directory in the test's temporary space; its path and public
+    key. The vault is closed again, so the code under test can load it.
+    """
+    keydir = os.path.abspath(testcase.mktemp())
+    vault = FileVault.create(keydir)
+    vault.close()
+    testcase.addCleanup(forget_keydir, keydir)
+    return keydir, vault.public_key
+
+
+def forget_keydir(keydir: str) -> None:
+    """
+    Drop the pool's service for C{keydir} (loaded by an endpoint string
+    under test) and release its directory: the pool is process-wide.
+    """
+    service = service_pool.forget_keydir(keydir)
+    if service is not None:
+        close = getattr(service.vault, "close", None)
+        if close is not None:
+            close()
+
+
+def admit(keydir: str, client_key: bytes, host: str = "127.0.0.1") -> None:
+    """
+    Let C{client_key} connect from C{host} to the server of C{keydir}.
+    """
+    FileRegistry(os.path.join(keydir, "registry")).add(host, client_key, "test client")
+
+
+def capture_logs(testcase: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Every log event emitted until the end of the test.
+    """
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def events_like(events: list[LogEvent], format_start: str) -> list[LogEvent]:
+    """
+    The events whose format begins with C{format_start}.
+    """
+    return [e for e in events if (e.get("log_format") or "").startswith(format_start)]
+
+
+class Collector(Protocol):
+    """
+    A client that keeps what it receives; C{received_enough} fires once it
+    has C{expected} bytes, C{lost} when the connection ends (its reason is
+    kept in C{reason}).
+    """
+
+    def __init__(self, expected: int = 0) -> None:
+        self.data = b""
+        self.expected = expected
+        self.received_enough: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def expect(self, count: int) -> Deferred[bytes]:
+        """
+        Wait for C{count} more bytes (those received from now on).
+        """
+        self.data = b""
+        self.expected = count
+        self.received_enough = Deferred()
+        return self.received_enough
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.expected and not self.received_enough.called:
+            self.received_enough.callback(self.data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        # The reason is kept, not passed: a Failure would errback.
+        self.reason = reason
+        self.lost.callback(None)
+
+
+async def round_trip(collector: Collector, data: bytes) -> bytes:
+    """
+    Write C{data} and wait for as many bytes back.
+    """
+    waiting = collector.expect(len(data))
+    assert collector.transport is not None
+    collector.transport.write(data)
+    return await waiting
