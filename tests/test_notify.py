@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import cast
 
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun import notify
@@ -63,8 +64,9 @@ class NotifyTests(SynchronousTestCase):
 
     def test_an_unreachable_socket_is_logged_not_raised(self) -> None:
         events: list[LogEvent] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         missing = os.path.abspath(self.mktemp())
         self.assertFalse(notify.ready("x", {"NOTIFY_SOCKET": missing}))
         self.assertEqual(len([e for e in events if "notify" in e.get("log_format", "")]), 1)

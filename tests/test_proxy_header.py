@@ -124,7 +124,7 @@ class TwistedBackendTests(TestCase):
         client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
             Factory.forProtocol(Protocol)
         )
-        assert client.transport is not None
+        assert isinstance(client, Protocol) and client.transport is not None
         client.transport.write(header + b"payload")
         result = await seen
         client.transport.loseConnection()
