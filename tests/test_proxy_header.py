@@ -132,10 +132,10 @@ class TwistedBackendTests(TestCase):
 
     async def test_v1_header_gives_the_client_address(self) -> None:
         peer, data = await self._through_haproxy_endpoint(v1_header(CLIENT, TUNNEL))
-        self.assertEqual((peer.host, peer.port), ("192.0.2.7", 40000))  # type: ignore[attr-defined]
+        self.assertEqual(peer, IPv4Address("TCP", "192.0.2.7", 40000))
         self.assertEqual(data, b"payload")
 
     async def test_v2_header_with_key_gives_the_client_address(self) -> None:
         peer, data = await self._through_haproxy_endpoint(v2_header(CLIENT, TUNNEL, KEY))
-        self.assertEqual((peer.host, peer.port), ("192.0.2.7", 40000))  # type: ignore[attr-defined]
+        self.assertEqual(peer, IPv4Address("TCP", "192.0.2.7", 40000))
         self.assertEqual(data, b"payload")

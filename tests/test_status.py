@@ -88,7 +88,8 @@ class RenderTests(SynchronousTestCase):
         self.assertIn("latest message: none yet", blocks[2])
 
     def test_a_document_of_another_shape_is_a_value_error(self) -> None:
-        for bad in ([], {"now": "x", "tunnels": []}, {"now": 1, "tunnels": [1]}):
+        bad_documents: list[object] = [[], {"now": "x", "tunnels": []}, {"now": 1, "tunnels": [1]}]
+        for bad in bad_documents:
             self.assertRaises(ValueError, render, bad)
 
     def test_a_bad_key_is_a_value_error(self) -> None:
