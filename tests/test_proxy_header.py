@@ -121,7 +121,9 @@ class TwistedBackendTests(TestCase):
             reactor, "haproxy:tcp:0:interface=127.0.0.1"
         ).listen(factory)
         self.addCleanup(port.stopListening)
-        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        client = await TCP4ClientEndpoint(reactor, "127.0.0.1", address.port).connect(
             Factory.forProtocol(Protocol)
         )
         assert isinstance(client, Protocol) and client.transport is not None
