@@ -100,7 +100,7 @@ class Peers:
             self.server_vault,
             self.registry,
             clock=self.clock,
-            cookie_keys=CookieKeys(clock=self.clock),
+            cookie_keys=CookieKeys(clock=self.clock, seconds=self.clock.seconds),
             handshake_timeout=handshake_timeout,
             **server_options,
         )
