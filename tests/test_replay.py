@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -349,6 +350,9 @@ class DefaultKeysPeers(Peers):
         self.server_factory = self.server.server_factory(self.server_apps)
 
 
+AnyPeers = TypeVar("AnyPeers", bound=Peers)
+
+
 class ClockStepTests(ReplayTestCase):
     """
     The wall clock steps (NTP, a restored VM, a date set by hand), back or
@@ -358,7 +362,7 @@ class ClockStepTests(ReplayTestCase):
 
     D = 600.0
 
-    def started(self, peers: Peers) -> Peers:
+    def started(self, peers: AnyPeers) -> AnyPeers:
         peers.server.startService()
         self.addCleanup(peers.server.stopService)
         return peers
