@@ -5,9 +5,11 @@ application protocol, and in-memory connections (iosim).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -143,3 +145,42 @@ class Peers:
             # The pump runs the clock's due calls (coalesced writes).
             clock=self.clock,
         )
+
+
+# -- Threads run by the test (registry rereads) ---------------------------
+
+_Result = TypeVar("_Result")
+
+
+class ManualThreads:
+    """
+    Stands in for L{twisted.internet.threads.deferToThread}: it keeps the
+    jobs it is given until the test runs them (L{run_all}), in the test's
+    thread, firing each job's L{Deferred} with its result or failure.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.ran = 0
+
+    def __call__(self, job: Callable[[], _Result]) -> Deferred[_Result]:
+        d: Deferred[_Result] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run_all(self) -> int:
+        """
+        Run the jobs given so far and those they lead to; return how many.
+        """
+        count = 0
+        while self.jobs:
+            job, d = self.jobs.pop(0)
+            count += 1
+            self.ran += 1
+            try:
+                result = job()
+            except BaseException:
+                d.errback()
+            else:
+                d.callback(result)
+        return count
