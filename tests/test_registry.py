@@ -25,7 +25,14 @@ from zope.interface.verify import verifyObject
 from curvetun import registry as registry_module
 from curvetun.errors import RegistryError
 from curvetun.interfaces import IRegistry
-from curvetun.registry import ANY, Entry, FileRegistry, Registry, RegistryChange
+from curvetun.registry import (
+    ANY,
+    INLINE_REREAD_LIMIT,
+    Entry,
+    FileRegistry,
+    Registry,
+    RegistryChange,
+)
 
 from ._support import ManualThreads
 from ._vectors import load, unhex
@@ -343,7 +350,11 @@ class FileRegistryTests(SynchronousTestCase):
         self.path.setContent(text.encode("utf-8"))
 
     def registry(self) -> FileRegistry:
-        return FileRegistry(self.path, run_in_thread=self.threads)
+        """
+        The registry at C{self.path}, reading every change in a thread
+        (C{self.threads}), however small.
+        """
+        return FileRegistry(self.path, run_in_thread=self.threads, inline_limit=0)
 
     def test_provides_iregistry(self) -> None:
         self.assertTrue(verifyObject(IRegistry, self.registry()))
@@ -466,6 +477,27 @@ class FileRegistryTests(SynchronousTestCase):
         self.assertEqual(registry.server_key_for("10.1.2.3"), K3)
         self.assertEqual(self.threads.jobs, [])
 
+    def test_a_small_file_is_read_by_the_look_up_that_notices_the_change(self) -> None:
+        """
+        So that C{curvetun trust} applies to the very next connection.
+        """
+        self.write(f"10.1.2.3 {K1.hex()}\n")
+        registry = FileRegistry(self.path, run_in_thread=self.threads)
+        self.write(f"10.1.2.3 {K2.hex()}  # a different size\n")
+        self.assertEqual(registry.server_key_for("10.1.2.3"), K2)
+        self.assertEqual(self.threads.jobs, [])
+
+    def test_a_file_of_the_inline_limit_is_read_in_a_thread(self) -> None:
+        line = f"10.1.2.3 {K2.hex()}\n"
+        padding = "#" * (INLINE_REREAD_LIMIT - len(line) - 1) + "\n"
+        self.write(f"10.1.2.3 {K1.hex()}\n")
+        registry = FileRegistry(self.path, run_in_thread=self.threads)
+        self.write(line + padding)
+        self.assertEqual(self.path.getsize(), INLINE_REREAD_LIMIT)
+        self.assertEqual(registry.server_key_for("10.1.2.3"), K1)
+        self.assertEqual(self.threads.run_all(), 1)
+        self.assertEqual(registry.server_key_for("10.1.2.3"), K2)
+
     def test_malformed_file_at_first_load_is_an_error(self) -> None:
         self.write(f"10.1.2.3 {K1.hex()}\n10.1.2.300 {K2.hex()}\n")
         with self.assertRaises(RegistryError) as cm:
@@ -513,7 +545,7 @@ class ReloadTests(SynchronousTestCase):
         self.path = FilePath(self.mktemp())
         self.path.setContent(f"10.1.2.3 {K1.hex()}\n10.0.0.0/8 {K2.hex()}\n".encode())
         self.threads = ManualThreads()
-        self.registry = FileRegistry(self.path, run_in_thread=self.threads)
+        self.registry = FileRegistry(self.path, run_in_thread=self.threads, inline_limit=0)
         self.changes: list[RegistryChange] = []
         self.registry.changed_callbacks.append(self.changes.append)
 
@@ -654,7 +686,7 @@ class FileRegistryThreadTests(TestCase):
 
             return deferToThread(slowly)
 
-        registry = FileRegistry(self.path, run_in_thread=slow_thread)
+        registry = FileRegistry(self.path, run_in_thread=slow_thread, inline_limit=0)
         self.path.setContent(f"10.1.2.3 {K2.hex()}  # changed\n".encode())
         self.assertTrue(registry.is_client_allowed(K1, "10.1.2.3"))  # starts the reread
         await deferToThread(started.wait, 10)
