@@ -136,9 +136,9 @@ refused rather than read into memory.
 
 INLINE_REREAD_LIMIT = 64 * 1024
 """
-A changed registry file smaller than this (some 700 entries) is read again
+A changed registry file smaller than this (some 800 entries) is read again
 by the look-up that notices the change, as it takes a few milliseconds
-(about 10 ms for 64 KiB): so an edit, by C{curvetun trust} for instance,
+(about 9 ms of CPU for 64 KiB): so an edit, by C{curvetun trust} for instance,
 applies to the very next connection. A larger one is read in a thread.
 """
 
