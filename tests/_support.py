@@ -7,7 +7,8 @@ on disk, log capture and a collecting client for real connections.
 from __future__ import annotations
 
 import os
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -107,7 +108,7 @@ class Peers:
             self.server_vault,
             self.registry,
             clock=self.clock,
-            cookie_keys=CookieKeys(clock=self.clock),
+            cookie_keys=CookieKeys(clock=self.clock, seconds=self.clock.seconds),
             handshake_timeout=handshake_timeout,
             **server_options,
         )
@@ -249,3 +250,42 @@ async def round_trip(collector: Collector, data: bytes) -> bytes:
     assert collector.transport is not None
     collector.transport.write(data)
     return await waiting
+
+
+# -- Threads run by the test (registry rereads) ---------------------------
+
+_Result = TypeVar("_Result")
+
+
+class ManualThreads:
+    """
+    Stands in for L{twisted.internet.threads.deferToThread}: it keeps the
+    jobs it is given until the test runs them (L{run_all}), in the test's
+    thread, firing each job's L{Deferred} with its result or failure.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.ran = 0
+
+    def __call__(self, job: Callable[[], _Result]) -> Deferred[_Result]:
+        d: Deferred[_Result] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run_all(self) -> int:
+        """
+        Run the jobs given so far and those they lead to; return how many.
+        """
+        count = 0
+        while self.jobs:
+            job, d = self.jobs.pop(0)
+            count += 1
+            self.ran += 1
+            try:
+                result = job()
+            except BaseException:
+                d.errback()
+            else:
+                d.callback(result)
+        return count
