@@ -221,31 +221,47 @@ async def connect(connector: Connector, port: int, server_key: bytes) -> _Client
 @attrs.define
 class Peer:
     """
-    One transport as the measurements see it: how to connect, and the
-    server process to connect to.
+    What the measurements connect to, and how: the echo and sink ports
+    (of a server process, or of a tunnel in front of one) and the
+    connector of the transport.
+
+    @ivar key: the server's curvetun public key (empty for other
+        transports).
+    @ivar control_port: the server process's control port (0: none).
     """
 
+    name: str
     connector: Connector
-    server: ServerProcess
+    echo_port: int
+    sink_port: int
+    key: bytes = b""
+    control_port: int = 0
 
-    @property
-    def name(self) -> str:
+    @classmethod
+    def of(cls, connector: Connector, server: ServerProcess) -> Peer:
         """
-        The transport's name.
+        The peer that is C{server}, reached through C{connector}.
         """
-        return self.connector.transport
+        return cls(
+            connector.transport,
+            connector,
+            server.echo_port,
+            server.sink_port,
+            server.key,
+            server.control_port,
+        )
 
     async def connect_echo(self) -> _Client:
         """
         A connection to the echo service.
         """
-        return await connect(self.connector, self.server.echo_port, self.server.key)
+        return await connect(self.connector, self.echo_port, self.key)
 
     async def connect_sink(self) -> _Client:
         """
         A connection to the sink service.
         """
-        return await connect(self.connector, self.server.sink_port, self.server.key)
+        return await connect(self.connector, self.sink_port, self.key)
 
 
 # -- the measurements ---------------------------------------------------------
@@ -344,7 +360,7 @@ async def measure_handshakes(peer: Peer, count: int, clients: int = 1) -> float:
     return _perf_counter() - started
 
 
-async def _open_idle(peer: Peer, count: int) -> list[_Client]:
+async def open_idle(peer: Peer, count: int) -> list[_Client]:
     """
     Open C{count} echo connections, L{MEMORY_CONCURRENCY} at a time, each
     established on both sides (one byte there and back).
@@ -365,7 +381,7 @@ async def _open_idle(peer: Peer, count: int) -> list[_Client]:
     return opened
 
 
-async def _close_all(clients: Iterable[_Client]) -> None:
+async def close_all(clients: Iterable[_Client]) -> None:
     await gatherResults(
         [Deferred.fromCoroutine(client.close()) for client in clients], consumeErrors=True
     )
@@ -384,14 +400,14 @@ async def measure_idle_memory(peer: Peer, connections: int) -> float:
     """
 
     control = await TCP4ClientEndpoint(
-        peer.connector.reactor, LOCALHOST, peer.server.control_port
+        peer.connector.reactor, LOCALHOST, peer.control_port
     ).connect(Factory.forProtocol(_ControlClient))
     assert isinstance(control, _ControlClient)
-    first = await _open_idle(peer, connections)
+    first = await open_idle(peer, connections)
     before, _ = await control.ask_rss()
-    clients = await _open_idle(peer, connections)
+    clients = await open_idle(peer, connections)
     after, open_connections = await control.ask_rss()
-    await _close_all(first + clients)
+    await close_all(first + clients)
     assert control.transport is not None
     control.transport.loseConnection()
     if open_connections != len(first) + connections:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -93,29 +93,33 @@ def perf_counter() -> float:
 
 
 @attrs.frozen
-class _Timed:
+class Timed:
     """
     A timed figure: how to measure C{count} units of work (returning
     seconds), the first count to try, and how a count and its seconds
     make the figure's value.
+
+    @ivar service: the server's service it goes through (the tunnel
+        comparison needs to know: a tunnel leads to one).
     """
 
     measure: Callable[[Peer, int], Awaitable[float]]
     first_count: int
     multiple: int = 1
     value_per_unit: float = 1.0
+    service: str = "echo"
 
     def value(self, count: int, seconds: float) -> float:
         return count * self.value_per_unit / seconds
 
 
-TIMED: dict[str, _Timed] = {
-    "bulk": _Timed(measure_bulk, 16, value_per_unit=STREAM_CHUNK / 1e6),
-    "pingpong": _Timed(measure_ping_pong, 100),
-    "pipelined_stream": _Timed(measure_pipelined, 2000),
-    "pipelined_message": _Timed(partial(measure_pipelined, message_api=True), 2000),
-    "handshakes": _Timed(measure_handshakes, 10),
-    "handshakes_concurrent": _Timed(
+TIMED: dict[str, Timed] = {
+    "bulk": Timed(measure_bulk, 16, value_per_unit=STREAM_CHUNK / 1e6),
+    "pingpong": Timed(measure_ping_pong, 100),
+    "pipelined_stream": Timed(measure_pipelined, 2000),
+    "pipelined_message": Timed(partial(measure_pipelined, message_api=True), 2000),
+    "handshakes": Timed(measure_handshakes, 10),
+    "handshakes_concurrent": Timed(
         partial(measure_handshakes, clients=HANDSHAKE_CLIENTS),
         4 * HANDSHAKE_CLIENTS,
         multiple=HANDSHAKE_CLIENTS,
@@ -163,15 +167,16 @@ class Progress:
             self._stream.flush()
 
 
-def _with_timeout(
-    reactor: Any, awaitable: Awaitable[float], seconds: float, what: str
-) -> Deferred[float]:
+_T = TypeVar("_T")
+
+
+def with_timeout(reactor: Any, awaitable: Awaitable[_T], seconds: float, what: str) -> Deferred[_T]:
     """
     C{awaitable} as a Deferred that fails with L{BenchError} after
     C{seconds}.
     """
 
-    async def wrapped() -> float:
+    async def wrapped() -> _T:
         return await awaitable
 
     result = Deferred.fromCoroutine(wrapped())
@@ -245,7 +250,7 @@ class Bench:
         spawned = [self._spawn(name) for name in transports]
         for server in spawned:
             server.wait_ready()
-            self.peers[server.transport] = Peer(self._connector(server.transport), server)
+            self.peers[server.transport] = Peer.of(self._connector(server.transport), server)
 
     def _spawn(self, transport: str, fresh: bool = False) -> ServerProcess:
         """
@@ -317,7 +322,7 @@ class Bench:
         target = self.settings.duration
         count = timed.first_count
         while True:
-            seconds = await _with_timeout(
+            seconds = await with_timeout(
                 self.reactor,
                 timed.measure(peer, count),
                 self._timeout(),
@@ -341,8 +346,8 @@ class Bench:
             # connections would otherwise be reused and hide the cost.
             server = self._spawn(column, fresh=True).wait_ready()
             try:
-                peer = Peer(self._connector(column), server)
-                return await _with_timeout(
+                peer = Peer.of(self._connector(column), server)
+                return await with_timeout(
                     self.reactor,
                     measure_idle_memory(peer, self.settings.connections),
                     self._timeout(),
@@ -353,7 +358,7 @@ class Bench:
                 self.servers.remove(server)
         timed = TIMED[figure.key]
         count = self.counts[figure.key, column]
-        seconds = await _with_timeout(
+        seconds = await with_timeout(
             self.reactor,
             timed.measure(self.peers[column], count),
             self._timeout(),

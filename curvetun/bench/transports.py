@@ -80,15 +80,16 @@ class KeyDirectories:
     client_key: bytes
 
     @classmethod
-    def create(cls, directory: str) -> KeyDirectories:
+    def create(cls, directory: str, name: str = "") -> KeyDirectories:
         """
-        Make both sides' key directories and registries in C{directory}.
+        Make both sides' key directories and registries in C{directory}
+        (C{name} prefixes their names).
         """
-        client_keydir = os.path.join(directory, "client-keys")
-        client_registry = os.path.join(directory, "client.registry")
+        client_keydir = os.path.join(directory, f"{name}client-keys")
+        client_registry = os.path.join(directory, f"{name}client.registry")
         client_key = make_keydir(client_keydir)
         server_keydir, server_registry, server_key = cls.server_for(
-            directory, "server", client_key
+            directory, f"{name}server", client_key
         )
         write_registry(client_registry, server_key)
         return cls(
@@ -289,7 +290,9 @@ class Connector:
     How the client side reaches a server process over one transport.
     """
 
-    def __init__(self, reactor: Any, transport: str, identities: ClientIdentities) -> None:
+    def __init__(
+        self, reactor: Any, transport: str, identities: ClientIdentities | None = None
+    ) -> None:
         self.reactor = reactor
         self.transport = transport
         self._identities = identities
@@ -307,8 +310,11 @@ class Connector:
         return endpoint
 
     def _make(self, port: int, server_key: bytes) -> IStreamClientEndpoint:
+        identities = self._identities
+        assert identities is not None or self.transport == "tcp"
         if self.transport == "curvetun":
-            keydirs = self._identities.keydirs
+            assert identities is not None
+            keydirs = identities.keydirs
             assert keydirs is not None
             description = curvetun_client_description(
                 port, server_key, keydirs.client_keydir, keydirs.client_registry
@@ -319,5 +325,7 @@ class Connector:
         if self.transport == "tcp":
             return tcp
         if self.transport == "tls":
-            return wrapClientTLS(self._identities.tls_options, tcp)
-        return CurveTunClientEndpoint(tcp, self._identities.memory_service, server_key)
+            assert identities is not None
+            return wrapClientTLS(identities.tls_options, tcp)
+        assert identities is not None
+        return CurveTunClientEndpoint(tcp, identities.memory_service, server_key)
