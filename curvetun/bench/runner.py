@@ -409,7 +409,8 @@ def environment() -> dict[str, str]:
         "python": f"Python {platform.python_version()}",
         "twisted": twisted.__version__,
         "pynacl": nacl.__version__,
-        "platform": platform.platform(),
+        # os.uname, not platform.platform(): that runs "uname -p".
+        "platform": "-".join(os.uname()[i] for i in (0, 2, 4)),
         "cpus": str(os.cpu_count()),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

@@ -266,7 +266,11 @@ class Launcher:
         # verifying the other's, and no session resumption: every new
         # connection is a full handshake, as every curvetun one is.
         common = [
+            # In the foreground, logging to stderr (a file here), as under
+            # a supervisor; without a syslog daemon, stunnel's attempts to
+            # reach one would cost it several ms a connection.
             "foreground = yes",
+            "syslog = no",
             "pid =",
         ]
         service = [
