@@ -31,7 +31,7 @@ from functools import partial
 from typing import IO, Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -589,13 +589,26 @@ class TunnelBench:
         self.backend = ServerProcess.spawn("tcp", ServerIdentity()).wait_ready()
         keys = self._keys()
         services = {TIMED[k].service for k in keys if k in TIMED}
-        for kind in self.settings.transports:
-            if kind == "direct":
-                continue
-            for service in sorted(services):
-                self.tunnels[kind, service] = await self.launcher.start(
-                    kind, self._backend_port(service)
-                )
+        wanted = [
+            (kind, service)
+            for kind in self.settings.transports
+            if kind != "direct"
+            for service in sorted(services)
+        ]
+
+        async def start(kind: str, service: str) -> None:
+            self.tunnels[kind, service] = await self.launcher.start(
+                kind, self._backend_port(service)
+            )
+
+        # All at once: twist takes a second or so to start.
+        try:
+            await gatherResults(
+                [Deferred.fromCoroutine(start(kind, service)) for kind, service in wanted],
+                consumeErrors=True,
+            )
+        except FirstError as error:
+            error.subFailure.raiseException()
 
     def _backend_port(self, service: str) -> int:
         assert self.backend is not None
