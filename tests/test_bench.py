@@ -624,3 +624,17 @@ class EnvironmentTests(SynchronousTestCase):
         info = runner.environment()
         self.assertEqual(info["curvetun"], __version__)
         self.assertEqual(ran, [])
+
+
+class PackagingTests(SynchronousTestCase):
+    def test_the_bench_package_is_installed_with_curvetun(self) -> None:
+        # setup.cfg names its packages one by one: a subpackage left out
+        # would be missing from every installed copy.
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(ROOT / "setup.cfg")
+        packages = config["options"]["packages"].split()
+        self.assertIn("curvetun.bench", packages)
+        self.assertTrue((ROOT / "curvetun" / "bench" / "__init__.py").exists())
+        self.assertTrue((ROOT / "curvetun" / "bench" / "__main__.py").exists())

@@ -11,6 +11,7 @@ stunnel4}) and skipped, saying so, elsewhere.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import json
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,20 @@ QUICK_TIMEOUT = 180
 QUICK_COMMAND = ["--tunnel", "--quick", "--connections", "50"]
 
 
+@functools.cache
+def _scratch() -> str:
+    """
+    The temporary directory of the quick runs: their tunnel ends' files,
+    and so their command lines, are under it.
+    """
+    directory = tempfile.mkdtemp(prefix="curvetun-test-bench-tunnel-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
+    env["TMPDIR"] = _scratch()
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
@@ -50,6 +64,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=QUICK_TIMEOUT,
+        check=False,
     )
 
 
@@ -144,10 +159,17 @@ class QuickTunnelRunTests(SynchronousTestCase):
                 self.assertTrue(self.data["environment"][kind], kind)
 
     def test_no_tunnel_end_is_left_running(self) -> None:
-        running = subprocess.run(
-            ["ps", "-eo", "args"], capture_output=True, text=True, check=False
-        ).stdout
-        self.assertNotIn("curvetun-bench-tunnel-", running)
+        # Every tunnel end's command line names the run's directory, which
+        # is under this test's.
+        running = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                running.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+            except OSError:
+                continue
+        mine = _scratch().encode()
+        self.assertFalse([line for line in running if mine in line])
+        self.assertTrue(self.data["tunnels"])
 
     def _assert_measured(self, column: str) -> None:
         for key, figure in self.figures.items():
