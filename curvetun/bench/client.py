@@ -448,7 +448,7 @@ def crypto_operations() -> dict[str, Callable[[], object]]:
         crypto_box_open_easy_afternm,
     )
 
-    public_key, secret_key = crypto_box_keypair()
+    _, secret_key = crypto_box_keypair()
     peer_public_key, _ = crypto_box_keypair()
     shared = crypto_box_beforenm(peer_public_key, secret_key)
     nonce = bytes(24)

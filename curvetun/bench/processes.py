@@ -132,7 +132,10 @@ class Children:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(),
+                # Safe here: the tunnel comparison starts its children
+                # before any thread of its own exists (it connects to
+                # IP addresses, with no resolver thread).
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
             )
         self.processes.append(process)
         return process

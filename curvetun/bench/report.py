@@ -75,8 +75,7 @@ def format_report(report: Report) -> str:
     ]
     if report.tls:
         lines.append(f"TLS: {report.tls}, {report.environment.get('openssl', '')}")
-    for reason in report.skipped.values():
-        lines.append(reason)
+    lines += report.skipped.values()
     if "curvetun-memory" in report.transports:
         lines.append(
             "curvetun: endpoint strings with a key directory each side;"

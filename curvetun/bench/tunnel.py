@@ -351,7 +351,9 @@ def versions() -> dict[str, str]:
         ("stunnel", [stunnel_program(), "-version"]),
     ):
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=10)
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=10, check=False
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         text = result.stdout + result.stderr
