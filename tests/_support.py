@@ -143,3 +143,209 @@ class Peers:
             # The pump runs the clock's due calls (coalesced writes).
             clock=self.clock,
         )
+
+
+# -- endpoint strings: key directories, PROXY headers, UNIX sockets, DNS ----------
+#
+# (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
+
+import os
+import socket
+import struct
+import tempfile
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.protocols.policies import (
+    ProtocolWrapper,
+    WrappingFactory,
+)
+from twisted.trial.unittest import SynchronousTestCase
+
+from curvetun.endpoints import service_pool
+from curvetun.registry import FileRegistry
+from curvetun.vault import FileVault
+
+
+class KeyDirs:
+    """
+    A server key directory and a client key directory on disk; the
+    server's registry admits the client from C{admit_from} (default
+    127.0.0.1; L{None}: from nowhere), the client's registry knows the
+    server as 127.0.0.1. Both are dropped from the process-wide endpoint
+    pool at cleanup.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase, admit_from: str | None = "127.0.0.1") -> None:
+        base = testcase.mktemp()
+        os.makedirs(base)
+        self.server = os.path.abspath(os.path.join(base, "server"))
+        self.client = os.path.abspath(os.path.join(base, "client"))
+        self.server_key = self.create(self.server)
+        self.client_key = self.create(self.client)
+        if admit_from is not None:
+            self.admit(admit_from)
+        FileRegistry(os.path.join(self.client, "registry")).add(
+            "127.0.0.1", self.server_key, "test server"
+        )
+        testcase.addCleanup(self.forget)
+
+    def admit(self, address: str) -> None:
+        """
+        Let the client's key connect from C{address} (a registry ADDRESS).
+        """
+        FileRegistry(os.path.join(self.server, "registry")).add(
+            address, self.client_key, "test client"
+        )
+
+    @staticmethod
+    def create(keydir: str) -> bytes:
+        vault = FileVault.create(keydir)
+        vault.close()  # the endpoints under test load it again
+        return vault.public_key
+
+    def forget(self) -> None:
+        for keydir in (self.server, self.client):
+            service = service_pool.forget_keydir(keydir)
+            if service is not None:
+                service.vault.close()  # type: ignore[attr-defined]
+
+
+def short_socket_dir(testcase: SynchronousTestCase) -> str:
+    """
+    A new directory for UNIX sockets, with a path short enough for
+    C{sun_path} (108 bytes; the trial temporary tree can be deeper).
+    """
+    directory = tempfile.mkdtemp(prefix="ct-")
+
+    def remove() -> None:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+
+    testcase.addCleanup(remove)
+    return directory
+
+
+def proxy_v1_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 1 header for a TCP4 connection from C{source}.
+    """
+    return f"PROXY TCP4 {source} 127.0.0.1 {source_port} 7700\r\n".encode("ascii")
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 2 header (command PROXY, TCP over IPv4) for a
+    connection from C{source}.
+    """
+    addresses = struct.pack(
+        "!4s4sHH",
+        socket.inet_aton(source),
+        socket.inet_aton("127.0.0.1"),
+        source_port,
+        7700,
+    )
+    return PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+
+PROXY_V2_LOCAL = PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+"""
+A PROXY version 2 LOCAL header, as a load balancer's health check sends.
+"""
+
+
+class _HeaderFirst(ProtocolWrapper):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.factory.header)  # type: ignore[attr-defined]
+        super().connectionMade()
+
+
+class _HeaderFirstFactory(WrappingFactory):
+    protocol = _HeaderFirst
+
+    def __init__(self, wrapped: IProtocolFactory, header: bytes) -> None:
+        super().__init__(wrapped)
+        self.header = header
+
+
+class HeaderFirstEndpoint:
+    """
+    A client endpoint that sends C{header} (a PROXY header, as a load
+    balancer would) before anything its protocol writes.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint, header: bytes) -> None:
+        self._wrapped = wrapped
+        self._header = header
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def unwrap(protocol: IProtocol) -> IProtocol:
+            assert isinstance(protocol, _HeaderFirst)
+            return protocol.wrappedProtocol
+
+        return self._wrapped.connect(
+            _HeaderFirstFactory(protocolFactory, self._header)
+        ).addCallback(unwrap)
+
+
+def capture_log(testcase: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Every log event from now until the test ends.
+    """
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    return events
+
+
+def log_formats(events: list[LogEvent]) -> list[str]:
+    return [str(event.get("log_format", "")) for event in events]
+
+
+ZONE_TEMPLATE = """\
+$ORIGIN {origin}.
+$TTL 60
+@ IN SOA ns1.{origin}. admin.{origin}. ( 1 3600 600 86400 60 )
+@ IN NS ns1.{origin}.
+ns1 IN A 127.0.0.1
+"""
+
+
+async def serve_zone(testcase: SynchronousTestCase, origin: str, records: list[str]) -> int:
+    """
+    Serve a zone for C{origin} holding C{records} (zone-file lines, such as
+    C{'_curvetun IN TXT "curvetun-key=..."'}) from a real twisted.names
+    authoritative server on 127.0.0.1, over UDP and TCP on one free port;
+    return the port.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.names import authority, dns, server
+    from twisted.python.filepath import FilePath
+
+    path = os.path.abspath(testcase.mktemp())
+    zone = ZONE_TEMPLATE.format(origin=origin) + "".join(line + "\n" for line in records)
+    FilePath(path).setContent(zone.encode("ascii"))
+    factory = server.DNSServerFactory(authorities=[authority.BindAuthority(path)])
+    for _attempt in range(20):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        port: int = udp.getHost().port
+        try:
+            tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            await udp.stopListening()
+            continue
+        testcase.addCleanup(udp.stopListening)
+        testcase.addCleanup(tcp.stopListening)
+        return port
+    raise RuntimeError("no port free for both UDP and TCP")
