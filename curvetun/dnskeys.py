@@ -108,9 +108,11 @@ def parse_resolver(text: str | None) -> Any:
         or not 0 < int(port) < 65536
     ):
         raise ValueError(f"resolver must be IP\\:PORT (the ':' escaped), not {text[:60]!r}")
-    from twisted.names.client import createResolver
+    from twisted.names.client import Resolver
 
-    return createResolver(servers=[(host, int(port))])
+    # Resolver itself, not createResolver: that one also re-reads
+    # /etc/resolv.conf every minute, for the life of the process.
+    return Resolver(servers=[(host, int(port))])
 
 
 class DNSServerKeys:

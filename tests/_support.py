@@ -312,31 +312,48 @@ def log_formats(events: list[LogEvent]) -> list[str]:
     return [str(event.get("log_format", "")) for event in events]
 
 
-ZONE_TEMPLATE = """\
-$ORIGIN {origin}.
-$TTL 60
-@ IN SOA ns1.{origin}. admin.{origin}. ( 1 3600 600 86400 60 )
-@ IN NS ns1.{origin}.
-ns1 IN A 127.0.0.1
-"""
-
-
-async def serve_zone(testcase: SynchronousTestCase, origin: str, records: list[str]) -> int:
+class Zone:
     """
-    Serve a zone for C{origin} holding C{records} (zone-file lines, such as
-    C{'_curvetun IN TXT "curvetun-key=..."'}) from a real twisted.names
-    authoritative server on 127.0.0.1, over UDP and TCP on one free port;
-    return the port.
+    A served zone: C{port} (UDP and TCP), and C{tcp_connections}, how many
+    connections came over TCP.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.tcp_connections = 0
+
+
+async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: list[bytes]) -> Zone:
+    """
+    Serve a zone for C{origin} whose name C{_curvetun.ORIGIN} has one TXT
+    record for each of C{key_records}, from a real twisted.names
+    authoritative server on 127.0.0.1, over UDP and TCP on one free port.
+    The zone file is a C{PySourceAuthority} one (Python source, so that the
+    TXT values are quoted exactly).
     """
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
     from twisted.names import authority, dns, server
     from twisted.python.filepath import FilePath
 
+    lines = [
+        f"SOA({origin!r}, mname='ns1.{origin}', rname='admin.{origin}', serial=1,"
+        " refresh=3600, retry=600, expire=86400, minimum=60, ttl=60),",
+        f"NS({origin!r}, 'ns1.{origin}', ttl=60),",
+        f"A('ns1.{origin}', '127.0.0.1', ttl=60),",
+        *(f"TXT('_curvetun.{origin}', {text!r}, ttl=60)," for text in key_records),
+    ]
     path = os.path.abspath(testcase.mktemp())
-    zone = ZONE_TEMPLATE.format(origin=origin) + "".join(line + "\n" for line in records)
-    FilePath(path).setContent(zone.encode("ascii"))
-    factory = server.DNSServerFactory(authorities=[authority.BindAuthority(path)])
+    FilePath(path).setContent(("zone = [\n" + "\n".join(lines) + "\n]\n").encode("ascii"))
+    factory = server.DNSServerFactory(authorities=[authority.PySourceAuthority(path)])
+    build = factory.buildProtocol
+
+    def counting(addr: Any) -> Any:
+        zone.tcp_connections += 1
+        return build(addr)
+
+    factory.buildProtocol = counting  # type: ignore[method-assign]
+    zone = Zone(0)
     for _attempt in range(20):
         udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
         port: int = udp.getHost().port
@@ -347,5 +364,6 @@ async def serve_zone(testcase: SynchronousTestCase, origin: str, records: list[s
             continue
         testcase.addCleanup(udp.stopListening)
         testcase.addCleanup(tcp.stopListening)
-        return port
+        zone.port = port
+        return zone
     raise RuntimeError("no port free for both UDP and TCP")
