@@ -148,6 +148,27 @@ class ServerWrappingTests(SynchronousTestCase):
             self.assertIsInstance(serverFromString(reactor, line), CurveTunServerEndpoint)
 
 
+class ReadmeExampleTests(SynchronousTestCase):
+    def test_the_readmes_endpoint_examples_parse(self) -> None:
+        from twisted.internet.endpoints import _SystemdParser
+        from twisted.python.systemd import ListenFDs
+
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3]))
+        dirs = KeyDirs(self)
+        readme = (ROOT / "README.md").read_text()
+        [block] = re.findall(r"```\n(curvetun:endpoint=.*?)```", readme, re.DOTALL)
+        lines = [line.split()[0] for line in block.splitlines()]
+        self.assertEqual(len(lines), 4)
+        for line in lines:
+            if "key=" in line:
+                line = line.replace("KEY", format_public_key(dirs.server_key))
+                endpoint = clientFromString(reactor, f"{line}:keydir={dirs.client}")
+                self.assertIsInstance(endpoint, CurveTunClientEndpoint)
+            else:
+                endpoint = serverFromString(reactor, f"{line}:keydir={dirs.server}")
+                self.assertIsInstance(endpoint, CurveTunServerEndpoint)
+
+
 class ClientWrappingTests(SynchronousTestCase):
     """
     C{curvetun:endpoint=INNER} connects through the endpoint INNER
