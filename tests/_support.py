@@ -153,6 +153,7 @@ import os
 import socket
 import struct
 import tempfile
+from typing import cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
@@ -160,7 +161,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import (
     ProtocolWrapper,
     WrappingFactory,
@@ -266,7 +267,7 @@ A PROXY version 2 LOCAL header, as a load balancer's health check sends.
 class _HeaderFirst(ProtocolWrapper):
     def connectionMade(self) -> None:
         assert self.transport is not None
-        self.transport.write(self.factory.header)  # type: ignore[attr-defined]
+        self.transport.write(self.factory.header)
         super().connectionMade()
 
 
@@ -278,6 +279,7 @@ class _HeaderFirstFactory(WrappingFactory):
         self.header = header
 
 
+@implementer(IStreamClientEndpoint)
 class HeaderFirstEndpoint:
     """
     A client endpoint that sends C{header} (a PROXY header, as a load
@@ -303,8 +305,9 @@ def capture_log(testcase: SynchronousTestCase) -> list[LogEvent]:
     Every log event from now until the test ends.
     """
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 
@@ -331,8 +334,9 @@ async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: li
     The zone file is a C{PySourceAuthority} one (Python source, so that the
     TXT values are quoted exactly).
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
     from twisted.internet.error import CannotListenError
+    from twisted.internet.interfaces import IReactorTCP, IReactorUDP
     from twisted.names import authority, dns, server
     from twisted.python.filepath import FilePath
 
@@ -355,12 +359,14 @@ async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: li
     factory.buildProtocol = counting  # type: ignore[method-assign]
     zone = Zone(0)
     for _attempt in range(20):
-        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        port: int = udp.getHost().port
+        udp = cast(IReactorUDP, _reactor).listenUDP(
+            0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1", maxPacketSize=8192
+        )
+        port: int = udp.getHost().port  # type: ignore[attr-defined]
         try:
-            tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+            tcp = cast(IReactorTCP, _reactor).listenTCP(port, factory, interface="127.0.0.1")
         except CannotListenError:
-            await udp.stopListening()
+            udp.stopListening()
             continue
         testcase.addCleanup(udp.stopListening)
         testcase.addCleanup(tcp.stopListening)

@@ -136,8 +136,9 @@ class ConnectTests(TestCase):
         self.addCleanup(listener.close)
         assert listener.port is not None
         self.dns_port = (await serve_zone(self, HOST, records(self.dirs.server_key))).port
+        port = listener.port.getHost().port  # type: ignore[attr-defined]
         description = (
-            f"curvetun:{HOST}:{listener.port.getHost().port}:registry=dns"
+            f"curvetun:{HOST}:{port}:registry=dns"
             f":resolver=127.0.0.1\\:{self.dns_port}:keydir={self.dirs.client}"
         )
         return description, listener

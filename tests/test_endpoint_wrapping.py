@@ -233,6 +233,7 @@ class ClientFromStringTests(SynchronousTestCase):
 
     def test_a_string_without_keydir_uses_the_given_one(self) -> None:
         endpoint = client_from_string(reactor, "curvetun:127.0.0.1:7700", keydir=self.dirs.client)
+        assert isinstance(endpoint, CurveTunClientEndpoint)
         self.assertEqual(endpoint._service.vault.public_key, self.dirs.client_key)
         self.assertEqual(endpoint._server_key, self.dirs.server_key)
 
@@ -242,6 +243,7 @@ class ClientFromStringTests(SynchronousTestCase):
             f"CURVETUN:127.0.0.1:7700:keydir={self.dirs.client}/.",
             keydir=self.dirs.client,
         )
+        assert isinstance(endpoint, CurveTunClientEndpoint)
         self.assertEqual(endpoint._service.vault.public_key, self.dirs.client_key)
 
     def test_a_keydir_that_disagrees_is_a_value_error(self) -> None:
@@ -330,7 +332,7 @@ class HAProxyTests(TestCase):
         self.addCleanup(listener.close)
         self.listener = listener
         assert listener.port is not None
-        port: int = listener.port.getHost().port
+        port: int = listener.port.getHost().port  # type: ignore[attr-defined]
         return port
 
     def client(self, dirs: KeyDirs, port: int, header: bytes) -> CurveTunClientEndpoint:
@@ -392,7 +394,7 @@ class HAProxyTests(TestCase):
         )
         self.addCleanup(listener.close)
         assert listener.port is not None
-        port = listener.port.getHost().port
+        port = listener.port.getHost().port  # type: ignore[attr-defined]
         first = await connect(self.client(dirs, port, proxy_v1_header("10.1.2.3")))
         self.addCleanup(first.close)
         self.assertEqual(await exchange(first, listener.accept()), b"ping")
@@ -462,7 +464,12 @@ class SystemdSocketTests(SynchronousTestCase):
             stderr=subprocess.PIPE,
             pass_fds=(inherited.fileno(),),
         )  # fmt: skip
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def kill() -> None:
+            if process.poll() is None:
+                process.kill()
+
+        self.addCleanup(kill)
         inherited.close()  # the child holds it now
         output = b""
         while b"Listening on" not in output:
