@@ -183,9 +183,11 @@ class _AfterHeaderProtocol(Protocol):
         if self._built is not None:
             self._built.connectionLost(reason)
         else:
+            transport = self.transport
+            assert transport is not None
             log.debug(
                 "curvetun: connection from {peer} closed before any byte after its PROXY header",
-                peer=getattr(self.transport, "getPeer", lambda: "?")(),
+                peer=transport.getPeer(),
             )
 
     def _cancel_timer(self) -> None:

@@ -27,8 +27,11 @@ from twisted.internet.endpoints import (
     clientFromString,
     serverFromString,
 )
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.protocols.haproxy import proxyEndpoint
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.channel import MessageChannel, connect, listen
@@ -55,6 +58,7 @@ from ._support import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+_DONE = Failure(ConnectionDone())
 USAGE = (ROOT / "docs" / "usage.md").read_text()
 
 
@@ -406,6 +410,29 @@ class HAProxyTests(TestCase):
         self.addCleanup(other.close)
         self.assertEqual(await exchange(other, listener.accept()), b"ping")
 
+    async def test_a_connection_silent_after_its_header_is_closed_in_time(self) -> None:
+        dirs = self.keydirs("10.1.2.3")
+        server = CurveTunService.from_keydir(dirs.server, handshake_timeout=0.2)
+        server.startService()
+        self.addCleanup(server.stopService)
+        self.addCleanup(server.vault.close)  # type: ignore[attr-defined]
+        listener = await listen(
+            CurveTunServerEndpoint(
+                proxyEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")),
+                server,
+                proxied=True,
+            )
+        )
+        self.addCleanup(listener.close)
+        assert listener.port is not None
+        port = listener.port.getHost().port  # type: ignore[attr-defined]
+        for header in (b"", proxy_v1_header("10.1.2.3")):
+            silent = _Silent(header)
+            started = reactor.seconds()
+            await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_Once(silent))
+            await silent.lost  # closed by the server
+            self.assertLess(reactor.seconds() - started, 5)
+
     async def test_a_local_health_check_is_not_a_failed_handshake(self) -> None:
         dirs = self.keydirs("10.1.2.3")
         port = await self.serve(dirs)
@@ -421,6 +448,31 @@ class HAProxyTests(TestCase):
         await deferLater(reactor, 0.05, lambda: None)
         failed = [f for f in log_formats(events) if "handshake with {peer} failed" in f]
         self.assertEqual(len(failed), 1, log_formats(events))
+
+
+class _Silent(Protocol):
+    """
+    Sends C{header}, then nothing; C{lost} fires when the connection ends.
+    """
+
+    def __init__(self, header: bytes = b"") -> None:
+        self.header = header
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.header)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.lost.callback(None)
+
+
+class _Once(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self._protocol
 
 
 class SystemdSocketTests(SynchronousTestCase):
@@ -483,6 +535,7 @@ class SystemdSocketTests(SynchronousTestCase):
         # backend socket) reaches the backend through the adopted socket.
         result = subprocess.run(
             [sys.executable, "-c", _CLIENT, dirs.client, str(port)],
+            check=False,
             cwd=ROOT,
             env={k: v for k, v in env.items() if not k.startswith("LISTEN_")},
             capture_output=True,
