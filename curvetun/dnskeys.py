@@ -55,6 +55,12 @@ MAX_KEYS = 4
 The most keys tried for one connection (a rollover needs two).
 """
 
+LOOKUP_TIMEOUTS = (1, 3, 6)
+"""
+Seconds to wait for each try of a look-up (10 in all, rather than
+twisted.names' 60), so that a dead resolver fails a connect in time.
+"""
+
 _KEY_TEXT = re.compile(r"curvetun-key=([0-9A-Fa-f]{64})")
 
 
@@ -139,7 +145,7 @@ class DNSServerKeys:
         """
         name = record_name(host)
         try:
-            answers, _, _ = await self._resolver.lookupText(name)
+            answers, _, _ = await self._resolver.lookupText(name, timeout=LOOKUP_TIMEOUTS)
         except DNSNameError:
             answers = []
         keys: list[bytes] = []

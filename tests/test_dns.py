@@ -72,6 +72,28 @@ class RecordTests(SynchronousTestCase):
             self.assertRaises(ValueError, parse_resolver, bad)
 
 
+class ParseTests(SynchronousTestCase):
+    def test_a_tcp_inner_endpoints_host_is_looked_up(self) -> None:
+        dirs = KeyDirs(self)
+        endpoint = clientFromString(
+            reactor,
+            "curvetun:endpoint=tcp\\:localhost\\:7700:registry=dns"
+            f":resolver=127.0.0.1\\:5353:keydir={dirs.client}",
+        )
+        self.assertIsInstance(endpoint, DNSKeyClientEndpoint)
+        self.assertEqual(endpoint._host, "localhost")
+
+    def test_a_unix_inner_endpoint_has_no_host_to_look_up(self) -> None:
+        dirs = KeyDirs(self)
+        error = self.assertRaises(
+            ValueError,
+            clientFromString,
+            reactor,
+            f"curvetun:endpoint=unix\\:path\\=/run/ct.sock:registry=dns:keydir={dirs.client}",
+        )
+        self.assertIn("has no host to look the server's key up by", str(error))
+
+
 class LookupTests(TestCase):
     """
     L{DNSServerKeys} asks a real DNS server.
