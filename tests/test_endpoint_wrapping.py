@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
@@ -28,11 +29,19 @@ from twisted.internet.endpoints import (
     serverFromString,
 )
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import StringTransport
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from curvetun.channel import MessageChannel, connect, listen
 from curvetun.endpoints import (
@@ -44,12 +53,15 @@ from curvetun.endpoints import (
 from curvetun.errors import NotAuthorized, ServerKeyMismatch
 from curvetun.keys import format_public_key
 from curvetun.service import CurveTunService
-from curvetun.transport import ConnectionLimits
+from curvetun.transport import ConnectionLimits, CurveTunProtocol
+from curvetun.vault import MemoryVault
 
 from ._support import (
     PROXY_V2_LOCAL,
+    AllowList,
     HeaderFirstEndpoint,
     KeyDirs,
+    RecordingFactory,
     capture_log,
     log_formats,
     proxy_v1_header,
@@ -565,3 +577,80 @@ async def main(reactor):
 from twisted.internet.defer import Deferred
 task.react(lambda r: Deferred.fromCoroutine(main(r)))
 """
+
+
+@implementer(IStreamServerEndpoint)
+class _RecordingServerEndpoint:
+    """
+    A server endpoint that only records the factory it is asked to listen
+    with.
+    """
+
+    factory: IProtocolFactory | None = None
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        self.factory = protocolFactory
+        return Deferred()
+
+
+class AfterHeaderTests(SynchronousTestCase):
+    """
+    With C{proxied=True}, each curvetun connection is built at its first
+    bytes after the PROXY header, with the address the header gave.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = AllowList()
+        service = CurveTunService(
+            MemoryVault.generate(),
+            self.registry,
+            clock=self.clock,
+            handshake_timeout=5,
+            limits=ConnectionLimits(connections_per_address=1),
+        )
+        wrapped = _RecordingServerEndpoint()
+        CurveTunServerEndpoint(wrapped, service, proxied=True).listen(RecordingFactory())
+        assert wrapped.factory is not None
+        self.factory = wrapped.factory
+        self.timers_at_start = len(self.clock.getDelayedCalls())
+
+    def accept(self, peer: str) -> tuple[IProtocol, StringTransport]:
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        assert protocol is not None
+        # The transport answers getPeer() as a PROXY wrapper does once its
+        # header is read.
+        transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_nothing_is_built_or_counted_before_the_first_bytes(self) -> None:
+        self.accept("10.1.2.3")
+        _, transport = self.accept("10.1.2.3")
+        # One connection per address, but neither has begun: both stand,
+        # and no handshake timer runs but the header's.
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2 + self.timers_at_start)
+
+    def test_connections_are_counted_by_the_headers_address(self) -> None:
+        # Every connection comes from the proxy, 127.0.0.1: were that
+        # counted, the second would be over the limit of one.
+        first, _ = self.accept("10.1.2.3")
+        first.dataReceived(b"\x00")
+        second, transport = self.accept("10.1.2.4")
+        second.dataReceived(b"\x00")
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_refused_connection_is_closed(self) -> None:
+        first, _ = self.accept("10.1.2.3")
+        first.dataReceived(b"\x00")
+        second, transport = self.accept("10.1.2.3")
+        second.dataReceived(b"\x00")
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_silent_connection_is_closed_after_the_handshake_timeout(self) -> None:
+        _, transport = self.accept("10.1.2.3")
+        self.clock.advance(4.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
