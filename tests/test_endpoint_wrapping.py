@@ -53,7 +53,7 @@ from curvetun.endpoints import (
 from curvetun.errors import NotAuthorized, ServerKeyMismatch
 from curvetun.keys import format_public_key
 from curvetun.service import CurveTunService
-from curvetun.transport import ConnectionLimits, CurveTunProtocol
+from curvetun.transport import ConnectionLimits
 from curvetun.vault import MemoryVault
 
 from ._support import (
