@@ -289,3 +289,224 @@ class ManualThreads:
             else:
                 d.callback(result)
         return count
+
+
+# -- endpoint strings: key directories, PROXY headers, UNIX sockets, DNS ----------
+#
+# (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
+
+import socket
+import struct
+import tempfile
+
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.protocols.policies import (
+    ProtocolWrapper,
+    WrappingFactory,
+)
+
+
+class KeyDirs:
+    """
+    A server key directory and a client key directory on disk; the
+    server's registry admits the client from C{admit_from} (default
+    127.0.0.1; L{None}: from nowhere), the client's registry knows the
+    server as 127.0.0.1. Both are dropped from the process-wide endpoint
+    pool at cleanup.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase, admit_from: str | None = "127.0.0.1") -> None:
+        base = testcase.mktemp()
+        os.makedirs(base)
+        self.server = os.path.abspath(os.path.join(base, "server"))
+        self.client = os.path.abspath(os.path.join(base, "client"))
+        self.server_key = self.create(self.server)
+        self.client_key = self.create(self.client)
+        if admit_from is not None:
+            self.admit(admit_from)
+        FileRegistry(os.path.join(self.client, "registry")).add(
+            "127.0.0.1", self.server_key, "test server"
+        )
+        testcase.addCleanup(self.forget)
+
+    def admit(self, address: str) -> None:
+        """
+        Let the client's key connect from C{address} (a registry ADDRESS).
+        """
+        FileRegistry(os.path.join(self.server, "registry")).add(
+            address, self.client_key, "test client"
+        )
+
+    @staticmethod
+    def create(keydir: str) -> bytes:
+        vault = FileVault.create(keydir)
+        vault.close()  # the endpoints under test load it again
+        return vault.public_key
+
+    def forget(self) -> None:
+        for keydir in (self.server, self.client):
+            service = service_pool.forget_keydir(keydir)
+            if service is not None:
+                service.vault.close()  # type: ignore[attr-defined]
+
+
+def short_socket_dir(testcase: SynchronousTestCase) -> str:
+    """
+    A new directory for UNIX sockets, with a path short enough for
+    C{sun_path} (108 bytes; the trial temporary tree can be deeper).
+    """
+    directory = tempfile.mkdtemp(prefix="ct-")
+
+    def remove() -> None:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+
+    testcase.addCleanup(remove)
+    return directory
+
+
+def proxy_v1_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 1 header for a TCP4 connection from C{source}.
+    """
+    return f"PROXY TCP4 {source} 127.0.0.1 {source_port} 7700\r\n".encode("ascii")
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 2 header (command PROXY, TCP over IPv4) for a
+    connection from C{source}.
+    """
+    addresses = struct.pack(
+        "!4s4sHH",
+        socket.inet_aton(source),
+        socket.inet_aton("127.0.0.1"),
+        source_port,
+        7700,
+    )
+    return PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+
+PROXY_V2_LOCAL = PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+"""
+A PROXY version 2 LOCAL header, as a load balancer's health check sends.
+"""
+
+
+class _HeaderFirst(ProtocolWrapper):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.factory.header)
+        super().connectionMade()
+
+
+class _HeaderFirstFactory(WrappingFactory):
+    protocol = _HeaderFirst
+
+    def __init__(self, wrapped: IProtocolFactory, header: bytes) -> None:
+        super().__init__(wrapped)
+        self.header = header
+
+
+@implementer(IStreamClientEndpoint)
+class HeaderFirstEndpoint:
+    """
+    A client endpoint that sends C{header} (a PROXY header, as a load
+    balancer would) before anything its protocol writes.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint, header: bytes) -> None:
+        self._wrapped = wrapped
+        self._header = header
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def unwrap(protocol: IProtocol) -> IProtocol:
+            assert isinstance(protocol, _HeaderFirst)
+            return protocol.wrappedProtocol
+
+        return self._wrapped.connect(
+            _HeaderFirstFactory(protocolFactory, self._header)
+        ).addCallback(unwrap)
+
+
+def capture_log(testcase: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Every log event from now until the test ends.
+    """
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def log_formats(events: list[LogEvent]) -> list[str]:
+    return [str(event.get("log_format", "")) for event in events]
+
+
+class Zone:
+    """
+    A served zone: C{port} (UDP and TCP), and C{tcp_connections}, how many
+    connections came over TCP.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.tcp_connections = 0
+
+
+async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: list[bytes]) -> Zone:
+    """
+    Serve a zone for C{origin} whose name C{_curvetun.ORIGIN} has one TXT
+    record for each of C{key_records}, from a real twisted.names
+    authoritative server on 127.0.0.1, over UDP and TCP on one free port.
+    The zone file is a C{PySourceAuthority} one (Python source, so that the
+    TXT values are quoted exactly).
+    """
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.interfaces import IReactorTCP, IReactorUDP
+    from twisted.names import authority, dns, server
+    from twisted.python.filepath import FilePath
+
+    lines = [
+        f"SOA({origin!r}, mname='ns1.{origin}', rname='admin.{origin}', serial=1,"
+        " refresh=3600, retry=600, expire=86400, minimum=60, ttl=60),",
+        f"NS({origin!r}, 'ns1.{origin}', ttl=60),",
+        f"A('ns1.{origin}', '127.0.0.1', ttl=60),",
+        *(f"TXT('_curvetun.{origin}', {text!r}, ttl=60)," for text in key_records),
+    ]
+    path = os.path.abspath(testcase.mktemp())
+    FilePath(path).setContent(("zone = [\n" + "\n".join(lines) + "\n]\n").encode("ascii"))
+    factory = server.DNSServerFactory(authorities=[authority.PySourceAuthority(path)])
+    build = factory.buildProtocol
+
+    def counting(addr: Any) -> Any:
+        zone.tcp_connections += 1
+        return build(addr)
+
+    factory.buildProtocol = counting  # type: ignore[method-assign]
+    zone = Zone(0)
+    for _attempt in range(20):
+        udp = cast(IReactorUDP, _reactor).listenUDP(
+            0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1", maxPacketSize=8192
+        )
+        port: int = udp.getHost().port  # type: ignore[attr-defined]
+        try:
+            tcp = cast(IReactorTCP, _reactor).listenTCP(port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        testcase.addCleanup(udp.stopListening)
+        testcase.addCleanup(tcp.stopListening)
+        zone.port = port
+        return zone
+    raise RuntimeError("no port free for both UDP and TCP")
