@@ -42,6 +42,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import KeyFileError, RegistryError
+
+# Re-exported: tap.py imports them from here.
+from .keydir import REGISTRY_FILE as REGISTRY_FILE
+from .keydir import default_keydir as default_keydir
 from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
@@ -50,20 +54,6 @@ DEFAULT_PORT = 7700
 """
 The port C{twist curvetun} listens on by default.
 """
-
-REGISTRY_FILE = "registry"
-"""
-The registry's file name inside a key directory (its default place).
-"""
-
-
-def default_keydir() -> str:
-    """
-    The key directory used when none is named: C{$CURVETUN_HOME}, else
-    C{~/.curvetun}.
-    """
-    return os.environ.get("CURVETUN_HOME") or os.path.expanduser("~/.curvetun")
-
 
 # -- endpoints -----------------------------------------------------------------
 
@@ -496,3 +486,59 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
     else:
         wrapped = TCP4ServerEndpoint(reactor, port, backlog, interface)
     return CurveTunServerEndpoint(wrapped, lease.service, lease)
+
+
+# added for cli.cat
+
+
+def client_from_string(
+    reactor: Any, description: str, *, keydir: str | None = None
+) -> IStreamClientEndpoint:
+    """
+    clientFromString, with `keydir` as the key directory of a curvetun:
+    client string that names none (a curvetun: string with keydir= that
+    disagrees is a ValueError).
+    """
+    from twisted.internet.endpoints import clientFromString as parse
+
+    def clientFromString(reactor: Any, description: str) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = parse(reactor, description)
+        return endpoint
+
+    if keydir is None:
+        return clientFromString(reactor, description)
+    # Twisted's grammar: colons separate the parts, the first "=" of a part
+    # ends a keyword's name, and a backslash makes the next character literal.
+    parts: list[tuple[str, int | None]] = []
+    text, equals = "", None
+    characters = iter(description)
+    for character in characters:
+        if character == "\\":
+            escaped_character = next(characters, None)
+            if escaped_character is None:  # a lone backslash: Twisted's error to report
+                return clientFromString(reactor, description)
+            text += escaped_character
+        elif character == ":":
+            parts.append((text, equals))
+            text, equals = "", None
+        else:
+            if character == "=" and equals is None:
+                equals = len(text)
+            text += character
+    parts.append((text, equals))
+    if parts[0][0].lower() != "curvetun":
+        return clientFromString(reactor, description)
+    named = [text[e + 1 :] for text, e in parts[1:] if e is not None and text[:e] == "keydir"]
+    if not named:
+        escaped = "".join("\\" + c if c in "\\:=" else c for c in keydir)
+        return clientFromString(reactor, f"{description}:keydir={escaped}")
+
+    def real(path: str) -> str:
+        return os.path.realpath(os.path.expanduser(path))
+
+    if real(named[-1]) != real(keydir):
+        raise ValueError(
+            f"curvetun client endpoint: keydir={named[-1]} disagrees with the key "
+            f"directory {keydir} given besides; give one"
+        )
+    return clientFromString(reactor, description)
