@@ -86,9 +86,18 @@ def existing_key_files(keydir: str | FilePath[str]) -> list[str]:
 
 def _user(uid: int) -> str:
     try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
+
+
+def _chown_to() -> str:
+    # What to give chown: the user's name, which reads better than a number.
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -96,9 +105,9 @@ def _trusted_owner(uid: int) -> bool:
 
 
 def _owner_problem(uid: int) -> str:
-    return (
-        f"owned by {_user(uid)}, not by the user curvetun runs as ({_user(os.geteuid())}) or root"
-    )
+    me = os.geteuid()
+    trusted = "root" if me == 0 else f"{_user(me)} (the user curvetun runs as) or root"
+    return f"owned by {_user(uid)}, not by {trusted}"
 
 
 def _writers(mode: int) -> str:
@@ -114,7 +123,7 @@ def check_owner(path: str, st: os.stat_result) -> None:
     """
     if not _trusted_owner(st.st_uid):
         raise KeyFileError(
-            f"refusing {path}: it is {_owner_problem(st.st_uid)}; chown {os.geteuid()} {path}"
+            f"refusing {path}: it is {_owner_problem(st.st_uid)}; chown {_chown_to()} {path}"
         )
 
 
@@ -137,7 +146,7 @@ def check_directory(keydir: FilePath[str]) -> None:
     if not _trusted_owner(st.st_uid):
         raise KeyFileError(
             f"refusing key directory {shown}: it is {_owner_problem(st.st_uid)}; "
-            f"chown {os.geteuid()} {shown}"
+            f"chown {_chown_to()} {shown}"
         )
     mode = stat.S_IMODE(st.st_mode)
     if mode & 0o022:
@@ -163,7 +172,7 @@ def check_directory(keydir: FilePath[str]) -> None:
             raise KeyFileError(
                 f"refusing key directory {shown}: its parent {parent} is "
                 f"{_owner_problem(st.st_uid)}; move the key directory, or "
-                f"chown {os.geteuid()} {parent}"
+                f"chown {_chown_to()} {parent}"
             )
         if mode & 0o022 and not (st.st_uid == 0 and mode & stat.S_ISVTX):
             raise KeyFileError(
