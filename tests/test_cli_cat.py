@@ -131,8 +131,23 @@ class CatTests(CommandTestCase):
 
     async def test_refused_connection_exits_1(self) -> None:
         await self.start_server()
-        result = await self.cat(self.endpoint(port=closed_port()), stdin=b"hello")
-        self.assertOneLineError(result, 1, "connection refused")
+        port = closed_port()
+        result = await self.cat(self.endpoint(port=port), stdin=b"hello")
+        # The endpoint string, as typed, names the server.
+        self.assertOneLineError(result, 1, "connection refused by", f"curvetun:127.0.0.1:{port}")
+
+    async def test_a_keydir_in_the_endpoint_string_is_used_without_keydir(self) -> None:
+        await self.start_server(_EchoFactory(close_after=5))
+        endpoint = f"{self.endpoint()}:keydir={self.client_keydir}"
+        out, err, code = await curvetun_process(["cat", endpoint], self.env, b"hello")
+        self.assertEqual((code, out, err), (0, b"hello", b""))
+
+    def test_a_keydir_in_the_endpoint_string_that_disagrees_with_keydir_exits_2(self) -> None:
+        keydir = self.temp_dir()
+        FileVault.create(keydir).close()
+        endpoint = f"curvetun:127.0.0.1:1:key={OTHER_KEY}:keydir={keydir}-other"
+        result = self.call("cat", "--keydir", keydir, endpoint)
+        self.assertOneLineError(result, 2, f"keydir={keydir}-other disagrees", keydir)
 
     async def test_wrong_server_key_exits_1(self) -> None:
         await self.start_server()

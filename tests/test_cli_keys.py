@@ -102,3 +102,13 @@ class PubkeyTests(CommandTestCase):
         with open(os.path.join(keydir, "public.key"), "w") as f:
             f.write(OTHER_KEY + "\n")
         self.assertOneLineError(self.call("pubkey", "--keydir", keydir), 1, "does not match")
+
+    def test_a_key_directory_that_others_could_change_is_refused(self) -> None:
+        parent = self.temp_dir()
+        keydir = os.path.join(parent, "keys")
+        self.call("keygen", "--keydir", keydir)
+        os.chmod(parent, 0o777)
+        self.addCleanup(os.chmod, parent, 0o755)
+        result = self.call("pubkey", "--keydir", keydir)
+        self.assertOneLineError(result, 1, f"its parent {parent} is writable", "chmod go-w")
+        self.assertEqual(result.out, "")
