@@ -230,7 +230,7 @@ class CommandTestCase(TestCase):
         return Result(code, out.getvalue(), err.getvalue())
 
     def temp_dir(self) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         os.makedirs(path)
         return os.path.abspath(path)
 

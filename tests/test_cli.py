@@ -14,6 +14,7 @@ import sys
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
@@ -199,7 +200,7 @@ class NewcomerTests(CommandTestCase):
         env = subprocess_env(home)
         port = closed_port()
         server = _Recorder()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process = reactor.spawnProcess(
             server,
             sys.executable,
             [sys.executable, "-m", "twisted", "curvetun"]
@@ -243,7 +244,8 @@ async def wait_for_listener(port: int, server: _Recorder, timeout: float = 30.0)
         except Exception:
             await deferLater(reactor, 0.1, lambda: None)
         else:
-            protocol.transport.abortConnection()
+            assert isinstance(protocol, Protocol)
+            ITCPTransport(protocol.transport).abortConnection()
             return
     output = server.output.decode(errors="replace")
     raise AssertionError(f"nothing listens on port {port}:\n{output}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort
@@ -36,15 +37,18 @@ class _Echo(Protocol):
     bytes, if that is set.
     """
 
-    factory: _EchoFactory
+    def __init__(self, factory: _EchoFactory) -> None:
+        self.factory = factory
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.count = 0
         if self.factory.greeting:
             self.transport.write(self.factory.greeting)
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         if self.factory.silent:
             return
         self.transport.write(data)
@@ -54,7 +58,8 @@ class _Echo(Protocol):
 
 
 class _EchoFactory(Factory):
-    protocol = _Echo
+    def buildProtocol(self, addr: object) -> _Echo:
+        return _Echo(self)
 
     def __init__(
         self, close_after: int | None = None, silent: bool = False, greeting: bytes = b""
@@ -93,7 +98,9 @@ class CatTests(CommandTestCase):
         )
         port: IListeningPort = await endpoint.listen(factory or _EchoFactory())
         self.addCleanup(port.stopListening)
-        self.port = port.getHost().port
+        address = port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.port = address.port
 
     def endpoint(self, key: str | None = None, port: int | None = None) -> str:
         return f"curvetun:127.0.0.1:{port or self.port}:key={key or self.server_key}"
