@@ -311,6 +311,12 @@ def make_directory(keydir: FilePath[str]) -> None:
     """
     try:
         os.makedirs(keydir.path, exist_ok=True)
+        owner = os.stat(keydir.path).st_uid
+    except OSError as e:
+        raise KeyFileError(f"cannot create key directory {keydir.path}: {e.strerror}") from e
+    if not _trusted_owner(owner):
+        check_directory(keydir)  # refuses it, before its mode is touched
+    try:
         os.chmod(keydir.path, 0o700)
     except OSError as e:
         raise KeyFileError(f"cannot create key directory {keydir.path}: {e.strerror}") from e

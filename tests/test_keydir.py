@@ -185,3 +185,16 @@ class OwnershipTests(SynchronousTestCase):
             FileVault.create(keydir)
         self.assertIn(f"its parent {parent.path} is writable", str(cm.exception))
         self.assertEqual(keydir.listdir(), [])
+
+    def test_create_leaves_the_mode_of_another_users_directory_alone(self) -> None:
+        keydir = FilePath(self.mktemp())
+        keydir.makedirs()
+        os.chmod(keydir.path, 0o750)
+        os.chown(keydir.path, OTHER_UID, -1)
+        with self.assertRaises(KeyFileError) as cm:
+            FileVault.create(keydir)
+        self.assertIn(f"it is owned by uid {OTHER_UID}", str(cm.exception))
+        self.assertEqual(os.stat(keydir.path).st_mode & 0o7777, 0o750)
+        self.assertEqual(keydir.listdir(), [])
+
+    test_create_leaves_the_mode_of_another_users_directory_alone.skip = NOT_ROOT  # type: ignore[attr-defined]

@@ -11,7 +11,8 @@ import stat
 import struct
 import subprocess
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nacl.bindings import crypto_box_beforenm, crypto_box_keypair
 from twisted.application.service import IService
