@@ -624,7 +624,7 @@ def _server_endpoint(
     from .keys import format_public_key
     from .registry import Registry
     from .service import CurveTunService
-    from .transport import ConnectionLimits
+    from .admission import ConnectionLimits
     from .vault import MemoryVault
 
     vault = MemoryVault.generate()

@@ -28,6 +28,13 @@ class BadPacket(CurveTunError):
         self.reason = reason
 
 
+class ReplayedVouch(BadPacket):
+    """
+    A vouch that the server accepted before, on another connection, was
+    sent again.
+    """
+
+
 class HandshakeFailed(CurveTunError):
     """
     The handshake did not complete.
@@ -52,6 +59,13 @@ class NotAuthorized(HandshakeFailed):
 class HandshakeTimeout(HandshakeFailed):
     """
     The handshake did not complete in the allotted time.
+    """
+
+
+class HandshakeEvicted(HandshakeFailed):
+    """
+    The server, at its limit of connections or unfinished handshakes,
+    closed this unfinished handshake to make room for a newer connection.
     """
 
 
@@ -91,4 +105,11 @@ class CounterExhausted(CurveTunError):
     """
     A session's message counter reached the protocol's limit; the connection
     must be closed (protocol v1.0 has no re-keying).
+    """
+
+
+class AdmissionRefused(HandshakeFailed):
+    """
+    The server closed a new connection as soon as it was accepted: the
+    peer's address, its network or the server was at a connection limit.
     """

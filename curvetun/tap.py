@@ -47,11 +47,13 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .addresses import format_address
+from .admission import ConnectionLimits
 from .endpoints import DEFAULT_PORT, REGISTRY_FILE, default_keydir, service_pool
 from .errors import CurveTunError, KeyFileError, RegistryError
+from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .keys import format_public_key
 from .service import CurveTunService
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits, format_address
 from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
 from .vault import SECRET_KEY_FILE
 

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
-from .transport import format_address
+from .addresses import format_address
 
 log = Logger()
 

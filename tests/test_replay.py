@@ -15,7 +15,7 @@ defences at work and not an artefact of the setup.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -24,9 +24,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.errors import BadPacket
+from curvetun.factories import CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.packets import HELLO_MAGIC, MESSAGE_MAGIC, VOUCH_MAGIC
-from curvetun.transport import CurveTunProtocol, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
 

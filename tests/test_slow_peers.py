@@ -34,7 +34,7 @@ from curvetun.channel import MessageListener, connect, listen
 from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.service import CurveTunService
-from curvetun.transport import ConnectionLimits
+from curvetun.admission import ConnectionLimits
 from curvetun.vault import MemoryVault
 
 from ._support import AllowList

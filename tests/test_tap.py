@@ -38,7 +38,7 @@ from zope.interface import implementer
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
-from curvetun.transport import ConnectionLimits
+from curvetun.admission import ConnectionLimits
 from curvetun.tap import (
     EX_CONFIG,
     EX_UNAVAILABLE,
