@@ -51,7 +51,7 @@ from automat import TypeMachine, TypeMachineBuilder, pep614
 from twisted.python.failure import Failure
 
 from . import handshake
-from .errors import BadPacket, CurveTunError, NotAuthorized, ServerKeyMismatch
+from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, ServerKeyMismatch
 from .handshake import CookieSealer, EphemeralKeyPair
 from .interfaces import IRegistry, IVault
 from .keys import fingerprint, keys_equal
@@ -326,7 +326,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
                 )
             handshake.server_verify_vouch(opened, core.vault)
             if not core.remember_vouch(opened.client_ephemeral_key):
-                raise BadPacket("replayed vouch: this session was accepted before")
+                raise ReplayedVouch("replayed vouch: this session was accepted before")
         except CurveTunError as error:
             inputs._rejected(error)
         else:
