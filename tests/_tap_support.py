@@ -340,7 +340,7 @@ def buffered(transport: Any) -> int:
     if transport is None:
         return 0
     if isinstance(transport, CurveTunProtocol):
-        return buffered(transport.transport) + len(getattr(transport, "_unprocessed", b""))
+        return buffered(transport.transport) + transport.read_buffer_size
     data_buffer = getattr(transport, "dataBuffer", b"")
     return (
         len(data_buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)

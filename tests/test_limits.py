@@ -12,6 +12,7 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -311,3 +312,60 @@ class IdleTimeoutTests(SynchronousTestCase):
         peers.clock.advance(3600)
         pump.flush()
         self.assertEqual(peers.server_apps.built[0].lost, [])
+
+
+class RecordingFailureLog:
+    """
+    Stands in for the server's L{curvetun.admission.FailureLog}.
+    """
+
+    def __init__(self) -> None:
+        self.failed_with: list[tuple[str, Failure]] = []
+
+    def failed(self, peer: str, reason: Failure) -> None:
+        self.failed_with.append((peer, reason))
+
+    def stop(self) -> None:
+        pass
+
+
+class FailedHandshakeLogTests(SynchronousTestCase):
+    """
+    Failed handshakes go to the server's failure log (which sums them up);
+    a connection that never sent a byte (a port scan, a health check) is
+    not a failed handshake, and is logged at debug level only.
+    """
+
+    def setUp(self) -> None:
+        self.peers = Peers(handshake_timeout=10, hello_timeout=2)
+        self.failures = RecordingFailureLog()
+        self.peers.server_factory.failure_log = self.failures  # type: ignore[assignment]
+
+    def test_a_failed_handshake_goes_to_the_failure_log(self) -> None:
+        accepted = Accepted(self.peers)
+        accepted.protocol.dataReceived(b"\x00\x80" + bytes(128))
+        with capturedLogs() as events:
+            accepted.close()
+        [(peer, reason)] = self.failures.failed_with
+        self.assertEqual(peer, f"{CLIENT_ADDRESS.host}:{CLIENT_ADDRESS.port}")
+        self.assertIn("unknown packet magic", reason.getErrorMessage())
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.info], [])
+
+    def test_a_connection_that_sent_nothing_is_logged_at_debug_level_only(self) -> None:
+        accepted = Accepted(self.peers)
+        with capturedLogs() as events:
+            self.peers.clock.advance(2)
+            accepted.close()
+        self.assertEqual(self.failures.failed_with, [])
+        self.assertEqual([e["log_level"] for e in events], [LogLevel.debug])
+
+    def test_a_refused_connection_is_left_to_the_admission_to_log(self) -> None:
+        peers = Peers(limits=unlimited(handshakes_per_address=0))
+        failures = RecordingFailureLog()
+        peers.server_factory.failure_log = failures  # type: ignore[assignment]
+        refused = Accepted(peers)
+        self.assertTrue(refused.refused)
+        with capturedLogs() as events:
+            refused.close()
+        self.assertEqual(failures.failed_with, [])
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.info], [])
