@@ -147,9 +147,12 @@ class CurveTunServerFactory(_CurveTunFactory):
     the authenticated ones.
 
     Each connection is admitted (L{Admission}) when it is made, with the
-    peer address its transport reports: behind Twisted's C{haproxy:}
-    wrapper that is the address the PROXY header gives, which is known
-    only then, not when the protocol is built.
+    peer address its transport reports, and the registry is asked about
+    that address too. Behind a PROXY-protocol endpoint that connects the
+    protocol once the header is read, that is the address the header
+    gives; C{buildProtocol} is given the proxy's. A connection that ends
+    without sending a byte (a port scan, a health check) is logged at
+    debug level only; other failed handshakes go to the L{FailureLog}.
 
     @param hello_timeout: seconds a new connection has to deliver its
         hello, or L{None}; C{handshake_timeout} bounds the whole handshake.
