@@ -11,10 +11,10 @@ and it keeps the connection's figures (application bytes each way, when it
 was established, when the last message went each way) and its idle
 timeout, which only a whole message that opened restarts.
 
-What it cannot decide it reports: a frame that does not open goes to
-C{bad_packet}, a session that cannot go on (its counter is exhausted) or an
-idle timeout to C{close}; the connection's machine then closes, and calls
-L{Established.stop}.
+What it cannot decide it reports to its L{Verdicts} (the connection's
+machine): a frame that does not open goes to C{bad_packet}, a session that
+cannot go on (its counter is exhausted) or an idle timeout to C{close}; the
+machine then closes, and the connection calls L{Established.stop}.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 
-from .errors import BadPacket, CounterExhausted, CurveTunError, IdleTimeout, MessageTooLong
+from .errors import BadPacket, CounterExhausted, IdleTimeout, MessageTooLong
 from .framing import FrameDecoder
 from .packets import MAX_MESSAGE, MESSAGE_MAGIC, Message, parse_as
 from .session import Session
@@ -36,6 +36,19 @@ class FrameWriter(TypingProtocol):
     """
 
     def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+
+class Verdicts(TypingProtocol):
+    """
+    Who hears what the established phase cannot decide: the connection's
+    machine.
+    """
+
+    def bad_packet(self, reason: BadPacket) -> None:
+        "A frame did not open: close for C{reason}."
+
+    def close(self, reason: Exception) -> None:
+        "The session cannot go on (C{reason}): close."
 
 
 class Established:
@@ -57,21 +70,19 @@ class Established:
     """
 
     __slots__ = (
-        "_bad_packet",
         "_clock",
-        "_close",
         "_flush_call",
         "_frames",
         "_idle_call",
         "_idle_timeout",
         "_message_opened",
-        "_now",
         "_pending",
         "_pending_size",
         "_protocol",
         "_reading",
         "_session",
-        "_write_frame",
+        "_transport",
+        "_verdicts",
         "bytes_received",
         "bytes_sent",
         "established_at",
@@ -85,8 +96,7 @@ class Established:
         frames: FrameDecoder,
         transport: FrameWriter,
         clock: IReactorTime,
-        bad_packet: Callable[[BadPacket], None],
-        close: Callable[[CurveTunError], None],
+        verdicts: Verdicts,
         message_opened: Callable[[], None] | None = None,
         idle_timeout: float | None = None,
     ) -> None:
@@ -94,8 +104,9 @@ class Established:
         @param frames: the connection's frame decoder; from now on its
             frames come here.
         @param transport: where sealed frames are written.
-        @param bad_packet: called with why a frame did not open.
-        @param close: called with why the session cannot go on.
+        @param verdicts: told of a frame that does not open
+            (C{bad_packet}), of a session that cannot go on or an idle
+            timeout (C{close}).
         @param message_opened: called once, when the first message opens,
             before it is delivered.
         @param idle_timeout: seconds without a message from the peer after
@@ -103,11 +114,10 @@ class Established:
         """
         self._session: Session | None = session
         self._frames = frames
-        self._write_frame = transport.writeSequence
+        # Objects, not bound methods: an idle connection's memory counts.
+        self._transport = transport
         self._clock = clock
-        self._now = clock.seconds
-        self._bad_packet = bad_packet
-        self._close = close
+        self._verdicts = verdicts
         self._message_opened = message_opened
         self._protocol: IProtocol | None = None
         self._reading = False
@@ -115,7 +125,7 @@ class Established:
         self._pending: list[bytes] | None = None
         self._pending_size = 0
         self._flush_call: IDelayedCall | None = None
-        self.established_at: float = self._now()
+        self.established_at: float = clock.seconds()
         self.last_received_at: float | None = None
         self.last_sent_at: float | None = None
         self.bytes_received = 0
@@ -176,10 +186,10 @@ class Established:
                 # Always raises: says which packet came instead.
                 plaintext = session.open(parse_as(frame, Message))
         except BadPacket as error:
-            self._bad_packet(error)
+            self._verdicts.bad_packet(error)
             return
         self.bytes_received += len(plaintext)
-        self.last_received_at = self._now()
+        self.last_received_at = self._clock.seconds()
         message_opened = self._message_opened
         if message_opened is not None:
             self._message_opened = None
@@ -198,11 +208,11 @@ class Established:
         if last is None:
             last = self.established_at
         # Rescheduled lazily: a message costs one clock read, not a timer.
-        remaining = last + timeout - self._now()
+        remaining = last + timeout - self._clock.seconds()
         if remaining > 0:
             self._idle_call = self._clock.callLater(remaining, self._check_idle)
         else:
-            self._close(IdleTimeout(f"no message received for {timeout} seconds"))
+            self._verdicts.close(IdleTimeout(f"no message received for {timeout} seconds"))
 
     # -- sending ------------------------------------------------------------
 
@@ -275,12 +285,12 @@ class Established:
         try:
             frame = session.seal_frame(message)
         except CounterExhausted as error:
-            self._close(error)
+            self._verdicts.close(error)
             return
         # A vectored write (head, box): no copy of the box.
-        self._write_frame(frame)
+        self._transport.writeSequence(frame)
         self.bytes_sent += len(message)
-        self.last_sent_at = self._now()
+        self.last_sent_at = self._clock.seconds()
 
     # -- the end ------------------------------------------------------------
 

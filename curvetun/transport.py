@@ -256,8 +256,7 @@ class CurveTunProtocol(Protocol):
             self._frames,
             self.transport,
             factory.clock,
-            machine.bad_packet,
-            machine.close,
+            machine,
             message_opened,
             factory.idle_timeout,
         )

@@ -34,7 +34,7 @@ def split_frames(stream: bytes) -> list[bytes]:
 class Phase:
     """
     A client's established phase, with the server's session to make and
-    read its messages.
+    read its messages; it records the verdicts the phase reports.
     """
 
     def __init__(
@@ -57,12 +57,18 @@ class Phase:
             self.frames,
             self.transport,
             self.clock,
-            self.bad.append,
-            self.closed.append,
+            self,
             None if on_first_message is None else lambda: on_first_message(self),
             idle_timeout,
         )
         self.phase.deliver_to(self.app)
+
+    def bad_packet(self, reason: BadPacket) -> None:
+        self.bad.append(reason)
+
+    def close(self, reason: Exception) -> None:
+        assert isinstance(reason, CurveTunError)
+        self.closed.append(reason)
 
     def from_peer(self, *messages: bytes) -> bytes:
         wire = b""

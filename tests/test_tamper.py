@@ -523,7 +523,7 @@ class LengthPrefixTests(SynchronousTestCase):
         bytes it announces.
         """
         for scenario in (HELLO_SCENARIO, VOUCH_SCENARIO, COOKIE_SCENARIO):
-            for description, tampered, announced in length_prefix_flips(scenario.payload):
+            for description, tampered, _ in length_prefix_flips(scenario.payload):
                 peer = scenario.prepare()
                 protocol_of(peer).dataReceived(tampered[:2])
                 self.assertTrue(peer.transport.disconnecting, f"{scenario.name}, {description}")
