@@ -220,6 +220,39 @@ class MessageTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(received, [b"one", b"two", b"three"])
 
+    def test_closing_while_receiving_delivers_nothing_more(self) -> None:
+        """
+        An application that closes its transport from inside dataReceived
+        gets no more of the messages of that read.
+        """
+        received = self.client_app.received
+
+        def close_at_once(data: bytes) -> None:
+            received.append(data)
+            self.client.loseConnection()
+
+        self.client_app.dataReceived = close_at_once  # type: ignore[method-assign]
+        for message in (b"one", b"two", b"three"):
+            self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(received, [b"one"])
+        self.assertEqual(len(self.client_app.lost), 1)
+
+    def test_pausing_while_receiving_holds_the_rest_of_the_read(self) -> None:
+        received = self.client_app.received
+
+        def pause(data: bytes) -> None:
+            received.append(data)
+            self.client.pauseProducing()
+
+        self.client_app.dataReceived = pause  # type: ignore[method-assign]
+        for message in (b"one", b"two"):
+            self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(received, [b"one"])
+        self.client.resumeProducing()
+        self.assertEqual(received, [b"one", b"two"])
+
     def test_an_exhausted_send_counter_closes_instead_of_sending(self) -> None:
         """
         Protocol v1.0 has no re-keying: when the message counter would
