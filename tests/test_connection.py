@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from curvetun.errors import (
     BadPacket,
@@ -57,7 +58,8 @@ class HandshakeTests(SynchronousTestCase):
     def test_each_side_sees_the_others_long_term_key(self) -> None:
         peers = Peers()
         client, server, pump = peers.connect()
-        self.assertTrue(ICurveTunTransport.providedBy(server))
+        self.assertTrue(verifyObject(ICurveTunTransport, server))
+        self.assertTrue(verifyObject(ICurveTunTransport, client))
         self.assertEqual(server.peer_public_key, peers.client_vault.public_key)
         self.assertEqual(client.peer_public_key, peers.server_vault.public_key)
 
