@@ -9,6 +9,7 @@ test_admission.)
 
 from __future__ import annotations
 
+import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -28,14 +29,17 @@ PROXY_ADDRESS = IPv4Address("TCP", "10.9.9.9", 50000)
 
 
 def unlimited(**limits: int) -> ConnectionLimits:
-    fields = {
-        "connections": None,
-        "connections_per_address": None,
-        "handshakes": None,
-        "handshakes_per_address": None,
+    """
+    Limits that lift every limit (in all, per address, per network) but
+    C{limits}.
+    """
+    fields: dict[str, int | None] = {
+        field.name: None
+        for field in attrs.fields(ConnectionLimits)
+        if field.name.startswith(("connections", "handshakes"))
     }
     fields.update(limits)
-    return ConnectionLimits(**fields)  # type: ignore[arg-type]
+    return attrs.evolve(ConnectionLimits(), **fields)
 
 
 class Accepted:
@@ -123,11 +127,13 @@ class HandshakeLimitTests(SynchronousTestCase):
         handshake that has not sent a valid hello is aborted instead.
         """
         peers = Peers(limits=unlimited(handshakes=2))
-        silent = Accepted(peers, CLIENT_ADDRESS)
+        # Both of one network (the admission takes from the network with
+        # the most unfinished handshakes), the newcomer of another.
+        silent = Accepted(peers, IPv4Address("TCP", "192.0.2.8", 1))
         greeted = Accepted(peers, OTHER_ADDRESS)
         greeted.send_hello()
         self.assertTrue(greeted.protocol.hello_verified)
-        newcomer = Accepted(peers, IPv4Address("TCP", "192.0.2.8", 1))
+        newcomer = Accepted(peers, IPv4Address("TCP", "198.51.100.1", 1))
         self.assertFalse(newcomer.refused)
         self.assertTrue(silent.transport.disconnecting)
         self.assertFalse(greeted.transport.disconnecting)
