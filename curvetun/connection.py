@@ -229,6 +229,28 @@ class Accepting:
     client_ephemeral_key: bytes
 
 
+def _accepting(
+    inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
+) -> Accepting:
+    """
+    The data of the server's accepting state, from the hello's answer.
+    """
+    return Accepting(client_ephemeral_key)
+
+
+def _initiating(
+    inputs: ClientInputs,
+    core: ClientCore,
+    hello: bytes,
+    ephemeral: EphemeralKeyPair,
+    shared_key: bytes,
+) -> Initiating:
+    """
+    The data of the client's initiating state, from the hello it sends.
+    """
+    return Initiating(ephemeral, shared_key)
+
+
 def _closed_for(
     inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: BaseException | Failure
 ) -> Failure:
@@ -278,10 +300,7 @@ def _already_closed(
 def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
-    accepting = builder.state(
-        "accepting",
-        lambda inputs, core, client_ephemeral_key, cookie: Accepting(client_ephemeral_key),
-    )
+    accepting = builder.state("accepting", _accepting)
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
 
@@ -364,10 +383,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
 def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
-    initiating = builder.state(
-        "initiating",
-        lambda inputs, core, hello, ephemeral, shared_key: Initiating(ephemeral, shared_key),
-    )
+    initiating = builder.state("initiating", _initiating)
     vouched = builder.state("vouched")
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
