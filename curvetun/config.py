@@ -15,8 +15,9 @@ import math
 
 import attrs
 
+from .admission import ConnectionLimits
 from .endpoints import DEFAULT_PORT
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
+from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 
 DEFAULT_GRACE = 10.0
 """

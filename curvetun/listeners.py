@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .addresses import format_address
 from .errors import CurveTunError
-from .transport import format_address
 
 log = Logger()
 

@@ -28,9 +28,10 @@ import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
+from .admission import ConnectionLimits
 from .config import DEFAULT_GRACE, DEFAULT_LISTEN, TunnelConfig, parse_count, parse_seconds
+from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .keydir import default_keydir
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
 from .tunnel_service import make_service
 
 

@@ -30,10 +30,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .addresses import format_address
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
-from .transport import format_address
 
 log = Logger()
 

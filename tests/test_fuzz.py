@@ -28,14 +28,14 @@ import gc
 import os
 import struct
 import weakref
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
-from typing import Callable, Iterator
 
 import attrs
 from hypothesis import HealthCheck, given, settings
-from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol
@@ -45,7 +45,9 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs
+from curvetun.admission import FailureLog
+from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs, ConnectionOwner
+from curvetun.factories import CurveTunClientFactory, CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.packets import (
     COOKIE_MAGIC,
@@ -58,7 +60,7 @@ from curvetun.packets import (
     VOUCH_SIZE,
 )
 from curvetun.replay import ReplayGuard
-from curvetun.transport import CurveTunClientFactory, CurveTunProtocol, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
 
@@ -145,7 +147,7 @@ def client_protocol(
     A client connection of C{factory} that uses C{ephemeral} as its key.
     """
 
-    def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
+    def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
         return ClientMachine(
             ClientCore(owner, factory.vault, factory.server_key, lambda: ephemeral)
         )
@@ -219,6 +221,8 @@ class Role:
     One side of the live session, able to make fresh connections that
     take part in it again.
 
+    @ivar first_size: the size of the first packet this side receives (the
+        only valid length of the first frame).
     @ivar genuine: the payloads this side receives in the session, in order.
     @ivar plaintexts: for each of them, the message it carries (L{None} for
         handshake packets).
@@ -229,6 +233,7 @@ class Role:
     clock: Clock
     apps: RecordingFactory
     make_protocol: Callable[[], CurveTunProtocol]
+    first_size: int
     genuine: list[bytes]
     plaintexts: list[bytes | None]
     host: IPv4Address
@@ -259,6 +264,9 @@ def server_role() -> Role:
         lambda key: True,
         clock,
         handshake_timeout=10,
+        # Failed handshakes are summed up in the log on a clock of their
+        # own: the role's clock must show only the connections' timers.
+        failure_log=FailureLog(Clock()),
     )
 
     def make_protocol() -> CurveTunProtocol:
@@ -271,6 +279,7 @@ def server_role() -> Role:
         clock,
         apps,
         make_protocol,
+        HELLO_SIZE,
         session.client_payloads,
         [None, None, *CLIENT_MESSAGES],
         SERVER_ADDRESS,
@@ -298,6 +307,7 @@ def client_role() -> Role:
         clock,
         apps,
         lambda: client_protocol(factory, session.ephemeral),
+        COOKIE_SIZE,
         session.server_payloads,
         [None, *SERVER_MESSAGES],
         CLIENT_ADDRESS,
@@ -501,7 +511,8 @@ class ArbitraryBytesTests(FuzzTestCase):
     """
     Bytes that are not a curvetun session, however they are framed and
     split, never crash a connection and never start an application; the
-    connection closes once a whole frame has arrived, and not before.
+    connection closes once a whole frame has arrived, or the length prefix
+    of a first frame that is not the first packet's size, and not before.
     """
 
     def check(self, role: Role) -> None:
@@ -520,8 +531,11 @@ class ArbitraryBytesTests(FuzzTestCase):
             connection.feed(stream, cuts)
             description = f"{role.name}: {stream[:40].hex()}... ({len(stream)} bytes)"
             self.assertIsNone(connection.app, description)
+            wrong_length = len(stream) >= 2 and int.from_bytes(stream[:2], "big") != role.first_size
             self.assertEqual(
-                bool(connection.transport.disconnecting), complete_frames(stream) > 0, description
+                bool(connection.transport.disconnecting),
+                complete_frames(stream) > 0 or wrong_length,
+                description,
             )
             self.finish(role, description, connection)
 

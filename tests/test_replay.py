@@ -27,10 +27,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.cookies import CookieKeys
 from curvetun.errors import BadPacket
+from curvetun.factories import CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.packets import HELLO_MAGIC, MESSAGE_MAGIC, VOUCH_MAGIC
 from curvetun.service import CurveTunService
-from curvetun.transport import CurveTunProtocol, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
 

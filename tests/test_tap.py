@@ -46,12 +46,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.admission import ConnectionLimits
 from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
 from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
-from curvetun.transport import ConnectionLimits
 from curvetun.tunnel import EchoFactory, ForwardingFactory
 from curvetun.tunnel_service import (
     EX_CONFIG,

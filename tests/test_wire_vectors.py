@@ -9,18 +9,20 @@ original rejects closes the connection without delivering anything.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs
+from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs, ConnectionOwner
 from curvetun.cookies import CookieKeys
+from curvetun.factories import CurveTunClientFactory, CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.replay import ReplayGuard
-from curvetun.transport import CurveTunProtocol, CurveTunClientFactory, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 from curvetun.vault import MemoryVault
-from twisted.internet.task import Clock
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory
 from ._vectors import load, unhex
@@ -124,7 +126,7 @@ class VectorClient(VectorPeer):
             self.apps, self.vault, key("server_longterm_public_S"), clock
         )
 
-        def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
+        def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
             return ClientMachine(
                 ClientCore(owner, self.vault, factory.server_key, lambda: ephemeral)
             )

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import curvetun.handshake
 import curvetun.vault
-from curvetun.transport import ConnectionLimits
+from curvetun.admission import ConnectionLimits
 
 from ._support import Peers
 

@@ -25,11 +25,11 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
+from ..admission import ConnectionLimits
 from ..endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from ..keys import format_public_key
 from ..registry import Registry
 from ..service import CurveTunService
-from ..transport import ConnectionLimits
 from ..vault import FileVault, MemoryVault
 from .figures import LOCALHOST
 
