@@ -22,7 +22,7 @@ and with which exit status it fails to start).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 from twisted.application.service import IService
@@ -168,7 +168,7 @@ class Options(usage.Options):
             self["idle-timeout"] = (
                 parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
             )
-            limits = {}
+            limits: dict[str, Any] = {}
             for name in self._LIMITS:
                 option = f"max-{name.replace('_', '-')}"
                 limits[name] = parse_count(f"--{option}", str(self[option])) or None

@@ -56,7 +56,11 @@ class X25519CountTests(SynchronousTestCase):
         self.assertEqual(calls, ["crypto_box_beforenm"] * 4 + ["crypto_box_keypair"] * 2)
 
     def test_many_handshakes_do_not_evict_the_long_term_shared_keys(self) -> None:
-        peers = Peers(limits=ConnectionLimits(None, None, None, None))
+        peers = Peers(
+            limits=ConnectionLimits(
+                None, None, None, None, connections_per_network=None, handshakes_per_network=None
+            )
+        )
         for _ in range(curvetun.vault.SHARED_KEY_CACHE_SIZE + 10):
             peers.connect()
         calls = self.handshake(peers)

@@ -33,7 +33,9 @@ from ..service import CurveTunService
 from ..vault import FileVault, MemoryVault
 from .figures import LOCALHOST
 
-CURVETUN_LIMITS = attrs.evolve(ConnectionLimits(), connections=None, connections_per_address=None)
+CURVETUN_LIMITS = attrs.evolve(
+    ConnectionLimits(), connections=None, connections_per_address=None, connections_per_network=None
+)
 """
 A curvetun server's connection limits in the benchmark: the memory figure
 holds a thousand connections and more from one address; the handshake
