@@ -19,7 +19,6 @@ from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection
 from twisted.internet import error as internet_error
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -411,9 +410,9 @@ class MakeServiceTests(TestCase):
             TunnelConfig(keydir=first, listen=(f"tcp:0:{LOCALHOST}",)),
             TunnelConfig(keydir=second, listen=(f"tcp:0:{LOCALHOST}",) * 2, grace=0),
         ]
-        service = make_service(configs, reactor)
-        tunnels = list(IServiceCollection(service))
-        assert all(isinstance(tunnel, TunnelService) for tunnel in tunnels)
+        service = make_service(configs, reactor, environ={})
+        tunnels = service.tunnels
+        self.assertEqual(len(service.identities), 2)
         self.assertEqual([tunnel.config for tunnel in tunnels], configs)
         service.startService()
         for tunnel in tunnels:
