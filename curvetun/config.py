@@ -285,6 +285,12 @@ def tunnel_config(
         send_proxy = _checked(
             "send_proxy", parse_proxy_version, source.option("send_proxy"), version
         )
+    if send_proxy is not None and forward is None:
+        raise SettingError(
+            "send_proxy",
+            f"{source.option('send_proxy')} needs {source.option('forward')}: "
+            "an echo has no backend to send the header to",
+        )
     name = text("name")
     if name is not None and (not name.strip() or not name.isprintable() or len(name) > 64):
         raise SettingError("name", "name must be printable text of 1 to 64 characters")
