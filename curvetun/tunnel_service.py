@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -619,8 +619,9 @@ class Tunnels(MultiService):
         Tell the manager, drain every tunnel, then stop the identities and
         release their key directories.
         """
-        if self.running:
-            notify.stopping(self.environ)
+        if not self.running:
+            return succeed(None)
+        notify.stopping(self.environ)
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
 

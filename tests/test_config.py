@@ -16,6 +16,7 @@ import sys
 import textwrap
 
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import clientFromString, connectProtocol, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
@@ -361,7 +362,8 @@ class SharedIdentityTests(TestCase):
         configs = read_config_file(path)
         error = self.assertRaises(SystemExit, make_service, configs, reactor, {})
         [line] = self.stderr.getvalue().splitlines()
-        return error.code, line.replace(path, "FILE")  # type: ignore[return-value]
+        assert isinstance(error.code, int), error.code
+        return error.code, line.replace(path, "FILE")
 
     async def test_tunnels_naming_one_key_directory_run_one_identity(self) -> None:
         keydir, key = make_keydir(self)
@@ -516,7 +518,9 @@ class ConfigCommandTests(TestCase):
             Factory.forProtocol(Backend)
         )
         self.addCleanup(backend_port.stopListening)
-        backend = backend_port.getHost().port  # type: ignore[attr-defined]
+        address = backend_port.getHost()
+        assert isinstance(address, IPv4Address), address
+        backend = address.port
         # Both tunnels name one key directory: one identity, one key.
         path = write(
             self,
