@@ -527,7 +527,10 @@ def _toml_type(value: object) -> str:
 # A key at the start of a line (bare, "basic" or 'literal'), before = or a
 # dotted part; and a table header.
 _KEY = re.compile(r"""\s*([A-Za-z0-9_-]+|"[^"\\]*"|'[^']*')\s*[=.]""")
-_HEADER = re.compile(r"""\s*(\[\[?)\s*([A-Za-z0-9_-]+|"[^"\\]*"|'[^']*')""")
+_HEADER = re.compile(
+    r"""\s*(\[\[?)\s*([A-Za-z0-9_-]+|"[^"\\]*"|'[^']*')"""
+    r"""(?:\s*\.\s*([A-Za-z0-9_-]+|"[^"\\]*"|'[^']*'))?"""
+)
 
 
 def _key_lines(text: str) -> tuple[dict[str, int], list[tuple[int, dict[str, int]]]]:
@@ -554,6 +557,10 @@ def _key_lines(text: str) -> tuple[dict[str, int], list[tuple[int, dict[str, int
             if header.group(1) == "[[" and name == "tunnel":
                 current = {}
                 tunnels.append((number, current))
+            elif name == "tunnel" and header.group(3) and tunnels:
+                # [tunnel.NAME]: a table in the last tunnel, at this line.
+                tunnels[-1][1].setdefault(header.group(3).strip("\"'"), number)
+                current = None
             else:
                 # Another table: its keys are not a tunnel's; the table
                 # itself, if at the top level, is an unknown key there.

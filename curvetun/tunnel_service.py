@@ -22,9 +22,15 @@ from typing import Any, NoReturn, TypeVar
 
 import attrs
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.logger import Logger
 
 from . import notify
@@ -540,15 +546,18 @@ class Tunnels(MultiService):
     Stopping tells the manager C{STOPPING=1}, drains every tunnel at once,
     then stops the identities and releases their key directories.
 
-    A reload (on SIGHUP, say) should tell the manager with
-    L{curvetun.notify.reloading} before it begins and, once done,
-    L{curvetun.notify.ready} with L{status_line} again.
+    A reload (on SIGHUP, say) tells the manager with
+    C{notify.reloading(tunnels.environ)} before it begins and, once done,
+    C{notify.ready(tunnels.status_line(), tunnels.environ)} again
+    (L{curvetun.notify}).
 
     @ivar identities: the L{Identity}s, each run once whatever the number
         of tunnels using it.
     @ivar tunnels: the L{TunnelService}s, in the order of the configs.
     @ivar ready: fires (with L{None}) once the manager has been told the
-        tunnels are ready, or with their failure to listen.
+        tunnels are ready; never if a listener fails to listen.
+    @ivar environ: where C{NOTIFY_SOCKET} is found (L{None}: the process's
+        environment).
     """
 
     def __init__(
@@ -585,10 +594,11 @@ class Tunnels(MultiService):
         except StartupError as error:
             self.release()
             _exit(error)
+        # A listen that fails later is logged by its listener, and the
+        # tunnels are never reported ready (the manager's start times out).
         waiting = _all_of([tunnel.when_listening() for tunnel in self.tunnels])
         # Told once the reactor runs: ready means serving, not only bound.
         waiting.addCallback(lambda _: self.reactor.callWhenRunning(self._tell_ready))
-        waiting.addErrback(self._never_ready)
 
     def _tell_ready(self) -> None:
         if self.running:
@@ -596,17 +606,13 @@ class Tunnels(MultiService):
             if not self.ready.called:
                 self.ready.callback(None)
 
-    def _never_ready(self, failure: Any) -> None:
-        if not self.ready.called:
-            self.ready.errback(failure)
-
     def status_line(self) -> str:
         """
         What the tunnels serve, for the manager's C{STATUS}: every address
         listened on, and how many tunnels.
         """
         addresses = [
-            format_address(listener.port.getHost())
+            _describe(listener.port.getHost())
             for tunnel in self.tunnels
             for listener in tunnel.listeners
             if listener.port is not None
@@ -641,6 +647,17 @@ class Tunnels(MultiService):
         self._released = True
         for identity in self.identities:
             _release(identity.service)
+
+
+def _describe(address: IAddress) -> str:
+    """
+    A listening address for the manager's status: C{host:port}, or a UNIX
+    socket's path.
+    """
+    if isinstance(address, UNIXAddress) and address.name is not None:
+        name = address.name
+        return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    return format_address(address)
 
 
 def _exit(error: StartupError) -> NoReturn:

@@ -188,6 +188,8 @@ class ConfigFileErrorTests(SynchronousTestCase):
         self.assertTrue(message.startswith(f"{path}:3: tunnel 1: unknown key 'max conns'"))
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\nlimits.max = 3\n')
         self.assertTrue(message.startswith(f"{path}:3: tunnel 1: unknown key 'limits'"))
+        message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\n\n[tunnel.limits]\nmax = 3\n')
+        self.assertTrue(message.startswith(f"{path}:4: tunnel 1: unknown key 'limits'"))
 
     def test_settings_not_built_yet_are_unknown_keys(self) -> None:
         # Reserved for settings that do not exist yet: accepting them now
@@ -270,7 +272,9 @@ class ConfigFileErrorTests(SynchronousTestCase):
         for text in ("", "# nothing\n", "tunnel = []\n"):
             message, path = self.fails(text)
             self.assertEqual(message, f"{path}: no [[tunnel]] table: describe at least one tunnel")
-        message, path = self.fails('# one table, not an array of them\n[tunnel]\nlisten = "tcp:0"\n')
+        message, path = self.fails(
+            '# one table, not an array of them\n[tunnel]\nlisten = "tcp:0"\n'
+        )
         self.assertEqual(message, f"{path}:2: 'tunnel' must be tables written [[tunnel]]")
 
     def test_two_tunnels_cannot_have_one_name(self) -> None:

@@ -8,6 +8,7 @@ binds it.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,13 @@ from twisted.trial.unittest import TestCase
 from curvetun.config import TunnelConfig
 from curvetun.listeners import OpenConnections, TunnelListener
 from curvetun.tunnel import EchoFactory
-from curvetun.tunnel_service import EX_UNAVAILABLE, Tunnels, TunnelService, load_identity
+from curvetun.tunnel_service import (
+    EX_UNAVAILABLE,
+    Tunnels,
+    TunnelService,
+    load_identity,
+    make_service,
+)
 
 from ._support import (
     SOURCE_ROOT,
@@ -159,4 +166,19 @@ class ReadinessTests(TestCase):
         await tunnels.stopService()
         self.assertEqual(
             manager.receive(timeout=5), {"STOPPING": "1", "STATUS": "draining connections"}
+        )
+
+    async def test_the_status_names_a_unix_socket_by_its_path(self) -> None:
+        manager = NotifySocket(self)
+        keydir, _ = make_keydir(self)
+        path = os.path.join(os.path.dirname(manager.path), "tunnel.sock")
+        config = TunnelConfig(keydir=keydir, listen=(f"tcp:0:{LOCALHOST}", f"unix:{path}"))
+        tunnels = make_service([config], reactor, {"NOTIFY_SOCKET": manager.path})
+        tunnels.startService()
+        self.addCleanup(tunnels.stopService)
+        await tunnels.ready
+        ready = manager.receive(timeout=5)
+        assert ready is not None
+        self.assertRegex(
+            ready["STATUS"], rf"^1 tunnel listening on 127\.0\.0\.1:\d+, {re.escape(path)}$"
         )
