@@ -583,7 +583,7 @@ class Tunnels(MultiService):
         try:
             super().privilegedStartService()
         except StartupError as error:
-            self.release()
+            self._abandon()
             _exit(error)
 
     def startService(self) -> None:
@@ -592,7 +592,7 @@ class Tunnels(MultiService):
         try:
             super().startService()
         except StartupError as error:
-            self.release()
+            self._abandon()
             _exit(error)
         # A listen that fails later is logged by its listener, and the
         # tunnels are never reported ready (the manager's start times out).
@@ -636,6 +636,17 @@ class Tunnels(MultiService):
         await _stop_all([i.service for i in self.identities], "Stopping an identity failed")
         self.release()
         log.info("curvetun stopped")
+
+    def _abandon(self) -> None:
+        """
+        A tunnel could not start: stop what did (nothing is open yet, so
+        nothing waits) and release the key directories.
+        """
+        Service.stopService(self)
+        for service in [*self.tunnels, *(i.service for i in self.identities)]:
+            if service.running:
+                service.stopService()
+        self.release()
 
     def release(self) -> None:
         """

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import signal
+import socket
 import sys
 import textwrap
 
@@ -33,7 +34,7 @@ from curvetun.errors import ServerKeyMismatch
 from curvetun.keys import format_public_key
 from curvetun.tap import Options
 from curvetun.transport import ConnectionLimits
-from curvetun.tunnel_service import EX_CONFIG, EX_USAGE, Tunnels, make_service
+from curvetun.tunnel_service import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE, Tunnels, make_service
 from curvetun.vault import FileVault
 
 from ._support import (
@@ -481,6 +482,27 @@ class SharedIdentityTests(TestCase):
             "Unknown endpoint type: 'foo'",
         )
         FileVault(keydir).close()  # released after the error
+
+    def test_a_port_in_use_names_the_line_of_listen_and_releases_the_keys(self) -> None:
+        keydir, _ = make_keydir(self)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        path = write(
+            self,
+            f'[[tunnel]]\nkeydir = "{keydir}"\nlisten = ["tcp:0:{LOCALHOST}", "tcp:{port}:{LOCALHOST}"]\n',
+        )
+        service = make_service(read_config_file(path), reactor, environ={})
+        error = self.assertRaises(SystemExit, service.startService)
+        self.assertEqual(error.code, EX_UNAVAILABLE)
+        [line] = self.stderr.getvalue().splitlines()
+        self.assertTrue(
+            line.startswith(f"twist curvetun: {path}:3: tunnel 1: cannot listen on tcp:{port}"),
+            line,
+        )
+        FileVault(keydir).close()  # released
 
     def test_an_unusable_key_directory_names_the_line_of_keydir(self) -> None:
         not_a_directory = os.path.abspath(self.mktemp())
