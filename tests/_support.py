@@ -6,12 +6,20 @@ on disk, log capture and a collecting client for real connections.
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -295,13 +303,10 @@ class ManualThreads:
 #
 # (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
 
-import socket
 import struct
-import tempfile
 
 from twisted.internet.interfaces import (
     IProtocol,
-    IProtocolFactory,
     IStreamClientEndpoint,
 )
 from twisted.protocols.policies import (
@@ -518,13 +523,8 @@ async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: li
 # block and other additions stay apart.
 
 import io  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
 
 import attrs  # noqa: E402
-from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 from twisted.trial.unittest import TestCase  # noqa: E402
 
@@ -658,3 +658,182 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+# -- `twist curvetun` as operators start it: processes, their JSON logs, a
+# service manager's notify socket, and fake listen endpoints -------------------
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twist(*argv: str) -> list[str]:
+    """
+    The command line of C{twist curvetun ARGV}, logging JSON to stdout.
+    """
+    return [sys.executable, "-m", "twisted", "--log-format", "json", "curvetun", *argv]
+
+
+def twist_environ(home: str, **extra: str) -> dict[str, str]:
+    """
+    The environment of a C{twist curvetun} process: the plugin is found
+    from the source tree, installed or not; the default key directory is
+    C{home}.
+    """
+    return {
+        **{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        "PYTHONPATH": os.pathsep.join([SOURCE_ROOT, os.environ.get("PYTHONPATH", "")]),
+        "CURVETUN_HOME": home,
+        **extra,
+    }
+
+
+def run_twist(home: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{twist curvetun ARGV} to its end (for commands that fail at start).
+    """
+    return subprocess.run(
+        twist(*argv),
+        cwd=SOURCE_ROOT,
+        env=twist_environ(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def start_twist(
+    testcase: SynchronousTestCase, home: str, *argv: str, **environ: str
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{twist curvetun ARGV}; it is killed at cleanup if still running.
+    """
+    process = subprocess.Popen(
+        twist(*argv),
+        cwd=SOURCE_ROOT,
+        env=twist_environ(home, **environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+    def reap() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+    testcase.addCleanup(reap)
+    return process
+
+
+def parse_events(output: bytes) -> list[dict[str, Any]]:
+    """
+    The complete events of twist's JSON log: each record is RS (0x1e),
+    JSON, newline.
+    """
+    records = output.decode("utf-8", "replace").split("\x1e")
+    return [json.loads(record) for record in records if record.endswith("\n")]
+
+
+def read_until(
+    process: subprocess.Popen[bytes], output: bytes, until: str, count: int = 1, timeout: float = 30
+) -> bytes:
+    """
+    Read more of C{process}'s JSON log, after C{output}, until it holds
+    C{count} events whose format begins with C{until}; fail after
+    C{timeout} seconds.
+
+    @return: C{output} and what was read.
+    """
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        events = parse_events(output)
+        if sum(e.get("log_format", "").startswith(until) for e in events) >= count:
+            return output
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or process.poll() is not None:
+            raise AssertionError(f"no {until!r} in time; output so far: {output[-2000:]!r}")
+        ready, _, _ = select.select([process.stdout], [], [], remaining)
+        if ready:
+            output += os.read(process.stdout.fileno(), 65536)
+
+
+def listening_ports(output: bytes) -> list[int]:
+    """
+    The ports of the "Listening on" events of a JSON log, in order.
+    """
+    return [
+        int(event["address"].rpartition(":")[2])
+        for event in parse_events(output)
+        if event.get("log_format", "").startswith("Listening on")
+    ]
+
+
+class NotifySocket:
+    """
+    A service manager's notify socket: a UNIX datagram socket bound in a
+    fresh directory (short enough for a socket path), as systemd binds
+    C{$NOTIFY_SOCKET}.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase) -> None:
+        directory = tempfile.mkdtemp(prefix="ct-notify-")
+        self.path = os.path.join(directory, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        testcase.addCleanup(self.close, directory)
+
+    def close(self, directory: str) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+        os.rmdir(directory)
+
+    def receive(self, timeout: float = 30) -> dict[str, str] | None:
+        """
+        The fields of the next datagram, or L{None} if none comes within
+        C{timeout} seconds.
+        """
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return None
+        data = self.sock.recv(65536).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
+
+
+@implementer(IListeningPort)
+class FakePort:
+    """
+    A listening port that records being stopped.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        self.stopped += 1
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 7700)
+
+
+@implementer(IStreamServerEndpoint)
+class PendingServerEndpoint:
+    """
+    A server endpoint whose listens the test completes by hand; it records
+    each factory and each cancellation.
+    """
+
+    def __init__(self) -> None:
+        self.listens: list[tuple[IProtocolFactory, Deferred[IListeningPort]]] = []
+        self.cancelled = 0
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def cancel(d: Deferred[IListeningPort]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[IListeningPort] = Deferred(cancel)
+        self.listens.append((protocolFactory, d))
+        return d
