@@ -284,7 +284,7 @@ def tunnel_config(
         given = text(key)
         if given is not None:
             seconds[key] = _checked(key, parse_seconds, source.option(key), given, allow_zero)
-    limits = {}
+    limits: dict[str, int | None] = {}
     for limit in LIMITS:
         key = f"max_{limit}"
         given = text(key)

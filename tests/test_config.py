@@ -159,7 +159,7 @@ class ConfigFileErrorTests(SynchronousTestCase):
         path = write(self, text)
         error = self.assertRaises(ConfigFileError, read_config_file, path)
         self.assertNotIn("\n", str(error))
-        self.assertLess(len(str(error)), 300 + len(path))
+        self.assertLess(len(str(error)), 400 + len(path))
         return str(error), path
 
     def test_an_unknown_key_names_the_file_the_line_and_the_key(self) -> None:
