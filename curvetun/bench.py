@@ -43,8 +43,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from typing import IO, Any, Awaitable, Callable, Iterable, NoReturn, Sequence, cast
+from typing import IO, Any, NoReturn, cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -1634,7 +1635,7 @@ def _render(rows: list[list[str]], left: int = 2) -> list[str]:
     for row in rows:
         cells = [
             cell.ljust(width) if i < left else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
     return lines
@@ -1775,6 +1776,7 @@ def environment() -> dict[str, str]:
     What the figures were measured with.
     """
     import nacl
+
     import twisted
 
     from . import __version__

@@ -21,7 +21,9 @@ import getopt
 import math
 import os
 import sys
-from typing import Any, Callable, NoReturn, Protocol as TypingProtocol, cast
+from collections.abc import Callable
+from typing import Any, NoReturn, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import (
@@ -29,6 +31,8 @@ from twisted.internet.error import (
     ConnectionDone,
     ConnectionRefusedError,
     DNSLookupError,
+)
+from twisted.internet.error import (
     TimeoutError as ConnectTimeoutError,
 )
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
@@ -46,7 +50,12 @@ from .errors import (
     ServerKeyMismatch,
 )
 from .keys import format_public_key, parse_public_key, quoted
-from .registry import ANY, FileRegistry, Registry
+
+# Addresses are checked by the registry file's own parser, so that the
+# command line accepts exactly what the file does, before FileRegistry is
+# asked: its RegistryError would not tell a bad address (exit status 2)
+# from a bad file (exit status 1).
+from .registry import ANY, FileRegistry, Registry, parse_address
 from .vault import (
     COUNTER_FILE,
     NONCE_KEY_FILE,
@@ -55,12 +64,6 @@ from .vault import (
     FileVault,
     read_public_key,
 )
-
-# Addresses are checked by the registry file's own parser, so that the
-# command line accepts exactly what the file does, before FileRegistry is
-# asked: its RegistryError would not tell a bad address (exit status 2)
-# from a bad file (exit status 1).
-from .registry import parse_address
 
 DEFAULT_WAIT = 2.0
 """
@@ -352,7 +355,7 @@ class CatOptions(_KeydirOptions):
             wait = float(self["wait"])
         except ValueError:
             wait = -1.0
-        if not (0 <= wait and math.isfinite(wait)):
+        if not (wait >= 0 and math.isfinite(wait)):
             raise usage.UsageError(
                 f"--wait must be a number of seconds, 0 or more, not {quoted(self['wait'])}"
             )

@@ -20,7 +20,8 @@ failure, or the input that moves to the next state.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from automat import TypeMachine, TypeMachineBuilder, pep614

@@ -9,7 +9,7 @@ replaced every minute, so that a cookie is good for 60 to 120 seconds.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import nacl.utils
 from nacl.bindings import crypto_secretbox_easy, crypto_secretbox_open_easy

@@ -20,9 +20,9 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from curvetun.errors import RegistryError
+from curvetun.files import open_regular_file, write_atomically
 from curvetun.interfaces import IRegistry
 from curvetun.keys import format_public_key, keys_equal, parse_public_key, quoted
-from curvetun.files import open_regular_file, write_atomically
 
 ANY = "*"
 
@@ -175,7 +175,7 @@ class Registry:
         for entry in self.entries:
             if entry.network is not None and entry.network.num_addresses == 1:
                 address = entry.network.network_address
-                exact[address] = exact.get(address, ()) + (entry.key,)
+                exact[address] = (*exact.get(address, ()), entry.key)
         return exact
 
     @_wide.default

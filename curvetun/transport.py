@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -577,7 +577,8 @@ class CurveTunServerFactory(_CurveTunFactory):
         now = self.clock.seconds()
         if self._refusals_logged_at is None or now - self._refusals_logged_at >= 10:
             log.warn(
-                "curvetun refused {count} connection(s), the last from {peer}: limit of {limit} reached",
+                "curvetun refused {count} connection(s), the last from {peer}:"
+                " limit of {limit} reached",
                 count=self._refused,
                 peer=peer_host,
                 limit=limit,

@@ -17,7 +17,8 @@ bounded whatever the amount carried.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol as TypingProtocol
+from collections.abc import Iterator
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone

@@ -11,7 +11,8 @@ from __future__ import annotations
 import fcntl
 import os
 from collections import OrderedDict
-from typing import IO, Callable
+from collections.abc import Callable
+from typing import IO
 
 import nacl.utils
 from nacl.bindings import (

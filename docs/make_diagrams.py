@@ -24,7 +24,7 @@ DOCS = Path(__file__).parent
 def to_dot(name: str, machine: Any) -> str:
     automaton = machine.__automat_automaton__
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for old, input, new, outputs in sorted(
+    for old, input, new, _outputs in sorted(
         automaton.allTransitions(), key=lambda t: (t[0].name, t[1])
     ):
         if old.name == "closed" and new.name == "closed":

@@ -356,7 +356,7 @@ class CommandLineTests(SynchronousTestCase):
         self.assertEqual(settings.runs, 2)
         self.assertTrue(settings.quick)
         self.assertEqual(settings.duration, bench.QUICK["duration"])
-        self.assertEqual([f.key for f in settings.figures][0], "bulk")
+        self.assertEqual(settings.figures[0].key, "bulk")
         self.assertEqual({f.group for f in settings.figures}, {"bulk", "crypto"})
 
     def test_single_figures_can_be_chosen_by_their_key(self) -> None:

@@ -13,7 +13,8 @@ import os
 import socket
 import stat
 import sys
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import reactor
@@ -693,7 +694,7 @@ NEWCOMER = """\
 curvetun keygen --keydir ~/.curvetun-client
 curvetun trust 127.0.0.1 "$(curvetun pubkey --keydir ~/.curvetun-client)"
 echo hello | curvetun cat --keydir ~/.curvetun-client "curvetun:127.0.0.1:7700:key=$(curvetun pubkey)"
-"""
+"""  # noqa: E501 (the README's commands, word for word)
 """
 The README's sequence for terminal 2, word for word but for the port.
 """
@@ -735,8 +736,14 @@ class NewcomerTests(CommandTestCase):
         process = reactor.spawnProcess(  # type: ignore[attr-defined]
             server,
             sys.executable,
-            [sys.executable, "-m", "twisted", "curvetun"]
-            + ["--listen", f"curvetun:{port}:interface=127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "curvetun",
+                "--listen",
+                f"curvetun:{port}:interface=127.0.0.1",
+            ],
             env=env,
             path=PROJECT_ROOT,
         )

@@ -158,7 +158,9 @@ class ServerStringTests(SynchronousTestCase):
             "curvetun:7700:colour=blue": "unknown keyword 'colour'",
             "curvetun:7700:backlog=-1": "backlog must be a number from 1 to 65535",
             "curvetun:7700:backlog=many": "backlog must be a number from 1 to 65535",
-            "curvetun:7700:keydir=/nonexistent/curvetun": "no curvetun key directory at /nonexistent/curvetun",
+            "curvetun:7700:keydir=/nonexistent/curvetun": (
+                "no curvetun key directory at /nonexistent/curvetun"
+            ),
         }
         for description, message in cases.items():
             if "keydir=" not in description:
@@ -233,7 +235,9 @@ class ClientStringTests(SynchronousTestCase):
             "curvetun:127.0.0.1:http": "port must be a number",
             "curvetun:127.0.0.1:7700:extra": "too many positional arguments",
             "curvetun:127.0.0.1:7700:size=3": "unknown keyword 'size'",
-            "curvetun:127.0.0.1:7700:key=abc": "key: bad public key 'abc': expected 64 hex digits or 44 base64",
+            "curvetun:127.0.0.1:7700:key=abc": (
+                "key: bad public key 'abc': expected 64 hex digits or 44 base64"
+            ),
             "curvetun:127.0.0.1:7700:timeout=0": "timeout must be a positive number",
             "curvetun:127.0.0.1:7700:timeout=soon": "timeout must be a positive number",
             "curvetun:127.0.0.1:7700:timeout=inf": "timeout must be a positive number",

@@ -9,7 +9,7 @@ uses them too.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from nacl.bindings import (

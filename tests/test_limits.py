@@ -89,7 +89,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         first = peers.connect()
         second = peers.connect()
         self.assertIsNone(peers.server_factory.buildProtocol(OTHER_ADDRESS))
-        for client, server, pump in (first, second):
+        for client, _server, pump in (first, second):
             client.write_message(b"still served")
             pump.flush()
         self.assertEqual(

@@ -14,9 +14,9 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from curvetun import registry as registry_module
 from curvetun.errors import RegistryError
 from curvetun.interfaces import IRegistry
-from curvetun import registry as registry_module
 from curvetun.registry import Entry, FileRegistry, Registry
 
 from ._vectors import load, unhex

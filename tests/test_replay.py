@@ -15,7 +15,7 @@ defences at work and not an artefact of the setup.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 from twisted.internet.error import ConnectionDone

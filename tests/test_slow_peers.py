@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address

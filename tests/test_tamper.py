@@ -29,7 +29,8 @@ accepts each packet unmodified, so the matrix can fail.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Iterable, Iterator, TypeVar, Union
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -53,7 +54,7 @@ from .test_wire_vectors import (
     framed,
 )
 
-Peer = Union[VectorServer, VectorClient]
+Peer = VectorServer | VectorClient
 F = TypeVar("F", bound=Callable[..., None])
 
 

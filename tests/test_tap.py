@@ -14,9 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from twisted.internet import error as internet_error, reactor
+from twisted.internet import error as internet_error
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -38,7 +40,6 @@ from zope.interface import implementer
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
-from curvetun.transport import ConnectionLimits
 from curvetun.tap import (
     EX_CONFIG,
     EX_UNAVAILABLE,
@@ -47,6 +48,7 @@ from curvetun.tap import (
     TunnelService,
     make_tunnel,
 )
+from curvetun.transport import ConnectionLimits
 from curvetun.tunnel import EchoFactory, ForwardingFactory, OpenConnections
 
 from ._tap_support import (
@@ -205,7 +207,9 @@ class MakeTunnelTests(SynchronousTestCase):
     def test_one_listener_per_listen_endpoint_each_echoing_without_forward(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = self.make("--keydir", keydir, "--listen", "tcp:0", "--listen", "curvetun:0")
-        self.assertEqual([l.description for l in tunnel.listeners], ["tcp:0", "curvetun:0"])
+        self.assertEqual(
+            [listener.description for listener in tunnel.listeners], ["tcp:0", "curvetun:0"]
+        )
         for listener in tunnel.listeners:
             self.assertIsInstance(listener.factory, EchoFactory)
 
@@ -544,7 +548,8 @@ class TunnelTests(TestCase):
             self,
             "--listen", f"tcp:0:{LOCALHOST}",
             "--keydir", dir_a,
-            "--forward", f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
+            "--forward",
+            f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
         )  # fmt: skip
         return a, b
 

@@ -5,7 +5,8 @@ cannot show (frames split by the kernel, real close, real refusal).
 
 from __future__ import annotations
 
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults

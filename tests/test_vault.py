@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 from nacl.bindings import crypto_box_beforenm, crypto_box_keypair
 from twisted.application.service import IService
@@ -18,9 +18,9 @@ from zope.interface.verify import verifyObject
 
 from curvetun import vault as vault_module
 from curvetun.errors import BadPacket, KeyFileError
+from curvetun.files import write_atomically
 from curvetun.interfaces import IVault
 from curvetun.keys import fingerprint
-from curvetun.files import write_atomically
 from curvetun.vault import (
     COUNTER_RESERVE,
     COUNTER_STEP,
@@ -287,7 +287,7 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(mode("public.key"), 0o644)
         self.assertEqual(mode("lock"), 0o600)
         self.assertEqual(
-            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
+            sorted(keydir.listdir()), sorted((*vault_module._KEY_FILES, vault_module.LOCK_FILE))
         )
         self.assertEqual(
             keydir.child("public.key").getContent(), vault.public_key.hex().encode() + b"\n"
@@ -429,7 +429,7 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertIn("No space left on device", str(cm.exception))
         self.assertEqual(self.stored_counter(keydir), 0)
         self.assertEqual(
-            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
+            sorted(keydir.listdir()), sorted((*vault_module._KEY_FILES, vault_module.LOCK_FILE))
         )
         patch.restore()
         self.assertEqual(counter_of(vault.safe_nonce(), self.nonce_key(keydir)), 0)

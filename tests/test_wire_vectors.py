@@ -9,8 +9,10 @@ original rejects closes the connection without delivering anything.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -18,9 +20,8 @@ from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs
 from curvetun.cookies import CookieKeys
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.replay import ReplayGuard
-from curvetun.transport import CurveTunProtocol, CurveTunClientFactory, CurveTunServerFactory
+from curvetun.transport import CurveTunClientFactory, CurveTunProtocol, CurveTunServerFactory
 from curvetun.vault import MemoryVault
-from twisted.internet.task import Clock
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory
 from ._vectors import load, unhex
