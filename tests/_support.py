@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -23,6 +24,24 @@ from curvetun.vault import MemoryVault
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7700)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def tcp_port(port: IListeningPort) -> int:
+    """
+    The TCP port number C{port} listens on (C{getHost()} is only typed as
+    an L{IAddress}, which has no port).
+    """
+    address = port.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), address
+    return address.port
+
+
+def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
+    """
+    The protocol a curvetun factory built, failing the test if it refused.
+    """
+    assert protocol is not None, "the factory refused the connection"
+    return protocol
 
 
 @implementer(IRegistry)
@@ -131,8 +150,8 @@ class Peers:
             self.server_vault.public_key if server_key is None else server_key,
         )
         return connectedServerAndClient(
-            lambda: server_factory.buildProtocol(client_address),
-            lambda: client_factory.buildProtocol(SERVER_ADDRESS),
+            lambda: built(server_factory.buildProtocol(client_address)),
+            lambda: built(client_factory.buildProtocol(SERVER_ADDRESS)),
             clientTransportFactory=lambda p: FakeTransport(
                 p, False, hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS
             ),

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -27,6 +27,8 @@ from curvetun.tap import Options, TunnelService, make_tunnel
 from curvetun.transport import CurveTunProtocol
 from curvetun.tunnel import Echo, Forwarder
 from curvetun.vault import FileVault
+
+from ._support import tcp_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +96,7 @@ def port_of(tunnel: TunnelService, index: int = 0) -> int:
     """
     port = tunnel.listeners[index].port
     assert port is not None
-    return int(port.getHost().port)
+    return tcp_port(port)
 
 
 def hex_key(key: bytes) -> str:
@@ -109,8 +111,11 @@ def capture_logs(testcase: SynchronousTestCase) -> list[LogEvent]:
     Every log event emitted until the end of the test.
     """
     events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
+    # Any callable taking an event is a log observer; ILogObserver only
+    # names that shape.
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
     return events
 
 

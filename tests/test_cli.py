@@ -14,14 +14,19 @@ import socket
 import stat
 import sys
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorProcess,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
@@ -37,6 +42,8 @@ from curvetun.keys import format_public_key
 from curvetun.registry import FileRegistry, Registry
 from curvetun.service import CurveTunService
 from curvetun.vault import FileVault, MemoryVault
+
+from ._support import tcp_port
 
 T = TypeVar("T")
 
@@ -79,7 +86,7 @@ class CommandTestCase(TestCase):
         return Result(code, out.getvalue(), err.getvalue())
 
     def temp_dir(self) -> str:
-        path = self.mktemp()
+        path: str = self.mktemp()
         os.makedirs(path)
         return os.path.abspath(path)
 
@@ -439,12 +446,14 @@ class _Echo(Protocol):
     factory: _EchoFactory
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.count = 0
         if self.factory.greeting:
             self.transport.write(self.factory.greeting)
             self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
         if self.factory.silent:
             return
         self.transport.write(data)
@@ -453,7 +462,7 @@ class _Echo(Protocol):
             self.transport.loseConnection()
 
 
-class _EchoFactory(Factory):
+class _EchoFactory(Factory[_Echo]):
     protocol = _Echo
 
     def __init__(
@@ -470,7 +479,9 @@ class CatTests(CommandTestCase):
     process, over TCP on 127.0.0.1.
     """
 
-    async def start_server(self, factory: Factory | None = None, admit_client: bool = True) -> None:
+    async def start_server(
+        self, factory: IProtocolFactory | None = None, admit_client: bool = True
+    ) -> None:
         base = self.temp_dir()
         self.home = os.path.join(base, "home")
         os.makedirs(self.home)
@@ -493,7 +504,7 @@ class CatTests(CommandTestCase):
         )
         port: IListeningPort = await endpoint.listen(factory or _EchoFactory())
         self.addCleanup(port.stopListening)
-        self.port = port.getHost().port
+        self.port = tcp_port(port)
 
     def endpoint(self, key: str | None = None, port: int | None = None) -> str:
         return f"curvetun:127.0.0.1:{port or self.port}:key={key or self.server_key}"
@@ -733,7 +744,7 @@ class NewcomerTests(CommandTestCase):
         env = subprocess_env(home)
         port = closed_port()
         server = _Recorder()
-        process = reactor.spawnProcess(  # type: ignore[attr-defined]
+        process = cast(IReactorProcess, reactor).spawnProcess(
             server,
             sys.executable,
             [
@@ -782,11 +793,12 @@ async def wait_for_listener(port: int, server: _Recorder, timeout: float = 30.0)
             raise AssertionError(f"the server exited:\n{server.output.decode(errors='replace')}")
         try:
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-            protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            protocol = Protocol()
+            await connectProtocol(endpoint, protocol)
         except Exception:
             await deferLater(reactor, 0.1, lambda: None)
         else:
-            protocol.transport.abortConnection()
+            ITCPTransport(protocol.transport).abortConnection()
             return
     output = server.output.decode(errors="replace")
     raise AssertionError(f"nothing listens on port {port}:\n{output}")

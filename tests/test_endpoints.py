@@ -42,6 +42,8 @@ from curvetun.keys import format_public_key
 from curvetun.registry import FileRegistry
 from curvetun.vault import FileVault
 
+from ._support import tcp_port
+
 
 class KeyDirs:
     """
@@ -298,7 +300,7 @@ class EndToEndStringTests(TestCase):
             assert listener.port is not None
             client_endpoint = clientFromString(
                 reactor,
-                f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
+                f"curvetun:127.0.0.1:{tcp_port(listener.port)}:keydir={dirs.client}",
             )
             channel = await connect(client_endpoint)
             self.assertTrue(client_endpoint._service.running)
@@ -324,7 +326,7 @@ class EndToEndStringTests(TestCase):
             channel = await connect(
                 clientFromString(
                     reactor,
-                    f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
+                    f"curvetun:127.0.0.1:{tcp_port(listener.port)}:keydir={dirs.client}",
                 )
             )
             with self.assertRaises(NotAuthorized):

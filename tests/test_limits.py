@@ -17,14 +17,14 @@ OTHER_ADDRESS = IPv4Address("TCP", "192.0.2.7", 40001)
 
 
 def unlimited(**limits: int) -> ConnectionLimits:
-    fields = {
+    fields: dict[str, int | None] = {
         "connections": None,
         "connections_per_address": None,
         "handshakes": None,
         "handshakes_per_address": None,
     }
     fields.update(limits)
-    return ConnectionLimits(**fields)  # type: ignore[arg-type]
+    return ConnectionLimits(**fields)
 
 
 class HandshakeLimitTests(SynchronousTestCase):

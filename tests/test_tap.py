@@ -179,7 +179,7 @@ class MakeTunnelTests(SynchronousTestCase):
         return tunnel
 
     def fails(self, *argv: str) -> StartupError:
-        error = self.assertRaises(StartupError, make_tunnel, parse(*argv), reactor)
+        error: StartupError = self.assertRaises(StartupError, make_tunnel, parse(*argv), reactor)
         self.assertNotIn("\n", str(error))
         return error
 
@@ -739,7 +739,9 @@ class GracefulStopTests(TestCase):
         )  # fmt: skip
 
     async def connect(self, port: int) -> Collector:
-        return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collector())
+        collector = Collector()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), collector)
+        return collector
 
     def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(
         self,
@@ -903,7 +905,12 @@ class CommandTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def kill() -> None:
+            if process.poll() is None:
+                process.kill()
+
+        self.addCleanup(kill)
         output = read_until(process, b"", "Listening on", count=2)
         events = parse_events(output)
         [announced] = [e for e in events if e["log_format"].startswith("curvetun public key")]

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import ITCPTransport
 from twisted.trial.unittest import TestCase
 
 from curvetun.channel import MessageChannel, MessageListener, connect, listen
@@ -20,7 +21,7 @@ from curvetun.packets import MAX_MESSAGE
 from curvetun.service import CurveTunService
 from curvetun.vault import MemoryVault
 
-from ._support import AllowList
+from ._support import AllowList, tcp_port
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ class LoopbackTestCase(TestCase):
         )
         self.addCleanup(self.listener.close)
         assert self.listener.port is not None
-        self.port = self.listener.port.getHost().port
+        self.port = tcp_port(self.listener.port)
 
     async def connect(self, server_key: bytes | None = None) -> MessageChannel:
         channel = await connect(
@@ -134,7 +135,7 @@ class LoopbackMessageTests(LoopbackTestCase):
             await self.start()
             client, server = await self.pair()
             for channel in (client, server):
-                self.assertTrue(channel.transport.transport.getTcpNoDelay())
+                self.assertTrue(ITCPTransport(channel.transport.transport).getTcpNoDelay())
 
         return run(go())
 

@@ -66,7 +66,8 @@ class VectorPeer:
         """
         self.transport.clear()
         self.protocol.dataReceived(framed(payload))
-        return self.transport.value()
+        written: bytes = self.transport.value()
+        return written
 
     @property
     def delivered(self) -> list[bytes]:
