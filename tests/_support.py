@@ -1,21 +1,28 @@
 """
-Shared test fixtures: in-memory identities, a fake registry, a recording
-application protocol, and in-memory connections (iosim).
+Shared test fixtures: the wire's framing, in-memory identities, a fake
+registry, a recording application protocol, in-memory connections (iosim),
+and a curvetun server and client on the loopback interface.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
+from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
+from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.interfaces import IRegistry
 from curvetun.keys import keys_equal
 from curvetun.service import CurveTunService
@@ -42,6 +49,77 @@ def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
     """
     assert protocol is not None, "the factory refused the connection"
     return protocol
+
+
+# -- framing (spec, "Framing") -------------------------------------------------
+
+
+def framed(payload: bytes) -> bytes:
+    """
+    C{payload} as it travels on TCP: a 2-byte big-endian length, then the
+    payload.
+    """
+    return struct.pack(">H", len(payload)) + payload
+
+
+def split_frames(stream: bytes) -> list[bytes]:
+    """
+    Cut a TCP byte stream into its payloads; the stream must end at a frame
+    boundary.
+    """
+    payloads = []
+    offset = 0
+    while offset < len(stream):
+        (length,) = struct.unpack(">H", stream[offset : offset + 2])
+        payloads.append(stream[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    assert offset == len(stream), "the stream ends inside a frame"
+    return payloads
+
+
+# -- real TCP on the loopback interface ----------------------------------------
+
+
+class LoopbackTestCase(TestCase):
+    """
+    A curvetun server listening on 127.0.0.1 with a fresh identity, and a
+    client identity it admits from 127.0.0.1.
+    """
+
+    async def start(self, admit_client: bool = True) -> None:
+        self.server_vault = MemoryVault.generate()
+        self.client_vault = MemoryVault.generate()
+        allowed = [(self.client_vault.public_key, "127.0.0.1")] if admit_client else []
+        self.server_service = CurveTunService(self.server_vault, AllowList(clients=allowed))
+        self.client_service = CurveTunService(self.client_vault, AllowList())
+        for service in (self.server_service, self.client_service):
+            service.startService()
+            self.addCleanup(service.stopService)
+        self.listener: MessageListener = await listen(
+            CurveTunServerEndpoint(
+                TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), self.server_service
+            )
+        )
+        self.addCleanup(self.listener.close)
+        assert self.listener.port is not None
+        self.port = tcp_port(self.listener.port)
+
+    async def connect(self, server_key: bytes | None = None) -> MessageChannel:
+        channel = await connect(
+            CurveTunClientEndpoint(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                self.client_service,
+                self.server_vault.public_key if server_key is None else server_key,
+            )
+        )
+        self.addCleanup(channel.close)
+        return channel
+
+    async def pair(self) -> tuple[MessageChannel, MessageChannel]:
+        client = await self.connect()
+        server = await self.listener.accept()
+        self.addCleanup(server.close)
+        return client, server
 
 
 @implementer(IRegistry)

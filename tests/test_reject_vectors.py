@@ -42,15 +42,16 @@ from curvetun.handshake import (
 )
 from curvetun.packets import Cookie, Hello, Message, Vouch, parse_as
 from curvetun.session import Session
-from tests._vectors import load, unhex
-from tests.test_handshake import (
+from tests._vectors import (
     CLIENT_EPHEMERAL,
     TS,
     C,
     FakeCookieSealer,
     S,
     connected_sessions,
+    load,
     server_vault,
+    unhex,
 )
 
 CASES: list[dict[str, Any]] = load("reject.json")["cases"]

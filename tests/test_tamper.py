@@ -42,6 +42,7 @@ from curvetun.errors import CurveTunError
 from curvetun.packets import COOKIE_MAGIC, HELLO_MAGIC, MAX_PAYLOAD, MESSAGE_MAGIC, VOUCH_MAGIC
 from curvetun.transport import CurveTunProtocol
 
+from ._support import framed
 from ._vectors import unhex
 from .test_wire_vectors import (
     CLIENT_MESSAGES,
@@ -51,7 +52,6 @@ from .test_wire_vectors import (
     VOUCH,
     VectorClient,
     VectorServer,
-    framed,
 )
 
 Peer = VectorServer | VectorClient
