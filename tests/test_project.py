@@ -45,6 +45,17 @@ def listed(value: str) -> list[str]:
     return [line for line in lines if line]
 
 
+def skip_in_the_floors_run() -> None:
+    """
+    Static checks judge the code against the newest dependencies' type
+    stubs and a pinned ruff; at the floors older stubs can disagree about
+    code that runs correctly, which says nothing about whether curvetun
+    works there (the rest of the suite says that).
+    """
+    if os.environ.get("CURVETUN_FLOORS") == "1":
+        raise SkipTest("the minimum-versions run checks behaviour, not types or lint")
+
+
 def run_tool(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", *argv],
@@ -126,6 +137,7 @@ class StaticCheckTests(SynchronousTestCase):
         self.assertEqual(sorted(files), ["curvetun", "tests", "twisted/plugins"])
 
     def test_mypy_finds_no_errors(self) -> None:
+        skip_in_the_floors_run()
         if importlib.util.find_spec("mypy") is None:
             raise SkipTest("mypy is not installed (it comes with the test extra)")
         cache_dir = os.environ.get("MYPY_CACHE_DIR") or str(ROOT / "_trial_temp" / "mypy-cache")
@@ -139,6 +151,7 @@ class StaticCheckTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
 
     def test_ruff_finds_nothing_to_fix_or_format(self) -> None:
+        skip_in_the_floors_run()
         if importlib.util.find_spec("ruff") is None:
             raise SkipTest("ruff is not installed (it comes with the test extra)")
         check = run_tool("ruff", "check", "--no-cache", ".")
