@@ -31,13 +31,14 @@ are added to those tuples and to L{tunnel_config}.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 from typing import Protocol as TypingProtocol
 
 import attrs
@@ -48,7 +49,7 @@ from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .keydir import default_keydir
 from .proxy_header import ProxyVersion
 
-if sys.version_info >= (3, 11):  # noqa: UP036 (the package supports 3.10, with tomli)
+if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
@@ -284,7 +285,7 @@ def tunnel_config(
         given = text(key)
         if given is not None:
             seconds[key] = _checked(key, parse_seconds, source.option(key), given, allow_zero)
-    limits: dict[str, int | None] = {}
+    limits: dict[str, Any] = {}
     for limit in LIMITS:
         key = f"max_{limit}"
         given = text(key)
@@ -344,10 +345,8 @@ def parse_seconds(name: str, text: str, allow_zero: bool) -> float:
     """
     value = math.nan
     if len(text) <= MAX_NUMBER_LENGTH:
-        try:
+        with contextlib.suppress(ValueError):
             value = float(text)
-        except ValueError:
-            pass
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name} must be {kind} number of seconds, not {_quoted(text)}")

@@ -154,7 +154,7 @@ class CurveTunService(MultiService):
         self,
         application_factory: IProtocolFactory,
         server_key: bytes,
-        handshake_timeout: float | None | _Default = _DEFAULT,
+        handshake_timeout: float | _Default | None = _DEFAULT,
     ) -> CurveTunClientFactory:
         """
         A factory for outgoing connections to the server whose long-term

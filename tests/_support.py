@@ -2,6 +2,9 @@
 Shared test fixtures: in-memory identities, a fake registry, a recording
 application protocol, and in-memory connections (iosim); key directories
 on disk, log capture and a collecting client for real connections.
+Shared test fixtures: the wire's framing, in-memory identities, a fake
+registry, a recording application protocol, in-memory connections (iosim),
+and a curvetun server and client on the loopback interface.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import os
 import select
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -17,19 +21,32 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet.address import IPv4Address
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.protocols.policies import (
+    ProtocolWrapper,
+    WrappingFactory,
+)
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
-from curvetun.endpoints import service_pool
+from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from curvetun.interfaces import IRegistry
 from curvetun.keys import keys_equal
 from curvetun.registry import FileRegistry
@@ -39,6 +56,95 @@ from curvetun.vault import FileVault, MemoryVault
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7700)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def tcp_port(port: IListeningPort) -> int:
+    """
+    The TCP port number C{port} listens on (C{getHost()} is only typed as
+    an L{IAddress}, which has no port).
+    """
+    address = port.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), address
+    return address.port
+
+
+def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
+    """
+    The protocol a curvetun factory built, failing the test if it refused.
+    """
+    assert protocol is not None, "the factory refused the connection"
+    return protocol
+
+
+# -- framing (spec, "Framing") -------------------------------------------------
+
+
+def framed(payload: bytes) -> bytes:
+    """
+    C{payload} as it travels on TCP: a 2-byte big-endian length, then the
+    payload.
+    """
+    return struct.pack(">H", len(payload)) + payload
+
+
+def split_frames(stream: bytes) -> list[bytes]:
+    """
+    Cut a TCP byte stream into its payloads; the stream must end at a frame
+    boundary.
+    """
+    payloads = []
+    offset = 0
+    while offset < len(stream):
+        (length,) = struct.unpack(">H", stream[offset : offset + 2])
+        payloads.append(stream[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    assert offset == len(stream), "the stream ends inside a frame"
+    return payloads
+
+
+# -- real TCP on the loopback interface ----------------------------------------
+
+
+class LoopbackTestCase(TestCase):
+    """
+    A curvetun server listening on 127.0.0.1 with a fresh identity, and a
+    client identity it admits from 127.0.0.1.
+    """
+
+    async def start(self, admit_client: bool = True) -> None:
+        self.server_vault = MemoryVault.generate()
+        self.client_vault = MemoryVault.generate()
+        allowed = [(self.client_vault.public_key, "127.0.0.1")] if admit_client else []
+        self.server_service = CurveTunService(self.server_vault, AllowList(clients=allowed))
+        self.client_service = CurveTunService(self.client_vault, AllowList())
+        for service in (self.server_service, self.client_service):
+            service.startService()
+            self.addCleanup(service.stopService)
+        self.listener: MessageListener = await listen(
+            CurveTunServerEndpoint(
+                TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), self.server_service
+            )
+        )
+        self.addCleanup(self.listener.close)
+        assert self.listener.port is not None
+        self.port = tcp_port(self.listener.port)
+
+    async def connect(self, server_key: bytes | None = None) -> MessageChannel:
+        channel = await connect(
+            CurveTunClientEndpoint(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                self.client_service,
+                self.server_vault.public_key if server_key is None else server_key,
+            )
+        )
+        self.addCleanup(channel.close)
+        return channel
+
+    async def pair(self) -> tuple[MessageChannel, MessageChannel]:
+        client = await self.connect()
+        server = await self.listener.accept()
+        self.addCleanup(server.close)
+        return client, server
 
 
 @implementer(IRegistry)
@@ -147,8 +253,8 @@ class Peers:
             self.server_vault.public_key if server_key is None else server_key,
         )
         return connectedServerAndClient(
-            lambda: server_factory.buildProtocol(client_address),
-            lambda: client_factory.buildProtocol(SERVER_ADDRESS),
+            lambda: built(server_factory.buildProtocol(client_address)),
+            lambda: built(client_factory.buildProtocol(SERVER_ADDRESS)),
             clientTransportFactory=lambda p: FakeTransport(
                 p, False, hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS
             ),
@@ -302,17 +408,6 @@ class ManualThreads:
 # -- endpoint strings: key directories, PROXY headers, UNIX sockets, DNS ----------
 #
 # (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
-
-import struct
-
-from twisted.internet.interfaces import (
-    IProtocol,
-    IStreamClientEndpoint,
-)
-from twisted.protocols.policies import (
-    ProtocolWrapper,
-    WrappingFactory,
-)
 
 
 class KeyDirs:

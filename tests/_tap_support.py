@@ -29,6 +29,7 @@ from curvetun.tunnel_service import TunnelService, build_tunnel
 
 T = TypeVar("T")
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -492,7 +492,7 @@ class SharedIdentityTests(TestCase):
         port = taken.getsockname()[1]
         path = write(
             self,
-            f'[[tunnel]]\nkeydir = "{keydir}"\nlisten = ["tcp:0:{LOCALHOST}", "tcp:{port}:{LOCALHOST}"]\n',
+            f'[[tunnel]]\nkeydir = "{keydir}"\nlisten = ["tcp:0:{LOCALHOST}", "tcp:{port}:{LOCALHOST}"]\n',  # noqa: E501
         )
         service = make_service(read_config_file(path), reactor, environ={})
         error = self.assertRaises(SystemExit, service.startService)
@@ -601,7 +601,7 @@ class ConfigCommandTests(TestCase):
         self.assertEqual(result.returncode, EX_USAGE, result.stderr)
         self.assertEqual(
             result.stderr,
-            f"twist curvetun: {path}:3: tunnel 1: unknown key 'fowrard' (did you mean 'forward'?)\n",
+            f"twist curvetun: {path}:3: tunnel 1: unknown key 'fowrard' (did you mean 'forward'?)\n",  # noqa: E501
         )
 
     def test_a_toml_syntax_error_is_one_line_with_its_line_and_status_64(self) -> None:

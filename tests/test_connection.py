@@ -81,7 +81,9 @@ class HandshakeTests(SynchronousTestCase):
         pump.pump()  # <- cookie
         self.assertEqual(len(peers.client_apps.built), 1)
         self.assertEqual(peers.server_apps.built, [])
-        peers.client_apps.built[0].transport.write(b"early")
+        early = peers.client_apps.built[0].transport
+        assert early is not None
+        early.write(b"early")
         pump.flush()
         self.assertEqual(peers.server_apps.built[0].received, [b"early"])
 

@@ -154,7 +154,6 @@ class DiagramTests(SynchronousTestCase):
             )
 
     def test_the_diagrams_show_the_states_of_the_spec(self) -> None:
-        make_diagrams = self.load_make_diagrams()
         for name, states in (
             ("server", ["ready", "accepting", "connected", "closed"]),
             ("client", ["ready", "initiating", "vouched", "connected", "closed"]),

@@ -318,7 +318,7 @@ class RegistryFileTests(OneLineErrorMixin, SynchronousTestCase):
             ("\ufeff127.0.0.1", "bad address"),  # a byte-order mark
             ("host..example", "bad address"),
         ]:
-            self.assert_line_refused(f"# ok\n{address} {A_KEY}\n".encode("utf-8"), 2, fragment)
+            self.assert_line_refused(f"# ok\n{address} {A_KEY}\n".encode(), 2, fragment)
 
     def test_keys_of_the_wrong_length_or_form(self) -> None:
         b64 = base64.b64encode(bytes.fromhex(A_KEY)).decode()

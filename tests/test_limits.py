@@ -9,6 +9,8 @@ test_admission.)
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -33,7 +35,7 @@ def unlimited(**limits: int) -> ConnectionLimits:
     Limits that lift every limit (in all, per address, per network) but
     C{limits}.
     """
-    fields: dict[str, int | None] = {
+    fields: dict[str, Any] = {
         field.name: None
         for field in attrs.fields(ConnectionLimits)
         if field.name.startswith(("connections", "handshakes"))
@@ -190,7 +192,7 @@ class ConnectionLimitTests(SynchronousTestCase):
         first = peers.connect()
         second = peers.connect()
         self.assertTrue(Accepted(peers, OTHER_ADDRESS).refused)
-        for client, server, pump in (first, second):
+        for client, _server, pump in (first, second):
             client.write_message(b"still served")
             pump.flush()
         self.assertEqual(

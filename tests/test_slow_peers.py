@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import attrs
 from twisted.internet import reactor
@@ -56,14 +57,12 @@ FDS_NEEDED = 2 * sum(ATTACKERS.values()) + 100
 
 # Every limit lifted, whichever the admission has (in all, per address, per
 # network).
-NO_LIMITS = attrs.evolve(
-    ConnectionLimits(),
-    **{
-        field.name: None
-        for field in attrs.fields(ConnectionLimits)
-        if field.name.startswith(("connections", "handshakes"))
-    },
-)
+_LIFTED: dict[str, Any] = {
+    field.name: None
+    for field in attrs.fields(ConnectionLimits)
+    if field.name.startswith(("connections", "handshakes"))
+}
+NO_LIMITS = attrs.evolve(ConnectionLimits(), **_LIFTED)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar, Union
+from typing import TypeVar
 
 import attrs
 from twisted.internet.error import ConnectionDone
@@ -41,6 +41,7 @@ from curvetun.errors import CurveTunError
 from curvetun.packets import COOKIE_MAGIC, HELLO_MAGIC, MAX_PAYLOAD, MESSAGE_MAGIC, VOUCH_MAGIC
 from curvetun.transport import CurveTunProtocol
 
+from ._support import framed
 from ._vectors import unhex
 from .test_wire_vectors import (
     CLIENT_MESSAGES,
@@ -50,10 +51,9 @@ from .test_wire_vectors import (
     VOUCH,
     VectorClient,
     VectorServer,
-    framed,
 )
 
-Peer = Union[VectorServer, VectorClient]
+Peer = VectorServer | VectorClient
 F = TypeVar("F", bound=Callable[..., None])
 
 

@@ -275,7 +275,9 @@ class BuildTunnelTests(SynchronousTestCase):
     def test_one_listener_per_listen_endpoint_each_echoing_without_forward(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = self.make("--keydir", keydir, "--listen", "tcp:0", "--listen", "curvetun:0")
-        self.assertEqual([l.description for l in tunnel.listeners], ["tcp:0", "curvetun:0"])
+        self.assertEqual(
+            [listener.description for listener in tunnel.listeners], ["tcp:0", "curvetun:0"]
+        )
         for listener in tunnel.listeners:
             self.assertIsInstance(listener.factory, EchoFactory)
 
@@ -859,7 +861,8 @@ class TunnelTests(TestCase):
             self,
             "--listen", f"tcp:0:{LOCALHOST}",
             "--keydir", dir_a,
-            "--forward", f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
+            "--forward",
+            f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
         )  # fmt: skip
         return a, b
 

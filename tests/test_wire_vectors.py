@@ -8,7 +8,6 @@ original rejects closes the connection without delivering anything.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from curvetun.replay import ReplayGuard
 from curvetun.transport import CurveTunProtocol
 from curvetun.vault import MemoryVault
 
-from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory
+from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory, framed
 from ._vectors import load, unhex
 
 SESSION = load("handshake.json")
@@ -37,10 +36,6 @@ SERVER_MESSAGES = [p for p in PACKETS[3:] if p["direction"].startswith("server")
 
 def key(name: str) -> bytes:
     return unhex(INPUTS[name])
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack(">H", len(payload)) + payload
 
 
 def fixed_random(name: str) -> Callable[[int], bytes]:
@@ -67,7 +62,8 @@ class VectorPeer:
         """
         self.transport.clear()
         self.protocol.dataReceived(framed(payload))
-        return self.transport.value()
+        written: bytes = self.transport.value()
+        return written
 
     @property
     def delivered(self) -> list[bytes]:

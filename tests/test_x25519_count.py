@@ -6,7 +6,8 @@ is the server's per client key).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nacl.bindings
 from twisted.trial.unittest import SynchronousTestCase
