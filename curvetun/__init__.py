@@ -57,7 +57,35 @@ _EXPORTS: dict[str, str] = {
     "RegistryError": "errors",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "BadPacket",
+    "ConnectionClosed",
+    "CurveTunClientEndpoint",
+    "CurveTunError",
+    "CurveTunServerEndpoint",
+    "CurveTunService",
+    "FileRegistry",
+    "FileVault",
+    "HandshakeFailed",
+    "HandshakeTimeout",
+    "ICurveTunTransport",
+    "IRegistry",
+    "IVault",
+    "IdleTimeout",
+    "KeyFileError",
+    "MemoryVault",
+    "MessageChannel",
+    "MessageListener",
+    "MessageTooLong",
+    "NotAuthorized",
+    "Registry",
+    "RegistryError",
+    "ServerKeyMismatch",
+    "__version__",
+    "client_from_string",
+    "connect",
+    "listen",
+]
 
 if TYPE_CHECKING:
     from .channel import MessageChannel, MessageListener, connect, listen

@@ -40,3 +40,9 @@ class PublicAPITests(SynchronousTestCase):
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout
         self.assertEqual(output.strip(), "[]")
+
+    def test_all_lists_exactly_the_exported_names(self) -> None:
+        self.assertEqual(
+            sorted(curvetun.__all__),
+            sorted(["__version__", *curvetun._EXPORTS]),
+        )
