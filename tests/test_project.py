@@ -167,7 +167,7 @@ class StaticCheckTests(SynchronousTestCase):
 def imports_of_test_modules(path: Path) -> list[str]:
     """
     Every import in the module at C{path} that reads a test module
-    (C{tests/test_*.py}), as C{"FILE:LINE: from .test_x import y"}.
+    (C{tests/test_*.py}), each as its file, line and statement.
     """
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
