@@ -47,7 +47,7 @@ from .factories import CurveTunServerFactory
 from .transport import CurveTunProtocol
 
 if TYPE_CHECKING:
-    from .tunnel_service import TunnelService, Tunnels
+    from .tunnel_service import Tunnels, TunnelService
 
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", *FAILURE_LABELS)
 """
@@ -223,7 +223,7 @@ def tunnel_name(tunnel: TunnelService) -> str:
     return tunnel.config.name or tunnel.config.listen[0]
 
 
-def server_keys(vault: object) -> list[dict[str, str]]:
+def server_keys(vault: Any) -> list[dict[str, str]]:
     """
     The public keys a server answers to, for the status document: the
     current one, then the previous one while a rollover overlaps. A vault
@@ -232,7 +232,7 @@ def server_keys(vault: object) -> list[dict[str, str]]:
     """
     keys = getattr(vault, "public_keys", None)
     if keys is None:
-        keys = [getattr(vault, "public_key")]
+        keys = [vault.public_key]
         previous = getattr(vault, "previous_public_key", None)
         if previous:
             keys.append(previous)

@@ -165,14 +165,18 @@ class MonitoringCommandTests(TestCase):
             ["status", "--json", base + "/status"], subprocess_env(self.home)
         )
         self.assertEqual(code, 0, err)
-        self.assertEqual(json.loads(out)["tunnels"][0]["connections"][0]["peer_key"], client_key.hex())
+        self.assertEqual(
+            json.loads(out)["tunnels"][0]["connections"][0]["peer_key"], client_key.hex()
+        )
 
         # The connection ends: the gauge goes down, the counters stay.
         client.transport.loseConnection()
         await client.lost
         output = read_until(process, output, "curvetun connection with")
         [closed] = [
-            e for e in parse_events(output) if e["log_format"].startswith("curvetun connection with")
+            e
+            for e in parse_events(output)
+            if e["log_format"].startswith("curvetun connection with")
         ]
         self.assertEqual(closed["key"], fingerprint(client_key))
         self.assertEqual((closed["received"], closed["sent"]), (5, 5))
@@ -201,16 +205,6 @@ class MonitoringCommandTests(TestCase):
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
         self.assertNotIn(b"Traceback", output + stdout + stderr)
-
-    async def test_the_status_command_says_in_one_line_what_is_wrong(self) -> None:
-        env = subprocess_env(self.home)
-        out, err, code = await curvetun_process(["status", "http://127.0.0.1:1"], env)
-        self.assertEqual((code, out), (1, b""))
-        self.assertEqual(err.count(b"\n"), 1, err)
-        self.assertIn(b"connection refused", err)
-        out, err, code = await curvetun_process(["status", "ftp://127.0.0.1:1"], env)
-        self.assertEqual(code, 2, err)
-        self.assertIn(b"bad URL", err)
 
 
 class MetricsSettingTests(SynchronousTestCase):

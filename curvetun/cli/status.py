@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.defer import TimeoutError as NoAnswer
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.python import usage
@@ -116,12 +115,21 @@ async def fetch_status(reactor: Any, url: str, timeout: float = TIMEOUT) -> tupl
         body: bytes = await readBody(response)
         return response.code, response.phrase, body
 
+    answer = Deferred.fromCoroutine(get())
+    # Not addTimeout: the agent reports a cancelled request as
+    # ResponseNeverReceived, which addTimeout does not take for its own.
+    timer = reactor.callLater(timeout, answer.cancel)
     try:
-        code, phrase, body = await Deferred.fromCoroutine(get()).addTimeout(timeout, reactor)
-    except NoAnswer:
-        raise CommandFailed(f"no answer from {quoted(url)} within {timeout:g} seconds") from None
+        code, phrase, body = await answer
     except Exception as error:
+        if not timer.active():
+            raise CommandFailed(
+                f"no answer from {quoted(url)} within {timeout:g} seconds"
+            ) from None
         raise CommandFailed(describe_failure(error, url)) from None
+    finally:
+        if timer.active():
+            timer.cancel()
     if code != 200:
         reason = phrase.decode("ascii", "replace")
         first = body.decode("utf-8", "replace").strip().splitlines()[:1]
