@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,6 +37,7 @@ from curvetun.metrics import (
 from curvetun.service import CurveTunService
 from curvetun.status import render
 from curvetun.tap import Options
+from curvetun.tunnel_service import EX_UNAVAILABLE, EX_USAGE
 from curvetun.vault import FileVault, MemoryVault
 
 from ._support import (
@@ -50,6 +52,7 @@ from ._support import (
     parse_events,
     read_until,
     round_trip,
+    run_twist,
     start_twist,
     subprocess_env,
 )
@@ -205,6 +208,36 @@ class MonitoringCommandTests(TestCase):
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=30)
         self.assertNotIn(b"Traceback", output + stdout + stderr)
+
+    def test_a_metrics_endpoint_that_cannot_listen_is_status_69_in_one_line(self) -> None:
+        keydir, _ = make_keydir(self)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = run_twist(
+                self.home,
+                "--listen",
+                f"curvetun:0:{LOCALHOST}",
+                "--keydir",
+                keydir,
+                "--metrics",
+                f"tcp:{port}:{LOCALHOST}",
+            )
+        self.assertEqual(result.returncode, EX_UNAVAILABLE, result.stderr)
+        [line] = result.stderr.splitlines()
+        self.assertTrue(
+            line.startswith(f"twist curvetun: metrics endpoint: cannot listen on tcp:{port}:"),
+            line,
+        )
+
+    def test_a_malformed_metrics_endpoint_is_status_64_in_one_line(self) -> None:
+        result = run_twist(self.home, "--metrics", "nonsense:1")
+        self.assertEqual(result.returncode, EX_USAGE, result.stderr)
+        [line] = result.stderr.splitlines()
+        self.assertTrue(
+            line.startswith("twist curvetun: bad --metrics endpoint 'nonsense:1'"), line
+        )
 
 
 class MetricsSettingTests(SynchronousTestCase):
@@ -433,3 +466,61 @@ class StatusRenderingTests(SynchronousTestCase):
         text = render(document)
         self.assertIn("  latest message: 3 seconds ago\n", text)
         self.assertIn("  transfer: 2.00 KiB received, 10 B sent\n", text)
+
+
+class ObserverTests(TestCase):
+    """
+    L{curvetun.metrics.Observer} over the real service of two tunnels that
+    share one identity, in this process, with a real client.
+    """
+
+    async def test_connections_are_reported_under_their_tunnel(self) -> None:
+        from curvetun.config import TunnelConfig
+        from curvetun.monitoring import MonitoringListener
+        from curvetun.tunnel_service import make_service
+
+        server_keydir, server_key = make_keydir(self)
+        client_keydir, client_key = make_keydir(self)
+        admit(server_keydir, client_key)
+        configs = [
+            TunnelConfig(keydir=server_keydir, listen=(f"curvetun:0:{LOCALHOST}",), name=name)
+            for name in ("first", "second")
+        ]
+        tunnels = make_service(configs, reactor, {}, metrics=f"tcp:0:{LOCALHOST}")
+        [monitor] = tunnels.monitors
+        assert isinstance(monitor, MonitoringListener)
+        observer = monitor.observer
+        self.assertEqual(observer.health(), "the tunnels are not running")
+        tunnels.startService()
+        self.addCleanup(tunnels.stopService)
+        await tunnels.ready
+        self.assertIsNone(observer.health())
+        second = tunnels.tunnels[1].listeners[0].port
+        assert second is not None
+        client = Collector()
+        endpoint = (
+            f"curvetun:127.0.0.1:{second.getHost().port}:key={server_key.hex()}"  # type: ignore[attr-defined]
+            f":keydir={client_keydir}"
+        )
+        await connectProtocol(clientFromString(reactor, endpoint), client)
+        self.assertEqual(await round_trip(client, b"abc"), b"abc")
+
+        figures = observer.figures()
+        self.assertEqual(list(figures), ["first", "second"])
+        self.assertEqual((figures["first"].connections, figures["second"].connections), (0, 1))
+        self.assertEqual(figures["second"].bytes_received, 3)
+        document = observer.status()
+        self.assertEqual([t["name"] for t in document["tunnels"]], ["first", "second"])
+        self.assertEqual(document["tunnels"][0]["connections"], [])
+        [connection] = document["tunnels"][1]["connections"]
+        self.assertEqual(connection["peer_key"], client_key.hex())
+        self.assertIn(f"peer: {fingerprint(client_key)}", render(json.loads(json.dumps(document))))
+
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
+        await tunnels.stopService()
+        self.assertEqual(observer.health(), "the tunnels are not running")
+        self.assertIsNone(monitor.port)
+        # What was counted stays after the stop.
+        self.assertEqual(observer.figures()["second"].handshakes["ok"], 1)
