@@ -265,6 +265,13 @@ class MetricsSettingTests(SynchronousTestCase):
         self.assertEqual(config.metrics_where, f"{path}:1: ")
         self.assertEqual(len(config.tunnels), 1)
 
+    def test_metrics_in_a_tunnel_table_is_an_unknown_key(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write('[[tunnel]]\nlisten = "tcp:0"\nmetrics = "tcp:9100"\n')
+        error = self.assertRaises(ConfigFileError, read_config, path)
+        self.assertTrue(str(error).startswith(f"{path}:3: tunnel 1: unknown key 'metrics'"))
+
     def test_a_metrics_that_is_not_a_string_is_refused_with_its_line(self) -> None:
         path = self.mktemp()
         with open(path, "w") as f:
