@@ -119,6 +119,10 @@ def site(observer: Observer) -> Site:
 class _QuietSite(Site):
     noisy = False
 
+    def logPrefix(self) -> str:
+        # What the port's "... starting on PORT" line calls us.
+        return "curvetun metrics"
+
     def log(self, request: Any) -> None:
         pass  # no access log (see the module docstring)
 
