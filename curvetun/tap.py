@@ -81,7 +81,7 @@ class Options(usage.Options):
     # tell what was given (to refuse it with --config); the defaults are
     # filled in by tunnel_config, and shown in the help text.
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["config", "c", None, "TOML file describing the tunnels to run (no other option then)."],
+        ["config", "c", None, "TOML file describing the tunnels to run (only --metrics besides)."],
         [
             "keydir",
             "k",
