@@ -94,7 +94,7 @@ class DeclaredVersionsTests(SynchronousTestCase):
         dependency is exactly one C{>=} bound on a full version.
         """
         requirements = listed(setup_cfg()["options"]["install_requires"])
-        self.assertEqual(len(requirements), 5, requirements)
+        self.assertEqual(len(requirements), 6, requirements)
         for requirement in requirements:
             # An environment marker may follow (tomli, on Pythons without tomllib).
             self.assertRegex(
