@@ -25,6 +25,7 @@ start).
 
 from __future__ import annotations
 
+import signal
 from typing import ClassVar
 
 from twisted.application.service import IService
@@ -57,13 +58,15 @@ class Options(usage.Options):
     endpoint string or L{None}, C{"keydir"} a path, C{"registry"} a path or
     L{None} (the key directory's), C{"grace"}, C{"handshake-timeout"} and
     C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
-    L{ConnectionLimits}, and C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}.
+    L{ConnectionLimits}, C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}, and
+    C{"keep-sessions-on-revoke"} a bool.
     """
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
+        "[--keep-sessions-on-revoke]"
         "\n       twist [options] curvetun --config FILE"
     )
     longdesc = (
@@ -150,6 +153,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["forward"] = None
+        self["keep-sessions-on-revoke"] = None
         self.tunnels: list[TunnelConfig] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -175,6 +179,11 @@ class Options(usage.Options):
         self["forward"] = endpoint
 
     opt_f = opt_forward
+
+    def opt_keep_sessions_on_revoke(self) -> None:
+        # One line: usage.Options shows a flag's docstring as it is written.
+        """Keep connections the registry no longer admits [default: close them]."""
+        self["keep-sessions-on-revoke"] = "true"
 
     def postOptions(self) -> None:
         """
@@ -213,6 +222,7 @@ class Options(usage.Options):
         self["idle-timeout"] = config.idle_timeout
         self["limits"] = config.limits
         self["send-proxy"] = config.send_proxy
+        self["keep-sessions-on-revoke"] = config.keep_sessions_on_revoke
 
 
 def makeService(options: Options) -> IService:
@@ -221,5 +231,5 @@ def makeService(options: Options) -> IService:
     describe. A configuration error exits with a one-line message.
     """
     if options["config"] is not None:
-        return make_service_from_file(options["config"])
-    return make_service(options.tunnels)
+        return make_service_from_file(options["config"], reload_signal=signal.SIGHUP)
+    return make_service(options.tunnels, reload_signal=signal.SIGHUP)

@@ -10,7 +10,13 @@ or endpoint string, 78 (C{EX_CONFIG}) for an unusable key directory or
 registry, 69 (C{EX_UNAVAILABLE}) when a listen endpoint cannot listen.
 
 A service manager is told (L{curvetun.notify}) when every listener of
-every tunnel is up (C{READY=1}) and when the drain begins (C{STOPPING=1}).
+every tunnel is up (C{READY=1}), when a reload begins and ends
+(C{RELOADING=1}, then C{READY=1}) and when the drain begins
+(C{STOPPING=1}).
+
+SIGHUP (under C{twist curvetun}) reloads every identity's registry and key
+directory (L{Tunnels.reload}), keeps the process and its connections, and
+logs one line saying what changed.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ from .errors import CurveTunError, KeyFileError, RegistryError
 from .keydir import REGISTRY_FILE, SECRET_KEY_FILE
 from .keys import format_public_key
 from .listeners import CannotListen, OpenConnections, TunnelListener
-from .service import CurveTunService
+from .reloading import Coalescing, ReloadOnSignal
+from .service import CurveTunService, Reloaded
 from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
 
 # sysexits.h values (the os module has them only on Unix).
@@ -286,6 +293,7 @@ def load_identity(config: TunnelConfig, reactor: Any) -> Identity:
             handshake_timeout=config.handshake_timeout,
             idle_timeout=config.idle_timeout,
             limits=config.limits,
+            revoke_sessions=not config.keep_sessions_on_revoke,
         )
     except KeyFileError as error:
         raise StartupError(config.source.where("keydir") + str(error), EX_CONFIG) from error
@@ -428,6 +436,7 @@ def _identity_settings(config: TunnelConfig) -> dict[str, object]:
     settings: dict[str, object] = {
         "handshake_timeout": config.handshake_timeout,
         "idle_timeout": config.idle_timeout,
+        "keep_sessions_on_revoke": config.keep_sessions_on_revoke,
     }
     for name, value in attrs.asdict(config.limits).items():
         settings[f"max_{name}"] = value
@@ -450,7 +459,7 @@ def check_shared_identities(configs: Sequence[TunnelConfig]) -> list[int]:
         identity.
     @raise StartupError: two tunnels name one key directory with different
         registries, or disagree on a setting that belongs to the identity
-        (timeouts, limits); status C{EX_USAGE}.
+        (timeouts, limits, revocation); status C{EX_USAGE}.
     """
     first: dict[tuple[str, str], int] = {}
     by_keydir: dict[str, int] = {}
@@ -473,7 +482,7 @@ def check_shared_identities(configs: Sequence[TunnelConfig]) -> list[int]:
                 raise StartupError(
                     f"{config.source.where(setting)}{setting} is not that of tunnel "
                     f"{owner + 1}, which has the same key directory: tunnels that share a "
-                    "key directory share its timeouts and limits",
+                    "key directory share its timeouts, limits and revocation",
                     EX_USAGE,
                 )
         owners.append(owner)
@@ -484,6 +493,7 @@ def make_service(
     configs: Sequence[TunnelConfig],
     reactor: Any = None,
     environ: Mapping[str, str] | None = None,
+    reload_signal: int | None = None,
 ) -> Tunnels:
     """
     The service of C{twist curvetun}: one identity per key directory and
@@ -495,6 +505,8 @@ def make_service(
     C{curvetun:} endpoint strings that name no key directory.
 
     @param environ: where to find C{NOTIFY_SOCKET} (default: the process's).
+    @param reload_signal: the signal that reloads (L{Tunnels.reload}) while
+        the reactor runs (C{twist curvetun}: SIGHUP), or L{None} for none.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -515,11 +527,17 @@ def make_service(
         _exit(error)
     if configs:
         identities[0].adopt(default=True)
-    return Tunnels(list(identities.values()), built, reactor, environ)
+    tunnels = Tunnels(list(identities.values()), built, reactor, environ)
+    if reload_signal is not None:
+        ReloadOnSignal(tunnels.reload, reactor, reload_signal).setServiceParent(tunnels)
+    return tunnels
 
 
 def make_service_from_file(
-    path: str, reactor: Any = None, environ: Mapping[str, str] | None = None
+    path: str,
+    reactor: Any = None,
+    environ: Mapping[str, str] | None = None,
+    reload_signal: int | None = None,
 ) -> Tunnels:
     """
     L{make_service} for the tunnels of a config file
@@ -531,7 +549,7 @@ def make_service_from_file(
         configs = read_config_file(path)
     except ConfigFileError as error:
         _exit(StartupError(str(error), EX_USAGE))
-    return make_service(configs, reactor, environ)
+    return make_service(configs, reactor, environ, reload_signal)
 
 
 class Tunnels(MultiService):
@@ -546,10 +564,10 @@ class Tunnels(MultiService):
     Stopping tells the manager C{STOPPING=1}, drains every tunnel at once,
     then stops the identities and releases their key directories.
 
-    A reload (on SIGHUP, say) tells the manager with
-    C{notify.reloading(tunnels.environ)} before it begins and, once done,
-    C{notify.ready(tunnels.status_line(), tunnels.environ)} again
-    (L{curvetun.notify}).
+    A reload (L{reload}; on SIGHUP under C{twist curvetun}) reads every
+    identity's registry and key directory again, keeping the listeners and
+    the connections, and logs one line saying what changed; the manager is
+    told C{RELOADING=1} before and C{READY=1} after.
 
     @ivar identities: the L{Identity}s, each run once whatever the number
         of tunnels using it.
@@ -574,6 +592,7 @@ class Tunnels(MultiService):
         self.environ = environ
         self.ready: Deferred[None] = Deferred()
         self._released = False
+        self._reloads: Coalescing[str] = Coalescing(lambda: Deferred.fromCoroutine(self._reload()))
         for identity in identities:
             identity.service.setServiceParent(self)
         for tunnel in tunnels:
@@ -620,6 +639,37 @@ class Tunnels(MultiService):
         count = len(self.tunnels)
         return f"{count} tunnel{'s' if count != 1 else ''} listening on {', '.join(addresses)}"
 
+    def reload(self) -> Deferred[str]:
+        """
+        Reload every identity's registry and key directory
+        (L{CurveTunService.reload}), tell the manager (C{RELOADING=1}, then
+        C{READY=1}), and log one line saying what changed::
+
+            curvetun reloaded: registry /etc/curvetun/registry: 2 entries
+            added, 1 removed; keys unchanged
+
+        A request made while a reload runs is served by one more reload
+        after it, shared by all made meanwhile (L{Coalescing}).
+
+        @return: fires with the line logged.
+        """
+        return self._reloads.request()
+
+    async def _reload(self) -> str:
+        notify.reloading(self.environ)
+        try:
+            several = len(self.identities) > 1
+            phrases: list[str] = []
+            for identity in self.identities:
+                reloaded: Reloaded = await identity.service.reload()
+                phrases += reloaded.phrases(identity.keydir if several else None)
+            line = "curvetun reloaded: " + "; ".join(phrases)
+            log.info("{line}", line=line)
+            return line
+        finally:
+            if self.running:
+                notify.ready(self.status_line(), self.environ)
+
     def stopService(self) -> Deferred[None]:
         """
         Tell the manager, drain every tunnel, then stop the identities and
@@ -634,8 +684,18 @@ class Tunnels(MultiService):
     async def _stop(self) -> None:
         await _stop_all(self.tunnels, "Stopping a tunnel failed")
         await _stop_all([i.service for i in self.identities], "Stopping an identity failed")
+        # The rest (the reload signal's handler): kept through the drain,
+        # so that a SIGHUP then reloads rather than ends the process.
+        await _stop_all(self._others(), "Stopping a service failed")
         self.release()
         log.info("curvetun stopped")
+
+    def _others(self) -> list[IService]:
+        """
+        The running children that are neither a tunnel nor an identity.
+        """
+        mine = {id(s) for s in [*self.tunnels, *(i.service for i in self.identities)]}
+        return [s for s in self if id(s) not in mine and s.running]
 
     def _abandon(self) -> None:
         """
@@ -643,7 +703,7 @@ class Tunnels(MultiService):
         nothing waits) and release the key directories.
         """
         Service.stopService(self)
-        for service in [*self.tunnels, *(i.service for i in self.identities)]:
+        for service in [*self.tunnels, *(i.service for i in self.identities), *self._others()]:
             if service.running:
                 service.stopService()
         self.release()
