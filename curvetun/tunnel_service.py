@@ -482,7 +482,7 @@ def check_shared_identities(configs: Sequence[TunnelConfig]) -> list[int]:
                 raise StartupError(
                     f"{config.source.where(setting)}{setting} is not that of tunnel "
                     f"{owner + 1}, which has the same key directory: tunnels that share a "
-                    "key directory share its timeouts, limits and revocation",
+                    "key directory share its timeouts and limits",
                     EX_USAGE,
                 )
         owners.append(owner)
@@ -663,9 +663,9 @@ class Tunnels(MultiService):
             for identity in self.identities:
                 reloaded: Reloaded = await identity.service.reload()
                 phrases += reloaded.phrases(identity.keydir if several else None)
-            line = "curvetun reloaded: " + "; ".join(phrases)
-            log.info("{line}", line=line)
-            return line
+            changes = "; ".join(phrases)
+            log.info("curvetun reloaded: {changes}", changes=changes)
+            return f"curvetun reloaded: {changes}"
         finally:
             if self.running:
                 notify.ready(self.status_line(), self.environ)

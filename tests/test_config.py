@@ -197,7 +197,6 @@ class ConfigFileErrorTests(SynchronousTestCase):
         # would promise what is not done.
         for key, value in [
             ("statedir", '"/var/lib/curvetun"'),
-            ("keep_sessions_on_revoke", "true"),
             ("metrics", '"tcp:9100"'),
         ]:
             self.assertNotIn(key, TUNNEL_KEYS + TOP_LEVEL_KEYS)
