@@ -95,7 +95,7 @@ class SighupCommandTests(TestCase):
 
     def revoked_line(self, process: subprocess.Popen[bytes], output: bytes) -> dict[str, Any]:
         output = read_until(process, output, "curvetun connection with")
-        [line] = events_like(parse_events(output), "curvetun connection with")  # type: ignore[arg-type]
+        [line] = events_like(parse_events(output), "curvetun connection with")
         return dict(line)
 
     async def test_sighup_reloads_keeps_the_connection_and_tells_the_manager(self) -> None:
@@ -110,7 +110,7 @@ class SighupCommandTests(TestCase):
         self.assertEqual(ready["READY"], "1")
         self.assertTrue(ready["STATUS"].startswith("1 tunnel listening on 127.0.0.1:"))
         output = read_until(process, output, "curvetun reloaded")
-        [line] = events_like(parse_events(output), "curvetun reloaded")  # type: ignore[arg-type]
+        [line] = events_like(parse_events(output), "curvetun reloaded")
         registry = os.path.join(self.keys.server, "registry")
         self.assertEqual(line["changes"], f"registry {registry}: unchanged; keys unchanged")
         # The process and the connection are still there.
@@ -147,12 +147,12 @@ class SighupCommandTests(TestCase):
         self.revoke()
         process.send_signal(signal.SIGHUP)
         output = read_until(process, output, "curvetun reloaded")
-        [line] = events_like(parse_events(output), "curvetun reloaded")  # type: ignore[arg-type]
+        [line] = events_like(parse_events(output), "curvetun reloaded")
         self.assertIn("0 entries added, 1 removed", line["changes"])
         self.assertEqual(await round_trip(client, b"still here"), b"still here")
         self.assertFalse(client.lost.called)
         self.assertEqual(
-            events_like(parse_events(output), "curvetun connection with"),  # type: ignore[arg-type]
+            events_like(parse_events(output), "curvetun connection with"),
             [],
         )
 
