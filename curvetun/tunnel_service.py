@@ -656,7 +656,11 @@ class Tunnels(MultiService):
         return self._reloads.request()
 
     async def _reload(self) -> str:
-        notify.reloading(self.environ)
+        # Before the first READY=1 the manager is still waiting for the
+        # start: a reload then must not tell it the service is ready.
+        tell = self.ready.called
+        if tell:
+            notify.reloading(self.environ)
         try:
             several = len(self.identities) > 1
             phrases: list[str] = []
@@ -667,7 +671,7 @@ class Tunnels(MultiService):
             log.info("curvetun reloaded: {changes}", changes=changes)
             return f"curvetun reloaded: {changes}"
         finally:
-            if self.running:
+            if tell and self.running:
                 notify.ready(self.status_line(), self.environ)
 
     def stopService(self) -> Deferred[None]:

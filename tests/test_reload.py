@@ -287,6 +287,18 @@ class ReloadSummaryTests(TestCase):
         self.assertEqual(ready["READY"], "1")
         self.assertEqual(ready["STATUS"], tunnels.status_line())
 
+    async def test_a_reload_before_the_service_is_ready_tells_the_manager_nothing(self) -> None:
+        manager = NotifySocket(self)
+        tunnels = self.tunnels(environ={"NOTIFY_SOCKET": manager.path})
+        self.assertFalse(tunnels.ready.called)
+        reloaded = tunnels.reload()
+        await tunnels.ready
+        await reloaded
+        ready = manager.receive(timeout=5)
+        assert ready is not None
+        self.assertEqual(ready["READY"], "1")
+        self.assertIsNone(manager.receive(timeout=0.2))
+
 
 class CoalescingTests(SynchronousTestCase):
     """
