@@ -18,13 +18,21 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.task import deferLater
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from curvetun.config import TunnelConfig
+from curvetun.config import ConfigFileError, TunnelConfig, read_config_file
 from curvetun.keys import fingerprint, format_public_key
 from curvetun.registry import FileRegistry
 from curvetun.reloading import Coalescing, ReloadOnSignal
-from curvetun.tunnel_service import Tunnels, make_service
+from curvetun.tap import Options
+from curvetun.tunnel_service import (
+    StartupError,
+    Tunnels,
+    check_shared_identities,
+    load_identity,
+    make_service,
+)
 from curvetun.vault import FileVault
 
 from ._support import (
@@ -33,6 +41,7 @@ from ._support import (
     NotifySocket,
     capture_logs,
     events_like,
+    forget_keydir,
     parse_events,
     read_until,
     round_trip,
@@ -406,3 +415,65 @@ class ReloadOnSignalTests(TestCase):
         await reloaded.addTimeout(10, reactor)
         service.stopService()
         self.assertEqual(signal.getsignal(signal.SIGUSR1), before)
+
+
+class KeepSessionsSettingTests(SynchronousTestCase):
+    """
+    C{--keep-sessions-on-revoke} and C{keep_sessions_on_revoke} in a
+    C{[[tunnel]]} table.
+    """
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def write(self, text: str) -> str:
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_the_option_turns_revocation_off_and_by_default_it_is_on(self) -> None:
+        [config] = self.parse("--keydir", "/k", "--keep-sessions-on-revoke").tunnels
+        self.assertTrue(config.keep_sessions_on_revoke)
+        [config] = self.parse("--keydir", "/k").tunnels
+        self.assertFalse(config.keep_sessions_on_revoke)
+
+    def test_the_option_is_a_tunnel_setting_refused_with_config(self) -> None:
+        error = self.assertRaises(
+            UsageError, self.parse, "--config", "x.toml", "--keep-sessions-on-revoke"
+        )
+        self.assertIn("--keep-sessions-on-revoke", str(error))
+
+    def test_the_file_key_is_a_boolean(self) -> None:
+        path = self.write('[[tunnel]]\nlisten = "tcp:0"\nkeep_sessions_on_revoke = true\n')
+        [config] = read_config_file(path)
+        self.assertTrue(config.keep_sessions_on_revoke)
+        path = self.write('[[tunnel]]\nlisten = "tcp:0"\nkeep_sessions_on_revoke = "yes"\n')
+        error = self.assertRaises(ConfigFileError, read_config_file, path)
+        self.assertEqual(
+            str(error),
+            f"{path}:3: tunnel 1: keep_sessions_on_revoke must be true or false, not a string",
+        )
+
+    def test_tunnels_of_one_key_directory_must_agree_on_it(self) -> None:
+        path = self.write(
+            '[[tunnel]]\nlisten = "tcp:0"\nkeydir = "k"\n'
+            '[[tunnel]]\nlisten = "tcp:1"\nkeydir = "k"\nkeep_sessions_on_revoke = true\n'
+        )
+        error = self.assertRaises(StartupError, check_shared_identities, read_config_file(path))
+        self.assertTrue(
+            str(error).startswith(f"{path}:7: tunnel 2: keep_sessions_on_revoke is not that of"),
+            str(error),
+        )
+
+    def test_the_identity_of_a_tunnel_that_keeps_sessions_has_no_revocation(self) -> None:
+        keydir = os.path.abspath(self.mktemp())
+        identity = load_identity(TunnelConfig(keydir=keydir, keep_sessions_on_revoke=True), reactor)
+        self.addCleanup(forget_keydir, keydir)
+        self.assertIsNone(identity.service.revocation)
+        other = os.path.abspath(self.mktemp())
+        identity = load_identity(TunnelConfig(keydir=other), reactor)
+        self.addCleanup(forget_keydir, other)
+        self.assertIsNotNone(identity.service.revocation)
