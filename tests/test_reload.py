@@ -429,7 +429,7 @@ class KeepSessionsSettingTests(SynchronousTestCase):
         return options
 
     def write(self, text: str) -> str:
-        path = os.path.abspath(self.mktemp())
+        path: str = os.path.abspath(self.mktemp())
         with open(path, "w") as f:
             f.write(text)
         return path
