@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from .errors import CurveTunError, RegistryError
 from .factories import CurveTunServerFactory
 from .interfaces import IRegistry
-from .registry import FileRegistry, RegistryChange
+from .registry import FileRegistry, Registry, RegistryChange
 from .transport import CurveTunProtocol
 
 POLL_INTERVAL = 0.5
@@ -186,11 +186,16 @@ class Revocation(Service):
 
         @return: how many were closed.
         """
-        registry = self.registry
+        registry: IRegistry = self.registry
         if isinstance(registry, FileRegistry):
             # The version in use, whole: no stat of the file per connection,
             # and no reread begun halfway through the pass.
             registry = registry.current
+        # Keys with no entry left are admitted nowhere: their connections
+        # need no look-up (a fleet key removed from the registry, say).
+        registered: frozenset[bytes] | None = None
+        if isinstance(registry, Registry):
+            registered = frozenset(entry.key for entry in registry.entries)
         verdicts: dict[tuple[bytes, str], bool] = {}
         count = 0
         for connection in connections:
@@ -199,7 +204,10 @@ class Revocation(Service):
             peer = (connection.peer_public_key, connection.peer_host)
             allowed = verdicts.get(peer)
             if allowed is None:
-                allowed = verdicts[peer] = registry.is_client_allowed(*peer)
+                if registered is not None and peer[0] not in registered:
+                    allowed = False
+                else:
+                    allowed = verdicts[peer] = registry.is_client_allowed(*peer)
             if not allowed:
                 connection.abort_with(Revoked())
                 count += 1

@@ -236,6 +236,20 @@ class OnePassTests(SynchronousTestCase):
         # or blocking.
         self.assertLess(elapsed, 1.0)
 
+    def test_a_fleet_key_removed_closes_its_connections_from_every_address(self) -> None:
+        fleet, other = (MemoryVault.generate().public_key for _ in range(2))
+        old = Registry.parse(f"10.0.0.0/8 {fleet.hex()}\n* {other.hex()}\n")
+        new = Registry.parse(f"* {other.hex()}\n")
+        revocation = Revocation(new, Clock(), poll_interval=None)
+        revocation.startService()
+        fleet_connections = [_Connection(fleet, f"10.1.{n // 250}.{n % 250}") for n in range(5000)]
+        kept = _Connection(other, "10.0.0.1")
+        revocation.connections.update([*fleet_connections, kept])  # type: ignore[list-item]
+        revocation.registry_changed(RegistryChange.between(old, new))
+        self.assertTrue(all(isinstance(c.reason, Revoked) for c in fleet_connections))
+        self.assertIsNone(kept.reason)
+        self.assertEqual(revocation.closed, 5000)
+
     def test_an_addition_checks_nothing(self) -> None:
         # Entries only admit: a change that removes none revokes none.
         key = MemoryVault.generate().public_key
