@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from curvetun.tunnel_service import (
 from curvetun.vault import FileVault
 
 from ._support import (
+    SOURCE_ROOT,
     Collector,
     KeyDirs,
     NotifySocket,
@@ -46,6 +48,7 @@ from ._support import (
     read_until,
     round_trip,
     start_twist,
+    subprocess_env,
 )
 
 LOCALHOST = "interface=127.0.0.1"
@@ -91,8 +94,18 @@ class SighupCommandTests(TestCase):
         return process, client, output
 
     def revoke(self) -> None:
-        # What `curvetun untrust 127.0.0.1` does.
-        FileRegistry(os.path.join(self.keys.server, "registry")).remove("127.0.0.1")
+        # As an operator does it.
+        untrust = ["untrust", "--keydir", self.keys.server, "127.0.0.1"]
+        subprocess.run(
+            [sys.executable, "-m", "curvetun", *untrust],
+            cwd=SOURCE_ROOT,
+            env=subprocess_env(self.home),
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        registry = FileRegistry(os.path.join(self.keys.server, "registry"))
+        self.assertEqual(registry.current.entries, ())
 
     async def closed_within(self, client: Collector, seconds: float) -> float:
         started = time.monotonic()
