@@ -24,10 +24,9 @@ The file::
 
 Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
-the line and the key. Settings not built yet (a state directory,
-revocation policy) are refused like any unknown key until they are added
-to those tuples and to L{tunnel_config}. The top level may also hold
-C{metrics} (L{read_config}).
+the line and the key. Settings not built yet (a state directory) are
+refused like any unknown key until they are added to those tuples and to
+L{tunnel_config}. The top level may also hold C{metrics} (L{read_config}).
 """
 
 from __future__ import annotations
@@ -103,6 +102,7 @@ The values of C{send_proxy}.
 _SECONDS = {"grace": True, "handshake_timeout": False, "idle_timeout": True}
 _COUNTS = tuple(f"max_{name}" for name in LIMITS)
 _PATHS = ("keydir", "registry")
+_FLAGS = ("keep_sessions_on_revoke",)
 
 TUNNEL_KEYS: tuple[str, ...] = (
     "name",
@@ -113,6 +113,7 @@ TUNNEL_KEYS: tuple[str, ...] = (
     *_COUNTS,
     *NETWORK_PREFIXES,
     "send_proxy",
+    *_FLAGS,
 )
 """
 The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
@@ -204,6 +205,9 @@ class TunnelConfig:
     @ivar limits: how many connections the curvetun listen endpoints take.
     @ivar send_proxy: the PROXY header version each forward connection
         starts with, or L{None} for none.
+    @ivar keep_sessions_on_revoke: whether an established connection stays
+        open when the registry stops admitting its key (by default it is
+        closed: L{curvetun.revocation}).
     @ivar name: what the log calls the tunnel, or L{None}.
     @ivar source: where the settings were written (for messages).
     """
@@ -217,6 +221,7 @@ class TunnelConfig:
     idle_timeout: float | None = None
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     send_proxy: ProxyVersion | None = None
+    keep_sessions_on_revoke: bool = False
     name: str | None = None
     source: Source = attrs.field(default=COMMAND_LINE, eq=False, repr=False)
 
@@ -309,6 +314,11 @@ def tunnel_config(
             f"{source.option('send_proxy')} needs {source.option('forward')}: "
             "an echo has no backend to send the header to",
         )
+    flags = {}
+    for key in _FLAGS:
+        given = text(key)
+        if given is not None:
+            flags[key] = _checked(key, parse_flag, source.option(key), given)
     name = text("name")
     if name is not None and (not name.strip() or not name.isprintable() or len(name) > 64):
         raise SettingError("name", "name must be printable text of 1 to 64 characters")
@@ -322,6 +332,7 @@ def tunnel_config(
         idle_timeout=seconds.get("idle_timeout") or None,
         limits=attrs.evolve(ConnectionLimits(), **limits),
         send_proxy=send_proxy,
+        keep_sessions_on_revoke=flags.get("keep_sessions_on_revoke", False),
         name=name,
         source=source,
     )
@@ -381,6 +392,18 @@ def parse_count(name: str, text: str) -> int:
             f"not {_quoted(text)}"
         )
     return int(text)
+
+
+def parse_flag(name: str, text: str) -> bool:
+    """
+    Parse a setting that is on or off, given for C{name}: C{true} or
+    C{false} (as TOML writes them).
+
+    @raise ValueError: it is neither (a one-line message naming C{name}).
+    """
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{name} must be true or false, not {_quoted(text)}")
 
 
 def parse_proxy_version(name: str, text: str) -> ProxyVersion:
@@ -552,6 +575,10 @@ def _tunnel(table: Mapping[str, object], source: FileTunnel, base: str) -> Tunne
             if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
                 raise error(key, "listen must be an endpoint string or a list of them")
             settings[key] = cast("list[str]", endpoints)
+        elif key in _FLAGS:
+            if not isinstance(value, bool):
+                raise error(key, f"{key} must be true or false, not {_toml_type(value)}")
+            settings[key] = "true" if value else "false"
         elif key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise error(key, f"{key} must be a string, not {_toml_type(value)}")

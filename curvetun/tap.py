@@ -25,6 +25,7 @@ start).
 
 from __future__ import annotations
 
+import signal
 from typing import ClassVar
 
 from twisted.application.service import IService
@@ -59,13 +60,14 @@ class Options(usage.Options):
     C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
     L{ConnectionLimits}, C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}, and
     C{"metrics"} (also with C{--config}) an endpoint string or L{None}.
+    C{"keep-sessions-on-revoke"} a bool.
     """
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
-        " [--metrics ENDPOINT]"
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
+        "[--keep-sessions-on-revoke] [--metrics ENDPOINT]"
         "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
     )
     longdesc = (
@@ -162,6 +164,7 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["forward"] = None
+        self["keep-sessions-on-revoke"] = None
         self.tunnels: list[TunnelConfig] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -187,6 +190,11 @@ class Options(usage.Options):
         self["forward"] = endpoint
 
     opt_f = opt_forward
+
+    def opt_keep_sessions_on_revoke(self) -> None:
+        # One line: usage.Options shows a flag's docstring as it is written.
+        """Keep connections the registry no longer admits [default: close them]."""
+        self["keep-sessions-on-revoke"] = "true"
 
     def postOptions(self) -> None:
         """
@@ -227,6 +235,7 @@ class Options(usage.Options):
         self["idle-timeout"] = config.idle_timeout
         self["limits"] = config.limits
         self["send-proxy"] = config.send_proxy
+        self["keep-sessions-on-revoke"] = config.keep_sessions_on_revoke
 
 
 def makeService(options: Options) -> IService:
@@ -235,5 +244,7 @@ def makeService(options: Options) -> IService:
     describe. A configuration error exits with a one-line message.
     """
     if options["config"] is not None:
-        return make_service_from_file(options["config"], metrics=options["metrics"])
-    return make_service(options.tunnels, metrics=options["metrics"])
+        return make_service_from_file(
+            options["config"], metrics=options["metrics"], reload_signal=signal.SIGHUP
+        )
+    return make_service(options.tunnels, metrics=options["metrics"], reload_signal=signal.SIGHUP)

@@ -197,7 +197,6 @@ class ConfigFileErrorTests(SynchronousTestCase):
         # would promise what is not done.
         for key, value in [
             ("statedir", '"/var/lib/curvetun"'),
-            ("keep_sessions_on_revoke", "true"),
         ]:
             self.assertNotIn(key, TUNNEL_KEYS + TOP_LEVEL_KEYS)
             message, path = self.fails(f'[[tunnel]]\nlisten = "tcp:0"\n{key} = {value}\n')
