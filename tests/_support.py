@@ -40,6 +40,7 @@ from twisted.protocols.policies import (
     WrappingFactory,
 )
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -649,6 +650,17 @@ def unscramble16(block16: bytes, key32: bytes) -> bytes:
         v0 = (v0 - (((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1))) & _MASK64
         total = (total - _DELTA) & _MASK64
     return struct.pack("<2Q", v0, v1)
+
+
+def counter_file(keydir: str | FilePath[str], previous: bool = False) -> FilePath[str]:
+    """
+    The counter file of the current key of C{keydir} (with C{previous},
+    of its previous key), named by the key's public key.
+    """
+    path = FilePath(keydir) if isinstance(keydir, str) else keydir
+    name = ("previous." if previous else "") + "public.key"
+    public_key = bytes.fromhex(path.child(name).getContent().decode("ascii"))
+    return path.child("nonce.counter." + public_key[:8].hex())
 
 
 def counter_of(safe_nonce: bytes, nonce_key: bytes) -> int:

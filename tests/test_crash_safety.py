@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.vault import COUNTER_STEP, FileVault
 
-from ._support import counter_of
+from ._support import counter_file, counter_of
 
 WORKER = Path(__file__).resolve().parent / "_nonce_worker.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,7 +117,7 @@ class CrashSafetyTests(SynchronousTestCase):
         keydir = FilePath(self.mktemp())
         FileVault.create(keydir).close()
         # As if the counter had been running for a while, just short of a step.
-        keydir.child("nonce.counter").setContent(b"%d\n" % (COUNTER_STEP - below_step))
+        counter_file(keydir).setContent(b"%d\n" % (COUNTER_STEP - below_step))
         nonce_key = bytes.fromhex(keydir.child("nonce.key").getContent().decode("ascii"))
         return keydir, nonce_key
 
