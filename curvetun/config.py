@@ -19,13 +19,14 @@ The file::
     listen = "curvetun:7700"            # or a list of endpoint strings
     forward = "tcp:127.0.0.1:6379"      # absent: echo
     keydir = "/etc/curvetun/keys"       # relative: to the file's directory
+    statedir = "/var/lib/curvetun"      # counters and lock: the keydir may be read-only
     send_proxy = "v2"
     max_connections = 1000
 
 Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
-the line and the key. Settings not built yet (a metrics endpoint, a state
-directory, revocation policy) are refused like any unknown key until they
+the line and the key. Settings not built yet (a metrics endpoint, revocation
+policy) are refused like any unknown key until they
 are added to those tuples and to L{tunnel_config}.
 """
 
@@ -46,7 +47,7 @@ import attrs
 from .admission import ConnectionLimits
 from .endpoints import DEFAULT_PORT
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
-from .keydir import default_keydir
+from .keydir import MAX_INSTANCE, default_keydir
 from .proxy_header import ProxyVersion
 
 if sys.version_info >= (3, 11):
@@ -101,7 +102,7 @@ The values of C{send_proxy}.
 
 _SECONDS = {"grace": True, "handshake_timeout": False, "idle_timeout": True}
 _COUNTS = tuple(f"max_{name}" for name in LIMITS)
-_PATHS = ("keydir", "registry")
+_PATHS = ("keydir", "registry", "statedir")
 
 TUNNEL_KEYS: tuple[str, ...] = (
     "name",
@@ -112,6 +113,7 @@ TUNNEL_KEYS: tuple[str, ...] = (
     *_COUNTS,
     *NETWORK_PREFIXES,
     "send_proxy",
+    "instance",
 )
 """
 The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
@@ -202,6 +204,13 @@ class TunnelConfig:
     @ivar limits: how many connections the curvetun listen endpoints take.
     @ivar send_proxy: the PROXY header version each forward connection
         starts with, or L{None} for none.
+    @ivar statedir: the directory of the identity's mutable files (nonce
+        counters, lock, instance ID), or L{None} for the key directory.
+    @ivar instance: this host's instance ID (0 to 65535) for a key
+        directory copied to several hosts, or L{None} (the one stored in
+        the state, if any).
+    @ivar change_instance: let C{instance} replace another stored one (a
+        command-line flag, C{--change-instance}, for every tunnel).
     @ivar name: what the log calls the tunnel, or L{None}.
     @ivar source: where the settings were written (for messages).
     """
@@ -215,6 +224,9 @@ class TunnelConfig:
     idle_timeout: float | None = None
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     send_proxy: ProxyVersion | None = None
+    statedir: str | None = None
+    instance: int | None = None
+    change_instance: bool = False
     name: str | None = None
     source: Source = attrs.field(default=COMMAND_LINE, eq=False, repr=False)
 
@@ -307,6 +319,16 @@ def tunnel_config(
             f"{source.option('send_proxy')} needs {source.option('forward')}: "
             "an echo has no backend to send the header to",
         )
+    instance: int | None = None
+    given = text("instance")
+    if given is not None:
+        instance = _checked("instance", parse_count, source.option("instance"), given)
+        if instance > MAX_INSTANCE:
+            raise SettingError(
+                "instance",
+                f"{source.option('instance')} must be a number from 0 to {MAX_INSTANCE}, "
+                f"not {_quoted(given)}",
+            )
     name = text("name")
     if name is not None and (not name.strip() or not name.isprintable() or len(name) > 64):
         raise SettingError("name", "name must be printable text of 1 to 64 characters")
@@ -320,6 +342,8 @@ def tunnel_config(
         idle_timeout=seconds.get("idle_timeout") or None,
         limits=attrs.evolve(ConnectionLimits(), **limits),
         send_proxy=send_proxy,
+        statedir=paths["statedir"],
+        instance=instance,
         name=name,
         source=source,
     )
@@ -414,7 +438,7 @@ class ConfigFileError(ValueError):
 # What the file's TOML values must be before they become the text the
 # command line would have given (and go through the same checks).
 _STRING_KEYS = ("name", "forward", *_PATHS, "send_proxy")
-_NUMBER_KEYS = (*_SECONDS, *_COUNTS)
+_NUMBER_KEYS = (*_SECONDS, *_COUNTS, "instance")
 
 
 def read_config_file(path: str) -> list[TunnelConfig]:

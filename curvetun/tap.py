@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -63,7 +64,8 @@ class Options(usage.Options):
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
+        "[--statedir DIR] [--instance ID [--change-instance]]"
         "\n       twist [options] curvetun --config FILE"
     )
     longdesc = (
@@ -90,6 +92,26 @@ class Options(usage.Options):
             ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
+        [
+            "statedir",
+            None,
+            None,
+            (
+                "Writable directory for the mutable files (a nonce counter per key, the "
+                "lock, the instance ID), so that the key directory may be read-only "
+                "[default: the key directory]."
+            ),
+        ],
+        [
+            "instance",
+            None,
+            None,
+            (
+                "This host's instance ID, 0 to 65535, for a key directory copied to "
+                "several hosts: each gets its own part of the nonce counter space "
+                "[default: the one stored in the state directory]."
+            ),
+        ],
         [
             "grace",
             "g",
@@ -142,6 +164,17 @@ class Options(usage.Options):
             (
                 "Start each forward connection with a PROXY protocol header, v1 or v2, "
                 "giving the client's address (v2 also its curvetun key, in TLV 0xE0)."
+            ),
+        ],
+    ]
+
+    optFlags: ClassVar[list[list[str | None]]] = [
+        [
+            "change-instance",
+            None,
+            (
+                "Let --instance replace the instance ID stored in the state directory "
+                "(only when the old ID is no longer used anywhere with this key)."
             ),
         ],
     ]
@@ -203,9 +236,14 @@ class Options(usage.Options):
                 )
             return
         try:
-            [config] = self.tunnels = [tunnel_config(given)]
+            config = tunnel_config(given)
         except SettingError as error:
             raise usage.UsageError(str(error)) from None
+        if self["change-instance"]:
+            if config.instance is None:
+                raise usage.UsageError("--change-instance needs --instance")
+            config = attrs.evolve(config, change_instance=True)
+        self.tunnels = [config]
         self["listen"] = list(config.listen)
         self["keydir"] = config.keydir
         self["grace"] = config.grace
@@ -221,5 +259,7 @@ def makeService(options: Options) -> IService:
     describe. A configuration error exits with a one-line message.
     """
     if options["config"] is not None:
-        return make_service_from_file(options["config"])
+        return make_service_from_file(
+            options["config"], change_instance=bool(options["change-instance"])
+        )
     return make_service(options.tunnels)

@@ -286,6 +286,9 @@ def load_identity(config: TunnelConfig, reactor: Any) -> Identity:
             handshake_timeout=config.handshake_timeout,
             idle_timeout=config.idle_timeout,
             limits=config.limits,
+            statedir=config.statedir,
+            instance=config.instance,
+            change_instance=config.change_instance,
         )
     except KeyFileError as error:
         raise StartupError(config.source.where("keydir") + str(error), EX_CONFIG) from error
@@ -428,6 +431,10 @@ def _identity_settings(config: TunnelConfig) -> dict[str, object]:
     settings: dict[str, object] = {
         "handshake_timeout": config.handshake_timeout,
         "idle_timeout": config.idle_timeout,
+        "statedir": None
+        if config.statedir is None
+        else os.path.realpath(os.path.expanduser(config.statedir)),
+        "instance": config.instance,
     }
     for name, value in attrs.asdict(config.limits).items():
         settings[f"max_{name}"] = value
@@ -519,18 +526,24 @@ def make_service(
 
 
 def make_service_from_file(
-    path: str, reactor: Any = None, environ: Mapping[str, str] | None = None
+    path: str,
+    reactor: Any = None,
+    environ: Mapping[str, str] | None = None,
+    change_instance: bool = False,
 ) -> Tunnels:
     """
     L{make_service} for the tunnels of a config file
     (L{curvetun.config.read_config_file}); a file that cannot be used
     exits with status C{EX_USAGE} and one line naming the file, the line
-    and the key.
+    and the key. C{change_instance} (C{--change-instance}) applies to
+    every tunnel.
     """
     try:
         configs = read_config_file(path)
     except ConfigFileError as error:
         _exit(StartupError(str(error), EX_USAGE))
+    if change_instance:
+        configs = [attrs.evolve(config, change_instance=True) for config in configs]
     return make_service(configs, reactor, environ)
 
 

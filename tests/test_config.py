@@ -196,7 +196,6 @@ class ConfigFileErrorTests(SynchronousTestCase):
         # Reserved for settings that do not exist yet: accepting them now
         # would promise what is not done.
         for key, value in [
-            ("statedir", '"/var/lib/curvetun"'),
             ("keep_sessions_on_revoke", "true"),
             ("metrics", '"tcp:9100"'),
         ]:
