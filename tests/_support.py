@@ -24,7 +24,12 @@ from typing import Any, TypeVar, cast
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    clientFromString,
+    connectProtocol,
+)
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
@@ -49,7 +54,7 @@ from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
 from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from curvetun.interfaces import IRegistry
-from curvetun.keys import keys_equal
+from curvetun.keys import format_public_key, keys_equal
 from curvetun.registry import FileRegistry
 from curvetun.service import CurveTunService
 from curvetun.transport import CurveTunProtocol
@@ -765,6 +770,29 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+def client_string(port: int, key: bytes, client_dir: str) -> str:
+    """
+    A client endpoint string to a server on 127.0.0.1:C{port} with key C{key}.
+    """
+    return f"curvetun:127.0.0.1:{port}:key={format_public_key(key)}:keydir={client_dir}"
+
+
+async def echoes(port: int, key: bytes, client_dir: str) -> bytes:
+    """
+    Connect to an echo server with key C{key} as the client of C{client_dir};
+    return what came back of a round trip.
+    """
+    collector = Collector()
+    endpoint = clientFromString(reactor, client_string(port, key, client_dir))
+    await connectProtocol(endpoint, collector)
+    try:
+        return await round_trip(collector, b"which key?")
+    finally:
+        assert collector.transport is not None
+        collector.transport.loseConnection()
+        await collector.lost
 
 
 # -- `twist curvetun` as operators start it: processes, their JSON logs, a

@@ -18,21 +18,21 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.errors import KeyFileError, ServerKeyMismatch
 from curvetun.keydir import COUNTER_FILE
-from curvetun.keys import fingerprint, format_public_key
+from curvetun.keys import fingerprint
 from curvetun.server_keys import ServerKeys, finish_rotation, rotate
 from curvetun.vault import COUNTER_STEP, FileVault, read_public_key
 
 from ._support import (
-    Collector,
     CommandTestCase,
     admit,
+    client_string,
     counter_file,
     counter_of,
+    echoes,
     forget_keydir,
     listening_ports,
     make_keydir,
     read_until,
-    round_trip,
     start_twist,
 )
 from ._tap_support import port_of, start_tunnel
@@ -218,22 +218,6 @@ class ServerKeysTests(SynchronousTestCase):
         self.assertGreater(after, max(made))
         # The new key starts at its own 0: nothing of the old one's.
         self.assertEqual(counter_of(restarted.current.safe_nonce(), nonce_key(self.keydir)), 0)
-
-
-def client_string(port: int, key: bytes, client_dir: str) -> str:
-    return f"curvetun:127.0.0.1:{port}:key={format_public_key(key)}:keydir={client_dir}"
-
-
-async def echoes(port: int, key: bytes, client_dir: str) -> bytes:
-    collector = Collector()
-    endpoint = clientFromString(reactor, client_string(port, key, client_dir))
-    await connectProtocol(endpoint, collector)
-    try:
-        return await round_trip(collector, b"which key?")
-    finally:
-        assert collector.transport is not None
-        collector.transport.loseConnection()
-        await collector.lost
 
 
 class RolloverServerTests(TestCase):

@@ -31,12 +31,12 @@ from ._support import (
     admit,
     counter_file,
     counter_of,
+    echoes,
     forget_keydir,
     make_keydir,
     run_twist,
 )
 from ._tap_support import port_of, start_tunnel
-from .test_rollover import echoes
 
 
 def read_only(testcase: SynchronousTestCase, directory: str) -> None:
