@@ -15,15 +15,18 @@ from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from curvetun.errors import KeyFileError, ServerKeyMismatch
+from curvetun.interfaces import IServerKeys, IVault
 from curvetun.keydir import COUNTER_FILE
 from curvetun.keys import fingerprint
 from curvetun.server_keys import ServerKeys, finish_rotation, rotate
-from curvetun.vault import COUNTER_STEP, FileVault, read_public_key
+from curvetun.vault import COUNTER_STEP, FileVault, MemoryVault, read_public_key
 
 from ._support import (
     CommandTestCase,
+    Peers,
     admit,
     client_string,
     counter_file,
@@ -280,3 +283,96 @@ class RolloverServerTests(TestCase):
             ),
             ServerKeyMismatch,
         )
+
+
+@implementer(IVault)
+class CountingVault:
+    """
+    A L{MemoryVault} that counts the boxes it is asked to open.
+    """
+
+    def __init__(self) -> None:
+        self._vault = MemoryVault.generate()
+        self.public_key = self._vault.public_key
+        self.opened = 0
+
+    def safe_nonce(self) -> bytes:
+        return self._vault.safe_nonce()
+
+    def box(
+        self, plaintext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
+        return self._vault.box(plaintext, nonce, peer_public_key, ephemeral_peer)
+
+    def box_open(
+        self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
+        self.opened += 1
+        return self._vault.box_open(ciphertext, nonce, peer_public_key, ephemeral_peer)
+
+
+@implementer(IServerKeys)
+class TwoKeys:
+    """
+    Server keys in a rollover: a current and (until dropped) a previous
+    vault; as an L{IVault}, the current one.
+    """
+
+    def __init__(self) -> None:
+        self.current = CountingVault()
+        self.previous: CountingVault | None = CountingVault()
+        self.public_key = self.current.public_key
+
+    def vaults(self) -> tuple[IVault, ...]:
+        return (self.current,) if self.previous is None else (self.current, self.previous)
+
+    def safe_nonce(self) -> bytes:
+        return self.current.safe_nonce()
+
+    def box(
+        self, plaintext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
+        return self.current.box(plaintext, nonce, peer_public_key, ephemeral_peer)
+
+    def box_open(
+        self, ciphertext: bytes, nonce: bytes, peer_public_key: bytes, ephemeral_peer: bool = False
+    ) -> bytes:
+        return self.current.box_open(ciphertext, nonce, peer_public_key, ephemeral_peer)
+
+
+class RolloverMachineTests(SynchronousTestCase):
+    """
+    The server machine with two keys: which it tries, and which answers
+    the rest of a connection.
+    """
+
+    def setUp(self) -> None:
+        self.peers = Peers()
+        self.keys = TwoKeys()
+        # The server's factory asks for its vault at each connection, as
+        # it does of a reloaded ServerKeys.
+        self.peers.server_factory.vault = self.keys
+
+    def test_a_hello_to_the_current_key_never_tries_the_previous_one(self) -> None:
+        self.peers.connect(server_key=self.keys.current.public_key)
+        self.assertEqual(len(self.peers.server_apps.built), 1)
+        assert self.keys.previous is not None
+        self.assertEqual(self.keys.previous.opened, 0)
+
+    def test_a_hello_to_the_previous_key_is_answered_with_it_to_the_end(self) -> None:
+        previous = self.keys.previous
+        assert previous is not None
+        _, _, pump = self.peers.connect(server_key=previous.public_key, greet=False)
+        pump.pump()  # hello ->
+        pump.pump()  # <- cookie
+        # The rollover is finished and reloaded while the vouch is on its
+        # way: this connection's vouch is still checked with the key its
+        # hello was sealed to.
+        self.keys.previous = None
+        opened = previous.opened
+        pump.flush()
+        self.assertEqual(len(self.peers.server_apps.built), 1)
+        self.assertEqual(previous.opened, opened + 1)  # the vouch's inner box
+        # A new hello to the forgotten key is refused.
+        self.peers.connect(server_key=previous.public_key)
+        self.assertEqual(len(self.peers.server_apps.built), 1)
