@@ -25,9 +25,9 @@ The file::
 
 Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
-the line and the key. Settings not built yet (a metrics endpoint, revocation
-policy) are refused like any unknown key until they
-are added to those tuples and to L{tunnel_config}.
+the line and the key. Settings not built yet (revocation policy) are
+refused like any unknown key until they are added to those tuples and to
+L{tunnel_config}. The top level may also hold C{metrics} (L{read_config}).
 """
 
 from __future__ import annotations
@@ -120,10 +120,11 @@ The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
 the command line (C{handshake_timeout} is C{--handshake-timeout}).
 """
 
-TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel",)
+TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel", "metrics")
 """
-The keys of the file's top level. (A process-wide setting, such as a
-metrics endpoint, goes here when it is built.)
+The keys of the file's top level: the C{[[tunnel]]} tables, and the
+process-wide settings (C{metrics}: the server endpoint string of the
+monitoring endpoint, as C{--metrics}).
 """
 
 
@@ -441,6 +442,24 @@ _STRING_KEYS = ("name", "forward", *_PATHS, "send_proxy")
 _NUMBER_KEYS = (*_SECONDS, *_COUNTS, "instance")
 
 
+@attrs.frozen
+class ProcessConfig:
+    """
+    What a config file describes: its tunnels, and the settings of the
+    process as a whole.
+
+    @ivar tunnels: one L{TunnelConfig} per C{[[tunnel]]} table, in order.
+    @ivar metrics: the monitoring endpoint's server endpoint string, or
+        L{None}.
+    @ivar metrics_where: what a message about C{metrics} starts with
+        (C{"FILE:LINE: "}).
+    """
+
+    tunnels: list[TunnelConfig]
+    metrics: str | None = None
+    metrics_where: str = ""
+
+
 def read_config_file(path: str) -> list[TunnelConfig]:
     """
     The tunnels the TOML file at C{path} describes, one per C{[[tunnel]]}
@@ -449,6 +468,17 @@ def read_config_file(path: str) -> list[TunnelConfig]:
 
     @raise ConfigFileError: the file cannot be read, is not TOML, has an
         unknown key or a malformed value, or describes no tunnel.
+    """
+    return read_config(path).tunnels
+
+
+def read_config(path: str) -> ProcessConfig:
+    """
+    The tunnels (as L{read_config_file}) and the process-wide settings of
+    the TOML file at C{path}.
+
+    @raise ConfigFileError: as L{read_config_file}; also for a C{metrics}
+        that is not a non-empty string.
     """
     try:
         with open(path, "rb") as f:
@@ -491,7 +521,13 @@ def read_config_file(path: str) -> list[TunnelConfig]:
         configs.append(config)
     if not configs:
         raise ConfigFileError(f"{path}: no [[tunnel]] table: describe at least one tunnel")
-    return configs
+    metrics = document.get("metrics")
+    where = f"{path}:{top.get('metrics', 1)}: "
+    if metrics is not None and (not isinstance(metrics, str) or not metrics.strip()):
+        raise ConfigFileError(
+            f'{where}metrics must be a server endpoint string, e.g. "tcp:9100:interface=127.0.0.1"'
+        )
+    return ProcessConfig(configs, metrics, where)
 
 
 def _decode(path: str, text: str) -> dict[str, object]:

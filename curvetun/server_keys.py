@@ -271,12 +271,24 @@ class ServerKeys(Service):
             return f"previous key {was} forgotten; current key {now}"
         return f"previous key {fingerprint(previous.public_key)}...; current key {now}"
 
-    def can_store_counter(self) -> bool:
+    @property
+    def public_keys(self) -> list[bytes]:
         """
-        Whether the counters can be stored now (see
-        L{FileVault.can_store_counter}).
+        The public keys hellos are answered to, current first (for a
+        status page).
         """
-        return self.state.can_store_counter()
+        return [vault.public_key for vault in self.vaults()]
+
+    def check_counter(self) -> None:
+        """
+        Check that every key's counter can still be stored (see
+        L{FileVault.check_counter}): a health check.
+
+        @raise KeyFileError: one cannot (the message names its file).
+        """
+        for vault in (self.current, self.previous):
+            if vault is not None:
+                vault.check_counter()
 
     def safe_nonce(self) -> bytes:
         """

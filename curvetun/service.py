@@ -7,6 +7,7 @@ factories (L{curvetun.factories}) that run curvetun connections with them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.application.service import IService, MultiService
@@ -53,6 +54,10 @@ class CurveTunService(MultiService):
 
     Start it (or add it to an application) before its factories accept
     connections: the cookie keys rotate only while it runs.
+
+    @ivar server_factory_callbacks: called with each server factory it
+        makes (L{server_factory}), before the factory is used: a service
+        that follows the connections (metrics, a status page) appends here.
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class CurveTunService(MultiService):
         # Kept for as long as the cookie keys could open a replayed vouch's
         # cookie, counted in key generations rather than by any clock.
         self.replay_guard = ReplayGuard(self.cookie_keys)
+        self.server_factory_callbacks: list[Callable[[CurveTunServerFactory], None]] = []
         for part in (vault, self.cookie_keys, registry):
             if IService.providedBy(part):
                 IService(part).setServiceParent(self)
@@ -169,7 +175,7 @@ class CurveTunService(MultiService):
         on each authenticated connection, a protocol of
         C{application_factory}.
         """
-        return CurveTunServerFactory(
+        factory = CurveTunServerFactory(
             application_factory,
             self.vault,
             self.cookie_keys,
@@ -181,6 +187,9 @@ class CurveTunService(MultiService):
             self.limits,
             hello_timeout=self.hello_timeout,
         )
+        for callback in self.server_factory_callbacks:
+            callback(factory)
+        return factory
 
     def client_factory(
         self,

@@ -5,7 +5,7 @@ may be a curvetun endpoint, or echo them.
     twist curvetun [--listen ENDPOINT]... [--forward ENDPOINT]
                    [--keydir DIR] [--registry FILE] [--grace SECONDS]
                    [--handshake-timeout SECONDS] [--send-proxy v1|v2] ...
-    twist curvetun --config FILE
+    twist curvetun --config FILE [--metrics ENDPOINT]
 
 The server end of a tunnel to a local service::
 
@@ -58,15 +58,16 @@ class Options(usage.Options):
     endpoint string or L{None}, C{"keydir"} a path, C{"registry"} a path or
     L{None} (the key directory's), C{"grace"}, C{"handshake-timeout"} and
     C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
-    L{ConnectionLimits}, and C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}.
+    L{ConnectionLimits}, C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}, and
+    C{"metrics"} (also with C{--config}) an endpoint string or L{None}.
     """
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
-        "[--statedir DIR] [--instance ID [--change-instance]]"
-        "\n       twist [options] curvetun --config FILE"
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
+        " [--statedir DIR] [--instance ID [--change-instance]] [--metrics ENDPOINT]"
+        "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
     )
     longdesc = (
         "Forward each connection accepted on a --listen endpoint to a connection "
@@ -81,7 +82,7 @@ class Options(usage.Options):
     # tell what was given (to refuse it with --config); the defaults are
     # filled in by tunnel_config, and shown in the help text.
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["config", "c", None, "TOML file describing the tunnels to run (no other option then)."],
+        ["config", "c", None, "TOML file describing the tunnels to run (only --metrics besides)."],
         [
             "keydir",
             "k",
@@ -166,6 +167,16 @@ class Options(usage.Options):
                 "giving the client's address (v2 also its curvetun key, in TLV 0xE0)."
             ),
         ],
+        [
+            "metrics",
+            None,
+            None,
+            (
+                "Server endpoint string to serve /metrics (Prometheus), /status (JSON) and "
+                "/healthz on over HTTP, e.g. tcp:9100:interface=127.0.0.1; allowed with "
+                "--config, where it overrides the file's metrics."
+            ),
+        ],
     ]
 
     optFlags: ClassVar[list[list[str | None]]] = [
@@ -218,8 +229,10 @@ class Options(usage.Options):
             is given with C{--config} (a one-line message).
         """
         # Only tunnel settings are refused with --config: an option about
-        # the process as a whole (a metrics endpoint, say) is not one of
-        # TUNNEL_KEYS, and goes with --config as it is.
+        # the process as a whole (--metrics) is not one of TUNNEL_KEYS,
+        # and goes with --config as it is.
+        if self["metrics"] is not None and not self["metrics"].strip():
+            raise usage.UsageError("--metrics needs an endpoint, e.g. tcp:9100:interface=127.0.0.1")
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -260,6 +273,8 @@ def makeService(options: Options) -> IService:
     """
     if options["config"] is not None:
         return make_service_from_file(
-            options["config"], change_instance=bool(options["change-instance"])
+            options["config"],
+            metrics=options["metrics"],
+            change_instance=bool(options["change-instance"]),
         )
-    return make_service(options.tunnels)
+    return make_service(options.tunnels, metrics=options["metrics"])

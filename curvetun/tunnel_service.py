@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from . import notify
 from .addresses import format_address
-from .config import ConfigFileError, TunnelConfig, read_config_file
+from .config import ConfigFileError, TunnelConfig, read_config
 from .endpoints import service_pool
 from .errors import CurveTunError, KeyFileError, RegistryError
 from .keydir import REGISTRY_FILE, SECRET_KEY_FILE
@@ -491,6 +491,8 @@ def make_service(
     configs: Sequence[TunnelConfig],
     reactor: Any = None,
     environ: Mapping[str, str] | None = None,
+    metrics: str | None = None,
+    metrics_where: str = "",
 ) -> Tunnels:
     """
     The service of C{twist curvetun}: one identity per key directory and
@@ -502,6 +504,9 @@ def make_service(
     C{curvetun:} endpoint strings that name no key directory.
 
     @param environ: where to find C{NOTIFY_SOCKET} (default: the process's).
+    @param metrics: the server endpoint string of the monitoring endpoint
+        (L{curvetun.monitoring}), or L{None} for none; C{metrics_where}
+        starts a message about it (the file and line).
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -509,7 +514,12 @@ def make_service(
         reactor = default_reactor
     identities: dict[int, Identity] = {}
     built: list[TunnelService] = []
+    metrics_endpoint = None
     try:
+        if metrics is not None:
+            metrics_endpoint = parse_endpoint(
+                "--metrics", metrics, serverFromString, reactor, metrics_where
+            )
         owners = check_shared_identities(configs)
         for index, config in enumerate(configs):
             owner = owners[index]
@@ -522,29 +532,42 @@ def make_service(
         _exit(error)
     if configs:
         identities[0].adopt(default=True)
-    return Tunnels(list(identities.values()), built, reactor, environ)
+    tunnels = Tunnels(list(identities.values()), built, reactor, environ)
+    if metrics_endpoint is not None and metrics is not None:
+        from .metrics import Observer
+        from .monitoring import MonitoringListener
+
+        observer = Observer(tunnels, reactor)
+        tunnels.add_monitor(
+            MonitoringListener(metrics_endpoint, metrics, observer, reactor, metrics_where)
+        )
+    return tunnels
 
 
 def make_service_from_file(
     path: str,
     reactor: Any = None,
     environ: Mapping[str, str] | None = None,
+    metrics: str | None = None,
     change_instance: bool = False,
 ) -> Tunnels:
     """
     L{make_service} for the tunnels of a config file
-    (L{curvetun.config.read_config_file}); a file that cannot be used
-    exits with status C{EX_USAGE} and one line naming the file, the line
-    and the key. C{change_instance} (C{--change-instance}) applies to
-    every tunnel.
+    (L{curvetun.config.read_config}); a file that cannot be used exits
+    with status C{EX_USAGE} and one line naming the file, the line and the
+    key. C{metrics} (C{--metrics}) overrides the file's C{metrics};
+    C{change_instance} (C{--change-instance}) applies to every tunnel.
     """
     try:
-        configs = read_config_file(path)
+        process = read_config(path)
     except ConfigFileError as error:
         _exit(StartupError(str(error), EX_USAGE))
+    tunnels = process.tunnels
     if change_instance:
-        configs = [attrs.evolve(config, change_instance=True) for config in configs]
-    return make_service(configs, reactor, environ)
+        tunnels = [attrs.evolve(config, change_instance=True) for config in tunnels]
+    if metrics is None:
+        return make_service(tunnels, reactor, environ, process.metrics, process.metrics_where)
+    return make_service(tunnels, reactor, environ, metrics)
 
 
 class Tunnels(MultiService):
@@ -571,6 +594,8 @@ class Tunnels(MultiService):
         tunnels are ready; never if a listener fails to listen.
     @ivar environ: where C{NOTIFY_SOCKET} is found (L{None}: the process's
         environment).
+    @ivar monitors: services that report on the tunnels (the metrics
+        endpoint): started after them, stopped once they have drained.
     """
 
     def __init__(
@@ -586,11 +611,19 @@ class Tunnels(MultiService):
         self.reactor = reactor
         self.environ = environ
         self.ready: Deferred[None] = Deferred()
+        self.monitors: list[IService] = []
         self._released = False
         for identity in identities:
             identity.service.setServiceParent(self)
         for tunnel in tunnels:
             tunnel.setServiceParent(self)
+
+    def add_monitor(self, monitor: IService) -> None:
+        """
+        Run C{monitor} with the tunnels (see L{monitors}).
+        """
+        self.monitors.append(monitor)
+        monitor.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         try:
@@ -646,6 +679,8 @@ class Tunnels(MultiService):
 
     async def _stop(self) -> None:
         await _stop_all(self.tunnels, "Stopping a tunnel failed")
+        # The drain can be watched to its end.
+        await _stop_all(self.monitors, "Stopping the metrics endpoint failed")
         await _stop_all([i.service for i in self.identities], "Stopping an identity failed")
         self.release()
         log.info("curvetun stopped")
@@ -656,7 +691,7 @@ class Tunnels(MultiService):
         nothing waits) and release the key directories.
         """
         Service.stopService(self)
-        for service in [*self.tunnels, *(i.service for i in self.identities)]:
+        for service in [*self.tunnels, *self.monitors, *(i.service for i in self.identities)]:
             if service.running:
                 service.stopService()
         self.release()

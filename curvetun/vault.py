@@ -355,13 +355,6 @@ class KeyState:
             os.unlink(name)
         return None
 
-    def can_store_counter(self) -> bool:
-        """
-        Whether a counter file can be written in the state directory now
-        (it is writable, and on a writable file system): a health check.
-        """
-        return self._store_problem() is None
-
     def counter_path(self, public_key: bytes) -> FilePath[str]:
         """
         The counter file of the key C{public_key}.
@@ -547,13 +540,19 @@ class FileVault(Service):
         if self._owns_state:
             self.state.close()
 
-    def can_store_counter(self) -> bool:
+    def check_counter(self) -> None:
         """
-        Whether this vault's counter can be stored now: a health check (a
-        vault that cannot store it refuses to hand out a nonce at the next
-        step of 2**20).
+        Check that the safe-nonce counter can still be stored, as the next
+        handshakes may need (a vault that cannot store it hands out no
+        nonce at the next step of 2**20): read it and store the same value
+        again. That never moves it back: the file is this key's alone, and
+        this vault holds the state's lock, so it is the only writer, and
+        the file holds what it last stored. A health check (C{/healthz}).
+
+        @raise KeyFileError: it cannot be read or stored (the message says
+            which file and why).
         """
-        return self.state.can_store_counter()
+        layout.write_counter(self._counter_path, layout.read_counter(self._counter_path))
 
     def startService(self) -> None:
         """

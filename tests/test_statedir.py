@@ -124,17 +124,19 @@ class ReadOnlyKeyDirectoryTests(TestCase):
         assert isinstance(service.vault, ServerKeys)
         self.assertEqual(service.vault.state.path.path, statedir)
 
-    def test_the_health_check_turns_false_when_the_state_becomes_read_only(self) -> None:
+    def test_the_health_check_fails_when_the_state_becomes_read_only(self) -> None:
         keydir, _ = make_keydir(self)
         forget_keydir(keydir)
         statedir = os.path.abspath(self.mktemp())
         keys = ServerKeys(keydir, statedir)
         self.addCleanup(keys.close)
-        self.assertTrue(keys.can_store_counter())
-        self.assertTrue(keys.current.can_store_counter())
+        keys.check_counter()
+        keys.current.check_counter()
         read_only(self, statedir)
-        self.assertFalse(keys.can_store_counter())
-        self.assertFalse(keys.current.can_store_counter())
+        for check in (keys.check_counter, keys.current.check_counter):
+            error = self.assertRaises(KeyFileError, check)
+            self.assertIn(statedir, str(error))
+            self.assertIn("Read-only file system", str(error))
 
 
 class StateDirectoryTests(SynchronousTestCase):
