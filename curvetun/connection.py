@@ -53,7 +53,7 @@ from twisted.python.failure import Failure
 from . import handshake
 from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, ServerKeyMismatch
 from .handshake import CookieSealer, EphemeralKeyPair
-from .interfaces import IRegistry, IVault
+from .interfaces import IRegistry, IServerKeys, IVault
 from .keys import fingerprint, keys_equal
 from .packets import Cookie, Hello, Vouch
 from .session import Session
@@ -100,8 +100,8 @@ class ServerInputs(ConnectionInputs, Protocol):
     def vouch_received(self, vouch: Vouch) -> None:
         "The vouch arrived (state accepting)."
 
-    def _hello_answered(self, client_ephemeral_key: bytes, cookie: bytes) -> None:
-        "The hello verified, and C{cookie} is the answer to send."
+    def _hello_answered(self, client_ephemeral_key: bytes, cookie: bytes, vault: IVault) -> None:
+        "The hello verified with C{vault}'s key, and C{cookie} is the answer to send."
 
     def _vouch_verified(self, session: Session, client_key: bytes) -> None:
         "The vouch verified: the client holds the long-term key C{client_key}."
@@ -177,6 +177,9 @@ class ServerCore:
     """
     What a server connection needs: its long-term vault, the cookie keys,
     the registry, and its owner (who knows the peer's address).
+
+    A vault that provides L{IServerKeys} has more than one key (a
+    rollover): a hello may be sealed to any of them (L{vaults}).
     """
 
     owner: ConnectionOwner
@@ -188,6 +191,14 @@ class ServerCore:
     Called with the client ephemeral key of each vouch that verified;
     returns False if that key was seen before (a replayed session).
     """
+
+    def vaults(self) -> tuple[IVault, ...]:
+        """
+        The keys a hello may be sealed to, current first.
+        """
+        if IServerKeys.providedBy(self.vault):
+            return IServerKeys(self.vault).vaults()
+        return (self.vault,)
 
 
 @attrs.define
@@ -223,19 +234,27 @@ class Initiating:
 class Accepting:
     """
     Server state data between hello and vouch: the hello's client ephemeral
-    key, which the cookie inside the vouch must carry (binding).
+    key, which the cookie inside the vouch must carry (binding), and the
+    vault whose key the hello was sealed to: the client's vouch is sealed
+    to that key too, and a reload of the server's keys meanwhile changes
+    nothing for this connection.
     """
 
     client_ephemeral_key: bytes
+    vault: IVault
 
 
 def _accepting(
-    inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
+    inputs: ServerInputs,
+    core: ServerCore,
+    client_ephemeral_key: bytes,
+    cookie: bytes,
+    vault: IVault,
 ) -> Accepting:
     """
     The data of the server's accepting state, from the hello's answer.
     """
-    return Accepting(client_ephemeral_key)
+    return Accepting(client_ephemeral_key, vault)
 
 
 def _initiating(
@@ -311,18 +330,21 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     @pep614(ready.upon(ServerInputs.hello_received).loop())
     def answer_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
         try:
-            handshake.server_open_hello(hello, core.vault)
-            cookie = handshake.server_cookie(
-                hello.client_ephemeral_key, core.vault, core.cookie_keys
-            )
+            # The current key first: its clients pay nothing for a rollover.
+            vault = handshake.server_open_hello_with(hello, core.vaults())
+            cookie = handshake.server_cookie(hello.client_ephemeral_key, vault, core.cookie_keys)
         except CurveTunError as error:  # KeyFileError: the counter could not be stored
             inputs._rejected(error)
         else:
-            inputs._hello_answered(hello.client_ephemeral_key, cookie)
+            inputs._hello_answered(hello.client_ephemeral_key, cookie, vault)
 
     @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
     def send_cookie(
-        inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
+        inputs: ServerInputs,
+        core: ServerCore,
+        client_ephemeral_key: bytes,
+        cookie: bytes,
+        vault: IVault,
     ) -> None:
         core.owner.hello_accepted()
         core.owner.send_frame(cookie)
@@ -343,7 +365,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
                     f"client key {fingerprint(opened.client_key)} is not allowed "
                     f"from {peer_host} by the registry"
                 )
-            handshake.server_verify_vouch(opened, core.vault)
+            handshake.server_verify_vouch(opened, state.vault)
             if not core.remember_vouch(opened.client_ephemeral_key):
                 raise ReplayedVouch("replayed vouch: this session was accepted before")
         except CurveTunError as error:

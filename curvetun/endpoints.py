@@ -16,6 +16,10 @@ Server::
     curvetun:port=PORT[:...]
     curvetun:endpoint=INNER[:keydir=DIR][:registry=FILE]
 
+Either takes C{statedir=DIR} (the nonce counters, lock and instance ID in
+a writable directory of their own, so that the key directory may be
+read-only) and C{instance=ID} (a key directory copied to several hosts).
+
 C{INNER} is any endpoint string, escaped as in Twisted's C{tls:} parser
 (see L{parse_client_endpoint} and L{parse_server_endpoint}). From Python,
 build L{CurveTunServerEndpoint} and L{CurveTunClientEndpoint} (or
@@ -59,7 +63,7 @@ from zope.interface import implementer
 from .errors import KeyFileError, RegistryError
 
 # Re-exported: tap.py imports them from here.
-from .keydir import REGISTRY_FILE, default_keydir
+from .keydir import MAX_INSTANCE, REGISTRY_FILE, default_keydir
 from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
@@ -347,6 +351,32 @@ class CurveTunClientEndpoint:
 # -- the service pool behind endpoint strings ------------------------------------
 
 
+def _check_state(
+    service: CurveTunService, keydir: str, statedir: str | None, instance: int | None
+) -> None:
+    """
+    Refuse a C{statedir=} or C{instance=} that disagrees with the service
+    already loaded for C{keydir}.
+    """
+    from .server_keys import ServerKeys
+
+    if not isinstance(service.vault, ServerKeys):
+        return
+    state = service.vault.state
+    if statedir is not None and os.path.realpath(os.path.expanduser(statedir)) != os.path.realpath(
+        state.path.path
+    ):
+        raise ValueError(
+            f"key directory {keydir} is already in use with state directory "
+            f"{state.path.path} in this process; leave statedir= out"
+        )
+    if instance is not None and instance != state.instance:
+        raise ValueError(
+            f"key directory {keydir} is already in use as instance {state.instance} "
+            "in this process; leave instance= out"
+        )
+
+
 @attrs.frozen
 class _PoolKey:
     keydir: str
@@ -409,19 +439,30 @@ class ServicePool:
                 return lease.service
         return None
 
-    def lease(self, keydir: str | None, registry: str | None) -> _Lease:
+    def lease(
+        self,
+        keydir: str | None,
+        registry: str | None,
+        statedir: str | None = None,
+        instance: int | None = None,
+    ) -> _Lease:
         """
         The lease on the service for C{keydir} (default: the adopted
         default, else L{default_keydir}) and C{registry} (default: the file
-        C{registry} in the key directory), loading it if need be.
+        C{registry} in the key directory), loading it if need be, with its
+        mutable files in C{statedir} and the instance ID C{instance} (see
+        L{CurveTunService.from_keydir}).
 
-        @raise ValueError: the key directory or the registry cannot be used;
-            the message says why.
+        @raise ValueError: the key directory or the registry cannot be used,
+            or a service of the key directory is loaded already with
+            another state directory or instance ID; the message says why.
         """
         if keydir is None:
             keydir = self._default_keydir or default_keydir()
         key = self._key(keydir, registry)
         lease = self._leases.get(key)
+        if lease is not None:
+            _check_state(lease.service, key.keydir, statedir, instance)
         if lease is None:
             for other in self._leases:
                 # A key directory has one vault (it holds the directory's
@@ -437,7 +478,9 @@ class ServicePool:
                     f"'curvetun keygen --keydir {key.keydir}', or name another with keydir="
                 )
             try:
-                service = CurveTunService.from_keydir(key.keydir, key.registry)
+                service = CurveTunService.from_keydir(
+                    key.keydir, key.registry, statedir=statedir, instance=instance
+                )
             except (KeyFileError, RegistryError) as error:
                 raise ValueError(str(error)) from error
             lease = self._leases[key] = _Lease(service, managed=True)
@@ -469,8 +512,28 @@ _HOST_NAME = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z"
 )
 
-_CLIENT_KEYWORDS = ("host", "port", "endpoint", "key", "keydir", "registry", "resolver", "timeout")
-_SERVER_KEYWORDS = ("port", "interface", "backlog", "endpoint", "keydir", "registry")
+_CLIENT_KEYWORDS = (
+    "host",
+    "port",
+    "endpoint",
+    "key",
+    "keydir",
+    "registry",
+    "resolver",
+    "timeout",
+    "statedir",
+    "instance",
+)
+_SERVER_KEYWORDS = (
+    "port",
+    "interface",
+    "backlog",
+    "endpoint",
+    "keydir",
+    "registry",
+    "statedir",
+    "instance",
+)
 
 DNS_REGISTRY = "dns"
 """
@@ -608,6 +671,25 @@ def _paths(kind: str, options: dict[str, str]) -> tuple[str | None, str | None]:
             raise _option_error(kind, f"{option} must be a path, not {quoted(value)}")
         paths.append(value)
     return paths[0], paths[1]
+
+
+def _state(kind: str, options: dict[str, str]) -> tuple[str | None, int | None]:
+    """
+    The C{statedir} and C{instance} options, checked.
+    """
+    statedir = options.get("statedir")
+    if statedir is not None and (not statedir or "\x00" in statedir):
+        raise _option_error(kind, f"statedir must be a path, not {quoted(statedir)}")
+    instance = None
+    if "instance" in options:
+        instance = _decimal(options["instance"])
+        if instance is None or instance > MAX_INSTANCE:
+            raise _option_error(
+                kind,
+                f"instance must be a number from 0 to {MAX_INSTANCE}, "
+                f"not {quoted(options['instance'])}",
+            )
+    return statedir, instance
 
 
 def _decimal(value: str) -> int | None:
@@ -779,7 +861,7 @@ def _client_endpoint(
             raise _option_error("client", str(error)) from None
     keydir, registry = _paths("client", options)
     keydir = _agreeing_keydir(keydir, default_keydir)
-    lease = service_pool.lease(keydir, None if use_dns else registry)
+    lease = service_pool.lease(keydir, None if use_dns else registry, *_state("client", options))
     if "key" in options:
         try:
             server_key = parse_public_key(options["key"])
@@ -835,9 +917,12 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
         curvetun:port=PORT[:...]
         curvetun:endpoint=INNER[:OPTIONS]
 
-    OPTIONS are C{keydir=DIR} (the server's identity) and
+    OPTIONS are C{keydir=DIR} (the server's identity),
     C{registry=FILE} (who may connect; default: the file C{registry} in the
-    key directory).
+    key directory), C{statedir=DIR} (where the nonce counters, the lock
+    and the instance ID are kept, so that the key directory may be
+    read-only) and C{instance=ID} (0 to 65535: this host's part of the
+    counter space, for a key directory copied to several hosts).
 
     C{endpoint=} listens on any server endpoint string, escaped as in
     Twisted's C{tls:} parser (each C{:} and C{=} of the inner string
@@ -865,7 +950,7 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
         inner_args, _ = split_description(inner)
         proxied = bool(inner_args) and inner_args[0].lower() == "haproxy"
         endpoint = _inner_endpoint("server", reactor, inner)
-        lease = service_pool.lease(*_paths("server", options))
+        lease = service_pool.lease(*_paths("server", options), *_state("server", options))
         return CurveTunServerEndpoint(endpoint, lease.service, lease, proxied=proxied)
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
@@ -877,7 +962,7 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
             "server",
             f"backlog must be a number from 1 to {_MAX_BACKLOG}, not {quoted(options['backlog'])}",
         )
-    lease = service_pool.lease(*_paths("server", options))
+    lease = service_pool.lease(*_paths("server", options), *_state("server", options))
     wrapped: IStreamServerEndpoint
     if ":" in interface:
         wrapped = TCP6ServerEndpoint(reactor, port, backlog, interface)

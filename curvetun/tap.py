@@ -28,6 +28,7 @@ from __future__ import annotations
 import signal
 from typing import ClassVar
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -67,7 +68,8 @@ class Options(usage.Options):
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
         "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
-        "[--keep-sessions-on-revoke] [--metrics ENDPOINT]"
+        "[--keep-sessions-on-revoke] [--statedir DIR] [--instance ID [--change-instance]] "
+        "[--metrics ENDPOINT]"
         "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
     )
     longdesc = (
@@ -94,6 +96,26 @@ class Options(usage.Options):
             ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
+        [
+            "statedir",
+            None,
+            None,
+            (
+                "Writable directory for the mutable files (a nonce counter per key, the "
+                "lock, the instance ID), so that the key directory may be read-only "
+                "[default: the key directory]."
+            ),
+        ],
+        [
+            "instance",
+            None,
+            None,
+            (
+                "This host's instance ID, 0 to 65535, for a key directory copied to "
+                "several hosts: each gets its own part of the nonce counter space "
+                "[default: the one stored in the state directory]."
+            ),
+        ],
         [
             "grace",
             "g",
@@ -156,6 +178,17 @@ class Options(usage.Options):
                 "Server endpoint string to serve /metrics (Prometheus), /status (JSON) and "
                 "/healthz on over HTTP, e.g. tcp:9100:interface=127.0.0.1; allowed with "
                 "--config, where it overrides the file's metrics."
+            ),
+        ],
+    ]
+
+    optFlags: ClassVar[list[list[str | None]]] = [
+        [
+            "change-instance",
+            None,
+            (
+                "Let --instance replace the instance ID stored in the state directory "
+                "(only when the old ID is no longer used anywhere with this key)."
             ),
         ],
     ]
@@ -225,9 +258,14 @@ class Options(usage.Options):
                 )
             return
         try:
-            [config] = self.tunnels = [tunnel_config(given)]
+            config = tunnel_config(given)
         except SettingError as error:
             raise usage.UsageError(str(error)) from None
+        if self["change-instance"]:
+            if config.instance is None:
+                raise usage.UsageError("--change-instance needs --instance")
+            config = attrs.evolve(config, change_instance=True)
+        self.tunnels = [config]
         self["listen"] = list(config.listen)
         self["keydir"] = config.keydir
         self["grace"] = config.grace
@@ -245,6 +283,9 @@ def makeService(options: Options) -> IService:
     """
     if options["config"] is not None:
         return make_service_from_file(
-            options["config"], metrics=options["metrics"], reload_signal=signal.SIGHUP
+            options["config"],
+            metrics=options["metrics"],
+            change_instance=bool(options["change-instance"]),
+            reload_signal=signal.SIGHUP,
         )
     return make_service(options.tunnels, metrics=options["metrics"], reload_signal=signal.SIGHUP)
