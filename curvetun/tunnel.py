@@ -100,7 +100,9 @@ class Echo(Protocol):
         assert self.transport is not None
         self.factory.connections.add(self)
         self._peer = describe_peer(self.transport)
-        log.info("Echo for {peer} (key {key}) opened", peer=self._peer[0], key=self._peer[1])
+        # Debug only: the close line says all of it, and a line costs
+        # more than a small connection's relaying.
+        log.debug("Echo for {peer} (key {key}) opened", peer=self._peer[0], key=self._peer[1])
         self.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -180,7 +182,9 @@ class Forwarder(Protocol):
         self.forwarding.connections.add(self)
         self._open_sides = 1
         self._peer = describe_peer(self.transport)
-        log.info(
+        # Debug only: the line at the end says all of it, with the outcome
+        # (one info line per connection, each costing a JSON encoding).
+        log.debug(
             "Connection from {peer} (key {key}): forwarding to {forward}",
             peer=self._peer[0],
             key=self._peer[1],
@@ -406,6 +410,10 @@ class _ForwardSideFactory(Factory[Protocol]):
     """
     Builds the one L{ForwardedConnection} of a L{Forwarder}.
     """
+
+    # One factory per connection: no "Starting factory" / "Stopping
+    # factory" lines for each (the connection's end is logged).
+    noisy = False
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder

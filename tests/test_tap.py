@@ -953,6 +953,36 @@ class TunnelTests(TestCase):
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
 
+    async def test_a_forwarded_connection_logs_one_info_line_per_end_at_its_end(self) -> None:
+        # Per connection, each end says how it ended, and no more at info
+        # level: no "opened" line, no factory starting and stopping.
+        _, backend_port = self.start_backend()
+        a, b = self.start_pair(backend_port)
+        events = capture_logs(self)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
+        )
+        await round_trip(client, b"x" * 100)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
+        await a.listeners[0].connections.when_empty()
+        await b.listeners[0].connections.when_empty()
+        tunnel_lines = [
+            e["log_format"]
+            for e in events
+            if e.get("log_level") == LogLevel.info
+            and (e.get("log_namespace") or "").split(".")[:2] == ["curvetun", "tunnel"]
+        ]
+        self.assertEqual(
+            tunnel_lines,
+            [
+                "Connection from {peer} (key {key}) to {forward} ended ({why}); "
+                "{forwarded} bytes forwarded, {returned} bytes returned"
+            ]
+            * 2,
+        )
+
     async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
         self,
     ) -> None:
