@@ -40,6 +40,7 @@ from .addresses import format_address
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
+from .packets import MAX_MESSAGE
 from .proxy_header import ProxyVersion, proxy_header
 
 log = Logger()
@@ -256,7 +257,7 @@ class Forwarder(Protocol):
         if self.closed or self.transport is None:
             return  # this side has closed: nowhere to send it
         self.bytes_returned += len(data)
-        self.transport.write(data)
+        relay(self.transport, data)
 
     def forward_side_lost(self, forward_side: ForwardedConnection, reason: Failure) -> None:
         """
@@ -338,6 +339,22 @@ class Forwarder(Protocol):
         return transports
 
 
+def relay(transport: ITransport, data: bytes) -> None:
+    """
+    Write C{data}, one read of the other side, to C{transport}.
+
+    On a curvetun transport a read that fits goes out as one message at
+    once: C{write} would hold it for the next reactor turn to coalesce it
+    with later writes (a timer per read), and a relay writes once per
+    read. The bytes on the wire are the same; larger reads go through
+    C{write}, which sends them at once in messages of the largest size.
+    """
+    if 0 < len(data) <= MAX_MESSAGE and ICurveTunTransport.providedBy(transport):
+        transport.write_message(data)
+    else:
+        transport.write(data)
+
+
 def _client_key(transport: ITransport) -> bytes | None:
     """
     The authenticated public key of the client on C{transport}, if it is a
@@ -380,7 +397,7 @@ class ForwardedConnection(Protocol):
         """
         if self.closed or self.transport is None:
             return False
-        self.transport.write(data)
+        relay(self.transport, data)
         return True
 
     def close(self) -> None:

@@ -46,8 +46,10 @@ from curvetun.admission import ConnectionLimits
 from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
+from curvetun.interfaces import ICurveTunTransport
 from curvetun.keys import format_public_key
 from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
+from curvetun.packets import MAX_MESSAGE
 from curvetun.tunnel import EchoFactory, ForwardingFactory
 from curvetun.tunnel_service import (
     EX_CONFIG,
@@ -465,17 +467,84 @@ class RecordingEndpoint:
         self.attempts.append((protocolFactory, d))
         return d
 
-    def complete(self) -> tuple[Protocol, StringTransport]:
+    def complete(
+        self, transport: StringTransport | None = None
+    ) -> tuple[Protocol, StringTransport]:
         """
-        Make the last attempt's connection, on a L{StringTransport}.
+        Make the last attempt's connection, on C{transport} (by default a
+        new L{StringTransport}).
         """
         factory, d = self.attempts[-1]
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6379))
         assert isinstance(protocol, Protocol)
-        transport = StringTransport()
+        if transport is None:
+            transport = StringTransport()
         protocol.makeConnection(transport)
         d.callback(protocol)
         return protocol, transport
+
+
+@implementer(ICurveTunTransport)
+class MessageRecordingTransport(StringTransport):
+    """
+    A curvetun transport in memory: records C{write} and C{write_message}
+    calls apart.
+    """
+
+    peer_public_key = b"k" * 32
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+        self.calls: list[tuple[str, int]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", len(data)))
+        super().write(data)
+
+    def write_message(self, data: bytes) -> None:
+        self.calls.append(("write_message", len(data)))
+        super().write(data)
+
+
+class RelayToCurveTunTests(SynchronousTestCase):
+    """
+    A read relayed to a curvetun side goes out as one message at once, when
+    it fits in one, rather than waiting for the next reactor turn to be
+    coalesced: a relay writes once per read.
+    """
+
+    def setUp(self) -> None:
+        self.endpoint = RecordingEndpoint()
+        self.factory = ForwardingFactory(self.endpoint, "tcp:127.0.0.1:6379")
+        forwarder = self.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        assert forwarder is not None
+        self.forwarder = forwarder
+
+    def test_replies_to_a_curvetun_client_are_messages_when_they_fit(self) -> None:
+        accepted = MessageRecordingTransport()
+        self.forwarder.makeConnection(accepted)
+        forward_side, _ = self.endpoint.complete()
+        for size in (1, 100, MAX_MESSAGE, MAX_MESSAGE + 1, 65536):
+            forward_side.dataReceived(b"r" * size)
+        self.assertEqual(
+            accepted.calls,
+            [
+                ("write_message", 1),
+                ("write_message", 100),
+                ("write_message", MAX_MESSAGE),
+                ("write", MAX_MESSAGE + 1),
+                ("write", 65536),
+            ],
+        )
+        self.assertEqual(len(accepted.value()), 1 + 100 + MAX_MESSAGE + MAX_MESSAGE + 1 + 65536)
+
+    def test_reads_forwarded_to_a_curvetun_server_are_messages_when_they_fit(self) -> None:
+        self.forwarder.makeConnection(StringTransport())
+        forward = MessageRecordingTransport()
+        self.endpoint.complete(forward)
+        self.forwarder.dataReceived(b"q" * 100)
+        self.forwarder.dataReceived(b"q" * 65536)
+        self.assertEqual(forward.calls, [("write_message", 100), ("write", 65536)])
 
 
 class ForwarderTests(SynchronousTestCase):
