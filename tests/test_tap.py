@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, LoopingCall
@@ -504,6 +505,39 @@ class MessageRecordingTransport(StringTransport):
     def write_message(self, data: bytes) -> None:
         self.calls.append(("write_message", len(data)))
         super().write(data)
+
+
+@implementer(ITCPTransport)
+class NoDelayRecordingTransport(StringTransport):
+    """
+    A TCP transport in memory that records C{setTcpNoDelay}.
+    """
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+
+class RelayNoDelayTests(SynchronousTestCase):
+    """
+    Nagle's algorithm is off on both plain TCP sides of a forwarded
+    connection: a relay passes each read on as it comes, and a small one
+    held for an ACK (a delayed one, up to 40 ms) would stall the peer.
+    """
+
+    def test_both_plain_sides_send_small_writes_at_once(self) -> None:
+        endpoint = RecordingEndpoint()
+        forwarder = ForwardingFactory(endpoint, "tcp:127.0.0.1:6379").buildProtocol(None)
+        assert forwarder is not None
+        accepted = NoDelayRecordingTransport()
+        forwarder.makeConnection(accepted)
+        forward = NoDelayRecordingTransport()
+        endpoint.complete(forward)
+        self.assertEqual((accepted.no_delay, forward.no_delay), (True, True))
 
 
 class RelayToCurveTunTests(SynchronousTestCase):
