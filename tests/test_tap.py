@@ -493,6 +493,11 @@ class MessageRecordingTransport(StringTransport):
     """
 
     peer_public_key = b"k" * 32
+    bytes_received = 0
+    bytes_sent = 0
+    established_at: float | None = 0.0
+    last_received_at: float | None = None
+    last_sent_at: float | None = None
 
     def __init__(self) -> None:
         super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
@@ -520,6 +525,15 @@ class NoDelayRecordingTransport(StringTransport):
 
     def getTcpNoDelay(self) -> bool:
         return self.no_delay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
 
 
 class RelayNoDelayTests(SynchronousTestCase):
