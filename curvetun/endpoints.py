@@ -39,7 +39,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
     TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
     TCP6ServerEndpoint,
     clientFromString,
     serverFromString,
@@ -554,6 +556,22 @@ def _is_host(text: str) -> bool:
     return _is_ip_address(text) or (text.isascii() and _HOST_NAME.match(text) is not None)
 
 
+def _tcp_client(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    The TCP endpoint of C{host}: an IP address is connected to as it is; a
+    host name goes to L{HostnameEndpoint}, which resolves it (in a thread,
+    for every connection) and tries each address it gets.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    # An IPv6 literal is connected to without a resolver thread too.
+    return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
 def _option_error(kind: str, message: str) -> ValueError:
     return ValueError(f"curvetun {kind} endpoint: {message}")
 
@@ -850,7 +868,7 @@ def _client_endpoint(
                 "client", f"host must be a host name or an IP address, not {quoted(host)}"
             )
         port = _port("client", options.get("port"), allow_zero=False)
-        wrapped = HostnameEndpoint(reactor, host, port, timeout=30 if timeout is None else timeout)
+        wrapped = _tcp_client(reactor, host, port, 30 if timeout is None else timeout)
     resolver = None
     if use_dns:
         from .dnskeys import parse_resolver

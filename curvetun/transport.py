@@ -325,7 +325,13 @@ class CurveTunProtocol(Protocol):
 
         @raise curvetun.errors.ConnectionClosed: the handshake is not done.
         """
-        self._phase().write(data)
+        # The per-write path (a bulk sender calls it for every chunk): the
+        # phase is looked up here rather than through _phase.
+        established = self._established
+        if established is None:
+            self._phase()  # raises
+        else:
+            established.write(data)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self._phase().write(b"".join(data))
