@@ -1,0 +1,195 @@
+"""
+The supervisor of worker processes, on real processes and sockets: the
+workers accept on the sockets it binds, a worker that dies is started
+again, SIGTERM drains every worker before the vault stops, SIGHUP reaches
+every worker, and a vault that cannot start stops the supervisor.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from curvetun.workers import Backoff
+
+from ._process_support import Child, make_keydir, stop, wait_for
+
+
+class BackoffTests(SynchronousTestCase):
+    """
+    A process that keeps dying waits longer each time, up to a limit, and
+    one that ran for a while starts over from the shortest wait.
+    """
+
+    def test_the_delay_doubles_up_to_the_maximum(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=30.0, reset_after=60.0)
+        delays = [backoff.delay_after(uptime=1.0) for _ in range(9)]
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+
+    def test_a_minute_of_uptime_resets_the_delay(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=30.0, reset_after=60.0)
+        for _ in range(5):
+            backoff.delay_after(uptime=1.0)
+        self.assertEqual(backoff.delay_after(uptime=60.0), 0.5)
+        self.assertEqual(backoff.delay_after(uptime=59.0), 1.0)
+
+
+def start_supervisor(
+    testcase: SynchronousTestCase, keydir: str, workers: int = 2, grace: float = 5.0
+) -> tuple[Child, int]:
+    """
+    Start C{python -m curvetun.workers} echoing on a free port on
+    127.0.0.1; wait until every worker listens. Return it and the port.
+    """
+    supervisor = Child(
+        testcase,
+        [
+            "-m",
+            "curvetun.workers",
+            "--keydir",
+            keydir,
+            "--workers",
+            str(workers),
+            "--grace",
+            str(grace),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        ],
+        "supervisor",
+    )
+    wait_for(
+        lambda: (
+            supervisor.stderr().count("Listening on fd 3") >= workers
+            or supervisor.process.poll() is not None
+        )
+    )
+    match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
+    assert match is not None, supervisor.stderr()
+    return supervisor, int(match.group(1))
+
+
+def worker_pids(log: str) -> dict[str, list[int]]:
+    """
+    Each worker's pids, in the order they were started.
+    """
+    pids: dict[str, list[int]] = {}
+    for name, pid in re.findall(r"(worker \d+) started \(pid (\d+)\)", log):
+        pids.setdefault(name, []).append(int(pid))
+    return pids
+
+
+def echo(port: int, data: bytes = b"ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(data)
+        received = b""
+        while len(received) < len(data) and (chunk := connection.recv(4096)):
+            received += chunk
+        return received
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    The supervisor's workers serve on its sockets and are kept running.
+    """
+
+    def test_workers_serve_on_the_supervisors_socket(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        self.assertEqual(
+            [echo(port, b"x%d" % n) for n in range(20)], [b"x%d" % n for n in range(20)]
+        )
+        self.assertEqual(sorted(worker_pids(supervisor.stderr())), ["worker 1", "worker 2"])
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_a_killed_worker_is_started_again(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        first = worker_pids(supervisor.stderr())["worker 1"][0]
+        signal_pid(first, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(supervisor.stderr())["worker 1"]) == 2)
+        log = supervisor.stderr()
+        self.assertIn(f"worker 1 (pid {first}) was killed by SIGKILL", log)
+        self.assertIn("starting it again in 0.5 s", log)
+        second = worker_pids(log)["worker 1"][1]
+        self.assertNotEqual(second, first)
+        wait_for(lambda: supervisor.stderr().count("Listening on fd 3") >= 3)
+        # Serving meanwhile, and after: the other worker and the new one.
+        self.assertEqual(echo(port), b"ping")
+        signal_pid(worker_pids(supervisor.stderr())["worker 2"][0], signal.SIGKILL)
+        self.assertEqual(echo(port), b"ping")
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_sigterm_drains_every_worker_then_stops_the_vault(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir, grace=20.0)
+        # One open connection per worker, most likely; at least one.
+        open_connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for connection in open_connections:
+            connection.sendall(b"before")
+            self.assertEqual(connection.recv(100), b"before")
+        supervisor.signal(signal.SIGTERM)
+        wait_for(lambda: "Stopping 2 worker(s)" in supervisor.stderr())
+        time.sleep(0.5)
+        # Open connections still work, and new ones are refused.
+        for connection in open_connections:
+            connection.sendall(b"during")
+            self.assertEqual(connection.recv(100), b"during")
+        wait_for(lambda: _refused(port))
+        self.assertIsNone(supervisor.process.poll())
+        self.assertNotIn("vault (pid", supervisor.stderr().split("Stopping 2 worker(s)")[1])
+        for connection in open_connections:
+            connection.close()
+        self.assertEqual(supervisor.wait(30), 0)
+        log = supervisor.stderr()
+        ends = [m.group(1) for m in re.finditer(r"(worker \d|vault) \(pid \d+\) exited", log)]
+        self.assertEqual(sorted(ends[:2]), ["worker 1", "worker 2"])
+        self.assertEqual(ends[2:], ["vault"])
+        self.assertNotIn("Traceback", log)
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: supervisor.stderr().count("SIGHUP: reloading") >= 3)
+        log = supervisor.stderr()
+        self.assertIn("worker 1: SIGHUP: reloading", log)
+        self.assertIn("worker 2: SIGHUP: reloading", log)
+        self.assertIsNone(supervisor.process.poll())
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
+        missing = self.mktemp()
+        supervisor = Child(
+            self,
+            [
+                "-m",
+                "curvetun.workers",
+                "--keydir",
+                missing,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            "supervisor",
+        )
+        self.assertEqual(supervisor.wait(30), 78)
+        log = supervisor.stderr()
+        self.assertIn("it cannot start; stopping", log)
+        self.assertNotIn("Traceback", log)
+
+
+def signal_pid(pid: int, number: int) -> None:
+    import os
+
+    os.kill(pid, number)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
