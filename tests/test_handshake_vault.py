@@ -137,7 +137,7 @@ class LocalHandshakeVaultTests(SynchronousTestCase):
             LocalHandshakeVault(ours).seal_vouch(client.public_key, server.public_key)
         )
         assert isinstance(answer, tuple)
-        vouch, session = client_vouch_packet(
+        vouch, _ = client_vouch_packet(
             cookie_K, client_vouch_key(server_ephemeral_key, client), ours.public_key, *answer
         )
         expected, _ = handshake.client_vouch(
