@@ -3,8 +3,10 @@ The vault process: the only process that reads a key directory's secret
 key. It answers the handshake questions of curvetun workers
 (L{curvetun.vault_protocol}) on a UNIX socket.
 
-    python -m curvetun.vault_process --keydir DIR --socket PATH
+    python -m curvetun.vault_process --keydir DIR --socket PATH [--create]
 
+With C{--create}, a key directory that holds no key yet is made, with a
+new key, here: the new secret key, too, exists in this process only.
 The socket is made with mode 0600 in a directory of mode 0700 (created if
 missing; refused if group or others may enter it): only the user the
 workers run as can ask. A stale socket left by a killed vault is replaced
@@ -208,6 +210,8 @@ class VaultProcessService(MultiService):
     @ivar socket_path: where it listens.
     """
 
+    log = Logger()
+
     def __init__(self, vault: IVault, socket_path: str, reactor: Any = None) -> None:
         super().__init__()
         if reactor is None:
@@ -255,16 +259,26 @@ class VaultProcessService(MultiService):
         return stopped
 
     @classmethod
-    def from_keydir(cls, keydir: str, socket_path: str, reactor: Any = None) -> VaultProcessService:
+    def from_keydir(
+        cls, keydir: str, socket_path: str, reactor: Any = None, create: bool = False
+    ) -> VaultProcessService:
         """
         Load the key directory C{keydir} (holding its lock) and serve it on
         C{socket_path}.
 
+        @param create: make the key directory, with a new key, if it holds
+            no secret key yet (so that the new key is made, too, in the only
+            process that may hold it).
         @raise KeyFileError: the key directory does not load.
         """
-        from curvetun.vault import FileVault
+        from curvetun.vault import SECRET_KEY_FILE, FileVault
 
-        return cls(FileVault(keydir), socket_path, reactor)
+        if create and not os.path.exists(os.path.join(keydir, SECRET_KEY_FILE)):
+            vault = FileVault.create(keydir)
+            cls.log.info("Created key directory {keydir} with a new key", keydir=keydir)
+        else:
+            vault = FileVault(keydir)
+        return cls(vault, socket_path, reactor)
 
 
 class Options(usage.Options):
@@ -272,7 +286,8 @@ class Options(usage.Options):
     The options of C{python -m curvetun.vault_process}.
     """
 
-    synopsis = "--keydir DIR --socket PATH"
+    synopsis = "--keydir DIR --socket PATH [--create]"
+    optFlags = [["create", None, "Create the key directory if it holds no key yet."]]
     optParameters = [
         ["keydir", None, None, "The key directory whose secret key this process holds."],
         ["socket", None, None, "The UNIX socket to answer on (mode 0600, directory 0700)."],
@@ -303,7 +318,9 @@ def main(argv: list[str] | None = None, reactor: Any = None) -> int:
 
         reactor = default_reactor
     try:
-        service = VaultProcessService.from_keydir(options["keydir"], options["socket"], reactor)
+        service = VaultProcessService.from_keydir(
+            options["keydir"], options["socket"], reactor, create=bool(options["create"])
+        )
     except KeyFileError as error:
         sys.stderr.write(f"curvetun vault: {error}\n")
         return EX_CONFIG
