@@ -101,16 +101,33 @@ class Child:
 
 def start_vault(testcase: SynchronousTestCase, keydir: str, socket: str) -> Child:
     """
-    Start C{python -m curvetun.vault_process} and wait until its socket is
-    there (it binds before it answers anything).
+    Start C{python -m curvetun.vault_process} and wait until its socket
+    accepts connections.
     """
     vault = Child(
         testcase, ["-m", "curvetun.vault_process", "--keydir", keydir, "--socket", socket], "vault"
     )
-    wait_for(lambda: os.path.exists(socket) or vault.process.poll() is not None)
+    wait_for(lambda: accepts(socket) or vault.process.poll() is not None)
     if vault.process.poll() is not None:
         raise AssertionError(f"the vault did not start: {vault.stderr()}")
     return vault
+
+
+def accepts(path: str) -> bool:
+    """
+    Does the UNIX socket at C{path} accept a connection? (Its file exists
+    from the bind on, a moment before it listens.)
+    """
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def wait_for(condition: object, timeout: float = 20.0) -> None:
