@@ -6,14 +6,21 @@ C{twisted/plugins/curvetun_plugins.py}.
 
 Client::
 
-    curvetun:HOST:PORT[:key=SERVERKEY][:keydir=DIR][:registry=FILE][:timeout=SECONDS]
+    curvetun:HOST:PORT[:key=SERVERKEY][:keydir=DIR][:registry=FILE|dns][:resolver=IP\\:PORT][:timeout=SECONDS]
     curvetun:host=HOST:port=PORT[:...]
+    curvetun:endpoint=INNER[:...]
 
 Server::
 
     curvetun:PORT[:interface=ADDR][:backlog=N][:keydir=DIR][:registry=FILE]
     curvetun:port=PORT[:...]
+    curvetun:endpoint=INNER[:keydir=DIR][:registry=FILE]
 
+C{INNER} is any endpoint string, escaped as in Twisted's C{tls:} parser
+(see L{parse_client_endpoint} and L{parse_server_endpoint}). From Python,
+build L{CurveTunServerEndpoint} and L{CurveTunClientEndpoint} (or
+L{curvetun.dnskeys.DNSKeyClientEndpoint}) around any endpoint;
+L{client_from_string} is C{clientFromString} with a default key directory.
 See docs/usage.md for the full reference.
 """
 
@@ -30,14 +37,22 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
+    clientFromString,
+    serverFromString,
 )
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
     IListeningPort,
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -45,6 +60,8 @@ from .errors import KeyFileError, RegistryError
 from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
+
+log = Logger()
 
 DEFAULT_PORT = 7700
 """
@@ -115,12 +132,126 @@ class _LeasedPort:
         return self._port.getHost()
 
 
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
+class _AfterHeaderProtocol(Protocol):
+    """
+    Stands in for a curvetun connection behind a PROXY-protocol endpoint
+    until the first bytes after the header arrive, then builds it.
+
+    Twisted's C{proxyEndpoint} builds the wrapped protocol when it accepts
+    the connection, with the proxy's address, before the header is read.
+    Built here instead, the curvetun connection is admitted, counted and
+    checked against the registry with C{transport.getPeer()} as the header
+    gives it. A connection that ends without a byte after its header (a
+    load balancer's health check, which sends a C{LOCAL} header) never
+    becomes a curvetun connection, so it is not a failed handshake.
+    """
+
+    def __init__(self, factory: _AfterHeaderFactory) -> None:
+        self._factory = factory
+        self._built: IProtocol | None = None
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        # The handshake timeout starts when the curvetun connection is
+        # built: until then, this bounds a client that never speaks.
+        timeout = self._factory.header_timeout
+        if timeout is not None:
+            transport = self.transport
+            assert transport is not None
+            self._timer = self._factory.clock.callLater(timeout, transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        built = self._built
+        if built is None:
+            self._cancel_timer()
+            transport = self.transport
+            assert transport is not None
+            built = self._factory.wrapped.buildProtocol(transport.getPeer())
+            if built is None:
+                # Refused (a connection limit): close, as a port does.
+                transport.loseConnection()
+                return
+            self._built = built
+            built.makeConnection(transport)
+        built.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._cancel_timer()
+        if self._built is not None:
+            self._built.connectionLost(reason)
+        else:
+            transport = self.transport
+            assert transport is not None
+            log.debug(
+                "curvetun: connection from {peer} closed before any byte after its PROXY header",
+                peer=transport.getPeer(),
+            )
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
+@implementer(IProtocolFactory)
+class _AfterHeaderFactory:
+    """
+    Makes L{_AfterHeaderProtocol}s for C{wrapped}, a curvetun server
+    factory.
+    """
+
+    def __init__(
+        self, wrapped: IProtocolFactory, clock: IReactorTime, header_timeout: float | None
+    ) -> None:
+        self.wrapped = wrapped
+        self.clock = clock
+        self.header_timeout = header_timeout
+
+    def buildProtocol(self, addr: IAddress) -> _AfterHeaderProtocol:
+        return _AfterHeaderProtocol(self)
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def logPrefix(self) -> str:
+        return "curvetun (PROXY)"
+
+
 @implementer(IStreamServerEndpoint)
 class CurveTunServerEndpoint:
     """
     Listens on C{wrapped} and runs curvetun's server side on each
     connection; the application's protocol starts once the client is
     authenticated.
+
+    From Python::
+
+        from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+        from twisted.protocols.haproxy import proxyEndpoint
+
+        service = CurveTunService.from_keydir("/etc/curvetun")
+        CurveTunServerEndpoint(UNIXServerEndpoint(reactor, "/run/ct.sock"), service)
+        CurveTunServerEndpoint(
+            proxyEndpoint(TCP4ServerEndpoint(reactor, 7700)), service, proxied=True
+        )
+
+    (start C{service}, or add it to the application, before connections
+    come: see L{CurveTunService}).
+
+    @param wrapped: the endpoint to listen on (TCP, UNIX, an adopted
+        systemd socket, a PROXY-protocol endpoint...).
+    @param service: the identity, registry and limits to serve with.
+    @param lease: for the endpoint-string pool only.
+    @param proxied: C{wrapped} reads a PROXY header before the client's
+        bytes (Twisted's C{proxyEndpoint}): build each curvetun connection
+        only after the header, so that the registry and the per-address
+        limits see the client address it gives, not the proxy's.
     """
 
     def __init__(
@@ -128,13 +259,21 @@ class CurveTunServerEndpoint:
         wrapped: IStreamServerEndpoint,
         service: CurveTunService,
         lease: _Lease | None = None,
+        *,
+        proxied: bool = False,
     ) -> None:
         self._wrapped = wrapped
         self._service = service
         self._lease = lease
+        self._proxied = proxied
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        listening = self._wrapped.listen(self._service.server_factory(protocolFactory))
+        factory: IProtocolFactory = self._service.server_factory(protocolFactory)
+        if self._proxied:
+            factory = _AfterHeaderFactory(
+                factory, self._service.clock, self._service.handshake_timeout
+            )
+        listening = self._wrapped.listen(factory)
         lease = self._lease
         if lease is None:
             return listening
@@ -162,6 +301,19 @@ class CurveTunClientEndpoint:
     (L{curvetun.errors.ServerKeyMismatch},
     L{curvetun.errors.HandshakeTimeout}, a TCP error). Cancelling it
     aborts the connection.
+
+    From Python::
+
+        from twisted.internet.endpoints import UNIXClientEndpoint
+
+        service = CurveTunService.from_keydir("~/.curvetun")
+        CurveTunClientEndpoint(UNIXClientEndpoint(reactor, "/run/ct.sock"), service, key)
+
+    @param wrapped: the endpoint to connect through (TCP, UNIX, ...).
+    @param service: the client's identity (its vault).
+    @param server_key: the server's long-term public key (32 bytes).
+    @param handshake_timeout: seconds, overriding the service's.
+    @param lease: for the endpoint-string pool only.
     """
 
     def __init__(
@@ -328,6 +480,15 @@ _HOST_NAME = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z"
 )
 
+_CLIENT_KEYWORDS = ("host", "port", "endpoint", "key", "keydir", "registry", "resolver", "timeout")
+_SERVER_KEYWORDS = ("port", "interface", "backlog", "endpoint", "keydir", "registry")
+
+DNS_REGISTRY = "dns"
+"""
+The C{registry=} value that makes a client look its server's key up in DNS
+(see L{curvetun.dnskeys}).
+"""
+
 
 def _is_ip_address(text: str) -> bool:
     try:
@@ -343,6 +504,78 @@ def _is_host(text: str) -> bool:
 
 def _option_error(kind: str, message: str) -> ValueError:
     return ValueError(f"curvetun {kind} endpoint: {message}")
+
+
+def split_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split an endpoint string as Twisted's C{clientFromString} and
+    C{serverFromString} do: fields separated by C{:}, a field with an C{=}
+    is a keyword (its value may hold more C{=}), a backslash takes the next
+    character as it is. C{"tcp:example.com:80:bindAddress=10.0.0.1"} is
+    C{(["tcp", "example.com", "80"], {"bindAddress": "10.0.0.1"})}; the
+    first field is the endpoint type. A keyword given twice keeps its last
+    value, as in Twisted.
+
+    @raise ValueError: the string ends with a lone backslash.
+    """
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    field: list[str] = []
+    current: list[str] = []
+    # After a field's first "=", only ":" separates (the value may hold "=").
+    separators = ":="
+    chars = iter(description)
+    for char in chars:
+        if char in separators:
+            field.append("".join(current))
+            current = []
+            if char == ":":
+                _add_field(field, args, kwargs)
+                field = []
+                separators = ":="
+            else:
+                separators = ":"
+        elif char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError(
+                    f"endpoint string {quoted(description)} ends with a lone backslash"
+                )
+            current.append(escaped)
+        else:
+            current.append(char)
+    field.append("".join(current))
+    _add_field(field, args, kwargs)
+    return args, kwargs
+
+
+def _add_field(field: list[str], args: list[str], kwargs: dict[str, str]) -> None:
+    if len(field) == 1:
+        args.append(field[0])
+    else:
+        kwargs[field[0]] = field[1]
+
+
+def _refuse_brackets(kind: str, args: tuple[str, ...], kwargs: dict[str, str]) -> None:
+    """
+    Refuse C{[::1]}-style addresses, saying how to write them: Twisted's
+    grammar has no brackets, a C{:} inside a value is escaped.
+    """
+    if not any("[" in value or "]" in value for value in (*args, *kwargs.values())):
+        return
+    if kind == "client":
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]*)\](?::([0-9]*))?", ":".join(args))
+        if match is not None:
+            example = "curvetun:" + match[1].replace(":", "\\:") + ":" + (match[2] or "PORT")
+        else:
+            example = "curvetun:\\:\\:1:7700"
+    else:
+        example = "curvetun:7700:interface=\\:\\:1"
+    raise _option_error(
+        kind,
+        "IPv6 addresses take no brackets in endpoint strings; escape each ':' "
+        f"with a backslash instead, as in {example}",
+    )
 
 
 def _collect(
@@ -410,75 +643,240 @@ def _port(kind: str, value: str | None, allow_zero: bool) -> int:
     return port
 
 
-def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunClientEndpoint:
+def _timeout(options: dict[str, str]) -> float | None:
+    if "timeout" not in options:
+        return None
+    try:
+        timeout = float(options["timeout"])
+    except ValueError:
+        timeout = -1
+    if not 0 < timeout < float("inf"):
+        raise _option_error(
+            "client",
+            f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}",
+        )
+    return timeout
+
+
+def _excluded_by_endpoint(kind: str, options: dict[str, str], names: tuple[str, ...]) -> None:
+    for name in names:
+        if name in options:
+            raise _option_error(
+                kind,
+                f"endpoint= and {name} exclude each other: the inner endpoint says "
+                f"where to {'connect' if kind == 'client' else 'listen'}",
+            )
+
+
+def _inner_endpoint(kind: str, reactor: Any, description: str) -> Any:
     """
-    Build a client endpoint from the parts of a C{curvetun:} string (see the
-    module docstring).
+    The endpoint the C{endpoint=} string describes, its errors made one
+    clear C{ValueError}.
+    """
+    parse = clientFromString if kind == "client" else serverFromString
+    try:
+        return parse(reactor, description)
+    except IndexError:
+        # The systemd parser, asked for a socket the process did not inherit.
+        raise _option_error(
+            kind,
+            f"endpoint={quoted(description)}: no such inherited socket "
+            "(is the process started by systemd socket activation?)",
+        ) from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise _option_error(kind, f"endpoint={quoted(description)}: {error}") from None
+
+
+def _inner_host(description: str) -> str | None:
+    """
+    The host a C{tcp:} client string connects to (C{tcp:HOST:PORT} or
+    C{tcp:host=HOST:port=PORT}): the name a server key is looked up by.
+    L{None} for other kinds (C{unix:} has no host).
+    """
+    args, kwargs = split_description(description)
+    if not args or args[0].lower() != "tcp":
+        return None
+    if "host" in kwargs:
+        return kwargs["host"] or None
+    return args[1] if len(args) > 1 and args[1] else None
+
+
+def _agreeing_keydir(named: str | None, default: str | None) -> str | None:
+    if default is None or named is None:
+        return named if named is not None else default
+    if os.path.realpath(os.path.expanduser(named)) != os.path.realpath(os.path.expanduser(default)):
+        raise _option_error(
+            "client",
+            f"keydir={quoted(named)} disagrees with the key directory {quoted(default)} "
+            "this program uses; leave keydir= out",
+        )
+    return named
+
+
+def parse_client_endpoint(reactor: Any, *args: str, **kwargs: str) -> IStreamClientEndpoint:
+    """
+    Build a client endpoint from the parts of a C{curvetun:} string::
+
+        curvetun:HOST:PORT[:OPTIONS]
+        curvetun:host=HOST:port=PORT[:OPTIONS]
+        curvetun:endpoint=INNER[:OPTIONS]
+
+    OPTIONS are C{key=SERVERKEY} (64 hex digits or base64),
+    C{keydir=DIR} (the client's identity), C{registry=FILE} (where the
+    server's key is looked up when there is no C{key=}) or C{registry=dns}
+    with an optional C{resolver=IP\\:PORT} (look it up in DNS, see
+    L{curvetun.dnskeys}), and C{timeout=SECONDS} (the handshake's; with
+    HOST:PORT the TCP connect's too).
+
+    C{endpoint=} connects through any client endpoint string, escaped as in
+    Twisted's C{tls:} parser (each C{:} and C{=} of the inner string
+    preceded by a backslash), for example
+    C{curvetun:endpoint=unix\\:path\\=/run/ct.sock:key=KEY} or
+    C{curvetun:endpoint=tcp\\:HOST\\:7700\\:bindAddress\\=10.0.0.2:key=KEY}.
+    It excludes HOST and PORT. Without C{key=}, the server key is looked up
+    by the host of a C{tcp:} inner endpoint; other inner endpoints (C{unix:})
+    have no host, and need C{key=}.
+
+    An IPv6 address is written without brackets, each C{:} escaped:
+    C{curvetun:\\:\\:1:7700}.
 
     @raise ValueError: the string is malformed, names an unknown keyword, a
         malformed key, a missing key directory, or no server key can be
         found; the message says which.
     """
-    options = _collect(
-        "client",
-        ("host", "port"),
-        ("host", "port", "key", "keydir", "registry", "timeout"),
-        args,
-        kwargs,
-    )
-    host = options.get("host")
-    if not host:
-        raise _option_error("client", "a host is required (curvetun:HOST:PORT)")
-    if not _is_host(host):
+    return _client_endpoint(reactor, args, kwargs, None)
+
+
+def _client_endpoint(
+    reactor: Any, args: tuple[str, ...], kwargs: dict[str, str], default_keydir: str | None
+) -> IStreamClientEndpoint:
+    # Python keywords of this function stay out of the string's keyword
+    # space: a string cannot set default_keydir.
+    _refuse_brackets("client", args, kwargs)
+    options = _collect("client", ("host", "port"), _CLIENT_KEYWORDS, args, kwargs)
+    timeout = _timeout(options)
+    use_dns = options.get("registry") == DNS_REGISTRY
+    if "resolver" in options and not use_dns:
+        raise _option_error("client", "resolver= goes with registry=dns")
+    if use_dns and "key" in options:
         raise _option_error(
-            "client", f"host must be a host name or an IP address, not {quoted(host)}"
+            "client", "key= and registry=dns exclude each other: the key is given or looked up"
         )
-    port = _port("client", options.get("port"), allow_zero=False)
-    timeout: float | None = None
-    if "timeout" in options:
-        try:
-            timeout = float(options["timeout"])
-        except ValueError:
-            timeout = -1
-        if not 0 < timeout < float("inf"):
+    wrapped: IStreamClientEndpoint
+    host: str | None
+    if "endpoint" in options:
+        _excluded_by_endpoint("client", options, ("host", "port"))
+        inner = options["endpoint"]
+        host = _inner_host(inner)
+        wrapped = _inner_endpoint("client", reactor, inner)
+    else:
+        host = options.get("host")
+        if not host:
+            raise _option_error("client", "a host is required (curvetun:HOST:PORT, or endpoint=)")
+        if not _is_host(host):
             raise _option_error(
-                "client",
-                f"timeout must be a positive number of seconds, not {options['timeout'][:40]!r}",
+                "client", f"host must be a host name or an IP address, not {quoted(host)}"
             )
-    lease = service_pool.lease(*_paths("client", options))
+        port = _port("client", options.get("port"), allow_zero=False)
+        wrapped = HostnameEndpoint(reactor, host, port, timeout=30 if timeout is None else timeout)
+    resolver = None
+    if use_dns:
+        from .dnskeys import parse_resolver
+
+        try:
+            resolver = parse_resolver(options.get("resolver"))
+        except ValueError as error:
+            raise _option_error("client", str(error)) from None
+    keydir, registry = _paths("client", options)
+    keydir = _agreeing_keydir(keydir, default_keydir)
+    lease = service_pool.lease(keydir, None if use_dns else registry)
     if "key" in options:
         try:
             server_key = parse_public_key(options["key"])
         except ValueError as error:
             raise _option_error("client", f"key: {error}") from None
-    else:
-        found = lease.service.registry.server_key_for(host)
-        if found is None:
-            raise _option_error(
-                "client",
-                f"no key for server {host}: give key=, or add one to the registry "
-                f"with 'curvetun trust {host} KEY'",
-            )
-        server_key = found
-    wrapped = HostnameEndpoint(reactor, host, port, timeout=30 if timeout is None else timeout)
-    return CurveTunClientEndpoint(wrapped, lease.service, server_key, timeout, lease)
+        return CurveTunClientEndpoint(wrapped, lease.service, server_key, timeout, lease)
+    if host is None:
+        raise _option_error(
+            "client",
+            f"endpoint={quoted(options['endpoint'])} has no host to look the server's key "
+            "up by: give key=",
+        )
+    if use_dns:
+        from .dnskeys import DNSKeyClientEndpoint, DNSServerKeys
+
+        return DNSKeyClientEndpoint(
+            wrapped, lease.service, host, DNSServerKeys(resolver), timeout, lease
+        )
+    found = lease.service.registry.server_key_for(host)
+    if found is None:
+        raise _option_error(
+            "client",
+            f"no key for server {host}: give key=, or add one to the registry "
+            f"with 'curvetun trust {host} KEY'",
+        )
+    return CurveTunClientEndpoint(wrapped, lease.service, found, timeout, lease)
+
+
+def client_from_string(
+    reactor: Any, description: str, *, keydir: str | None = None
+) -> IStreamClientEndpoint:
+    """
+    C{clientFromString}, with C{keydir} as the key directory of a
+    C{curvetun:} client string that names none (a C{curvetun:} string with
+    a C{keydir=} that disagrees is a C{ValueError}). Other strings go to
+    Twisted's C{clientFromString} as they are.
+
+    @raise ValueError: the string is malformed or cannot be used; the
+        message says why.
+    """
+    args, kwargs = split_description(description)
+    if keydir is None or not args or args[0].lower() != "curvetun":
+        endpoint: IStreamClientEndpoint = clientFromString(reactor, description)
+        return endpoint
+    return _client_endpoint(reactor, tuple(args[1:]), kwargs, keydir)
 
 
 def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunServerEndpoint:
     """
-    Build a server endpoint from the parts of a C{curvetun:} string (see the
-    module docstring).
+    Build a server endpoint from the parts of a C{curvetun:} string::
+
+        curvetun:PORT[:interface=ADDR][:backlog=N][:OPTIONS]
+        curvetun:port=PORT[:...]
+        curvetun:endpoint=INNER[:OPTIONS]
+
+    OPTIONS are C{keydir=DIR} (the server's identity) and
+    C{registry=FILE} (who may connect; default: the file C{registry} in the
+    key directory).
+
+    C{endpoint=} listens on any server endpoint string, escaped as in
+    Twisted's C{tls:} parser (each C{:} and C{=} of the inner string
+    preceded by a backslash): C{curvetun:endpoint=unix\\:/run/ct.sock},
+    C{curvetun:endpoint=systemd\\:domain\\=INET\\:index\\=0},
+    C{curvetun:endpoint=haproxy\\:tcp\\:7700}. It excludes PORT, interface=
+    and backlog=. A peer on a UNIX socket has no IP address: only C{*}
+    registry entries admit it. Behind C{haproxy:}, the registry and the
+    per-address limits see the client address the PROXY header gives.
 
     @raise ValueError: the string is malformed, names an unknown keyword, or
         a missing or unusable key directory or registry.
     """
-    options = _collect(
-        "server",
-        ("port",),
-        ("port", "interface", "backlog", "keydir", "registry"),
-        args,
-        kwargs,
-    )
+    _refuse_brackets("server", args, kwargs)
+    options = _collect("server", ("port",), _SERVER_KEYWORDS, args, kwargs)
+    if options.get("registry") == DNS_REGISTRY:
+        raise _option_error(
+            "server",
+            "registry=dns is for clients (a server's registry is a file; "
+            "write registry=./dns for a file of that name)",
+        )
+    if "endpoint" in options:
+        _excluded_by_endpoint("server", options, ("port", "interface", "backlog"))
+        inner = options["endpoint"]
+        inner_args, _ = split_description(inner)
+        proxied = bool(inner_args) and inner_args[0].lower() == "haproxy"
+        endpoint = _inner_endpoint("server", reactor, inner)
+        lease = service_pool.lease(*_paths("server", options))
+        return CurveTunServerEndpoint(endpoint, lease.service, lease, proxied=proxied)
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
     if interface and not _is_ip_address(interface):

@@ -76,9 +76,9 @@ class CurveTunService(MultiService):
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.limits = limits
-        # A cookie opens for up to two cookie-key periods (spec, "Cookie
-        # keys"): that is how long a replayed vouch could be accepted.
-        self.replay_guard = ReplayGuard(clock, lifetime=2 * self.cookie_keys.step)
+        # Kept for as long as the cookie keys could open a replayed vouch's
+        # cookie, counted in key generations rather than by any clock.
+        self.replay_guard = ReplayGuard(self.cookie_keys)
         for part in (vault, self.cookie_keys, registry):
             if IService.providedBy(part):
                 IService(part).setServiceParent(self)

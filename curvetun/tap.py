@@ -4,7 +4,7 @@ may be a curvetun endpoint, or echo them.
 
     twist curvetun [--listen ENDPOINT]... [--forward ENDPOINT]
                    [--keydir DIR] [--registry FILE] [--grace SECONDS]
-                   [--handshake-timeout SECONDS]
+                   [--handshake-timeout SECONDS] ...
 
 The server end of a tunnel to a local service::
 
@@ -15,100 +15,34 @@ and its client end::
     twist curvetun --listen tcp:6380:interface=127.0.0.1 --forward curvetun:server:7700:key=KEY
 
 Without C{--forward} each connection is echoed, so that C{twist curvetun}
-alone is a curvetun server to try.
-
-On SIGTERM (or SIGINT) it stops listening, lets open connections finish
-for up to C{--grace} seconds, aborts the rest, and exits; C{twist} then
-re-raises the signal, so the status is that of a process ended by it (see
-L{TunnelService.stopService}). It exits before starting, with a one-line
-message, with status 64 (C{EX_USAGE}) for a bad option or endpoint string,
-78 (C{EX_CONFIG}) for an unusable key directory or registry, and 69
-(C{EX_UNAVAILABLE}) when a listen endpoint cannot listen.
+alone is a curvetun server to try. The options describe one tunnel, a
+L{TunnelConfig}; L{curvetun.tunnel_service} runs it (and says how it stops
+and with which exit status it fails to start).
 """
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-from typing import Any, NoReturn
+from typing import ClassVar
 
 import attrs
-from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
-from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import (
-    IListeningPort,
-    IReactorTime,
-    IStreamClientEndpoint,
-    IStreamServerEndpoint,
-)
-from twisted.logger import Logger
+from twisted.application.service import IService
 from twisted.python import usage
-from twisted.python.failure import Failure
 
-from .endpoints import DEFAULT_PORT, REGISTRY_FILE, default_keydir, service_pool
-from .errors import CurveTunError, KeyFileError, RegistryError
-from .keys import format_public_key
-from .service import CurveTunService
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits, format_address
-from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
-from .vault import SECRET_KEY_FILE
-
-# sysexits.h values (the os module has them only on Unix).
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
-
-DEFAULT_GRACE = 10.0
-"""
-Seconds open connections may take to finish when the service stops.
-"""
-
-DEFAULT_LISTEN = f"curvetun:{DEFAULT_PORT}"
-
-log = Logger()
-
-
-class StartupError(CurveTunError):
-    """
-    The service cannot start: a bad endpoint string, an unusable key
-    directory or registry, or a port it cannot listen on.
-
-    @ivar status: the exit status C{twist curvetun} ends with.
-    """
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _seconds(option: str, text: str, allow_zero: bool) -> float:
-    """
-    Parse a number of seconds given to C{--option}.
-
-    @raise usage.UsageError: it is not a finite number, is negative, or is
-        zero when C{allow_zero} is false.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise usage.UsageError(f"--{option} must be {kind} number of seconds, not {text[:40]!r}")
-    return value
-
-
-_DEFAULT_LIMITS = ConnectionLimits()
+from .config import DEFAULT_GRACE, DEFAULT_LISTEN, TunnelConfig, parse_count, parse_seconds
+from .endpoints import default_keydir
+from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
+from .tunnel_service import make_service
 
 
 class Options(usage.Options):
     """
-    The options of C{twist curvetun}. After parsing: C{"listen"} is a
-    non-empty list of endpoint strings, C{"forward"} an endpoint string or
-    L{None}, C{"keydir"} a path, C{"registry"} a path or L{None} (the key
-    directory's), and C{"grace"} and C{"handshake-timeout"} floats.
+    The options of C{twist curvetun}. After parsing, C{tunnels} is the list
+    of the tunnels they describe (one); the values are also kept by name:
+    C{"listen"} a non-empty list of endpoint strings, C{"forward"} an
+    endpoint string or L{None}, C{"keydir"} a path, C{"registry"} a path or
+    L{None} (the key directory's), C{"grace"}, C{"handshake-timeout"} and
+    C{"idle-timeout"} floats (the last L{None} for none), and C{"limits"} a
+    L{ConnectionLimits}.
     """
 
     synopsis = (
@@ -124,20 +58,23 @@ class Options(usage.Options):
         "if it does not exist."
     )
 
-    optParameters = [
-        [
-            "forward",
-            "f",
-            None,
-            "Endpoint to forward each connection to, e.g. tcp:127.0.0.1:6379 or "
-            "curvetun:HOST:7700:key=KEY [default: echo what is received].",
-        ],
+    # The limits that have an option, and what each counts.
+    _LIMITS: ClassVar[dict[str, str]] = {
+        "connections": "connections",
+        "connections_per_address": "connections from one IP address",
+        "handshakes": "unfinished handshakes",
+        "handshakes_per_address": "unfinished handshakes from one IP address",
+    }
+
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "keydir",
             "k",
             None,
-            "Key directory of this side's long-term key, created if missing "
-            "[default: $CURVETUN_HOME, else ~/.curvetun].",
+            (
+                "Key directory of this side's long-term key, created if missing "
+                "[default: $CURVETUN_HOME, else ~/.curvetun]."
+            ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
         [
@@ -162,22 +99,21 @@ class Options(usage.Options):
             [
                 f"max-{name.replace('_', '-')}",
                 None,
-                str(getattr(_DEFAULT_LIMITS, name)),
-                f"The most {what} a curvetun listen endpoint takes at once "
-                "(0: no limit); past it, new connections are closed at once.",
+                str(getattr(ConnectionLimits(), name)),
+                (
+                    f"The most {what} a curvetun listen endpoint takes at once "
+                    "(0: no limit); past it, new connections are closed at once."
+                ),
             ]
-            for name, what in (
-                ("connections", "connections"),
-                ("connections_per_address", "connections from one IP address"),
-                ("handshakes", "unfinished handshakes"),
-                ("handshakes_per_address", "unfinished handshakes from one IP address"),
-            )
+            for name, what in _LIMITS.items()
         ),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["forward"] = None
+        self.tunnels: list[TunnelConfig] = []
 
     def opt_listen(self, endpoint: str) -> None:
         """
@@ -187,9 +123,26 @@ class Options(usage.Options):
 
     opt_l = opt_listen
 
+    def opt_forward(self, endpoint: str) -> None:
+        """
+        Endpoint to forward each connection to, given at most once, e.g.
+        tcp:127.0.0.1:6379 or curvetun:HOST:7700:key=KEY [default: echo what
+        is received].
+        """
+        if self["forward"] is not None:
+            # Not silently the last one: one tunnel forwards to one place.
+            raise usage.UsageError(
+                f"--forward given twice ({self['forward'][:80]!r}, then {endpoint[:80]!r}): "
+                "a tunnel forwards to one endpoint"
+            )
+        self["forward"] = endpoint
+
+    opt_f = opt_forward
+
     def postOptions(self) -> None:
         """
-        Check the values and fill in the defaults that depend on others.
+        Check the values, fill in the defaults that depend on others, and
+        build the tunnel.
 
         @raise usage.UsageError: a value is malformed (a one-line message).
         """
@@ -206,365 +159,38 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
         if self["keydir"] is None:
             self["keydir"] = default_keydir()
-        self["grace"] = _seconds("grace", str(self["grace"]), allow_zero=True)
-        self["handshake-timeout"] = _seconds(
-            "handshake-timeout", str(self["handshake-timeout"]), allow_zero=False
-        )
-        self["idle-timeout"] = (
-            _seconds("idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
-        )
-        limits = {}
-        for field in attrs.fields(ConnectionLimits):
-            option = f"max-{field.name.replace('_', '-')}"
-            text = str(self[option])
-            if not (text.isascii() and text.isdigit()):
-                raise usage.UsageError(f"--{option} must be a whole number, not {text[:40]!r}")
-            limits[field.name] = int(text) or None
-        self["limits"] = ConnectionLimits(**limits)
-
-
-class TunnelListener(Service):
-    """
-    Listens on one endpoint with one factory while running. Stopping stops
-    listening at once, then lets the open connections finish for up to
-    C{grace} seconds and aborts the rest.
-
-    @ivar port: the listening port, while listening.
-    """
-
-    def __init__(
-        self,
-        endpoint: IStreamServerEndpoint,
-        description: str,
-        factory: TrackingFactory,
-        grace: float,
-        clock: IReactorTime,
-    ) -> None:
-        self.endpoint = endpoint
-        self.description = description
-        self.factory = factory
-        self.grace = grace
-        self.clock = clock
-        self.port: IListeningPort | None = None
-        self.listening = False
-        self._listening: Deferred[None] | None = None
-        self._waiting_until_not_listening: list[Deferred[None]] = []
-
-    def privilegedStartService(self) -> None:
-        """
-        Listen (before privileges are shed, under C{twistd}).
-
-        @raise StartupError: the endpoint cannot listen, and said so at once
-            (TCP, curvetun and UNIX endpoints do).
-        """
-        super().privilegedStartService()
-        failed: list[Failure] = []
-
-        def listening(port: IListeningPort) -> None:
-            self.port = port
-            self.listening = True
-            log.info(
-                "Listening on {endpoint} ({address}): {what}",
-                endpoint=self.description,
-                address=format_address(port.getHost()),
-                what=self._what(),
-            )
-
-        def cannot_listen(failure: Failure) -> None:
-            failed.append(failure)
-            if not synchronous and not failure.check(CancelledError):
-                log.critical(
-                    "Cannot listen on {endpoint}: {why}",
-                    endpoint=self.description,
-                    why=failure.getErrorMessage(),
-                )
-
-        synchronous = True
-        self._listening = self.endpoint.listen(self.factory).addCallbacks(listening, cannot_listen)
-        synchronous = False
-        if failed:
-            raise StartupError(
-                f"cannot listen on {self.description}: {failed[0].getErrorMessage()}",
-                EX_UNAVAILABLE,
-            )
-
-    def startService(self) -> None:
-        """
-        Listen, unless L{privilegedStartService} did.
-
-        @raise StartupError: as for L{privilegedStartService}.
-        """
-        super().startService()
-        if self._listening is None:
-            self.privilegedStartService()
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Stop listening, then wait for the open connections to close, up to
-        the grace time, and abort the rest.
-
-        @return: a Deferred that fires when every connection is closed.
-        """
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        connections = self.factory.connections
-        # Refuse at once what the port accepts before it closes (and any
-        # curvetun handshake that completes from now on).
-        connections.accepting = False
-        listening, self._listening = self._listening, None
-        if listening is not None:
-            listening.cancel()  # a listen still under way
-            await listening
-        port, self.port = self.port, None
-        if port is not None:
-            await _maybe_deferred(port.stopListening())
-            log.info("Stopped listening on {endpoint}", endpoint=self.description)
-        self.listening = False
-        if len(connections):
-            log.info(
-                "Waiting up to {grace} seconds for {count} open connection(s) to finish",
-                grace=self.grace,
-                count=len(connections),
-            )
-        drained = connections.drain(self.grace, self.clock)
-        # Told once the grace time runs, so that what they do next happens
-        # within it.
-        waiting, self._waiting_until_not_listening = self._waiting_until_not_listening, []
-        for d in waiting:
-            d.callback(None)
-        await drained
-
-    def when_not_listening(self) -> Deferred[None]:
-        """
-        A Deferred that fires once the service has stopped listening (while
-        it may still wait for connections to finish).
-        """
-        if not self.listening:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting_until_not_listening.append(d)
-        return d
-
-    def _what(self) -> str:
-        if isinstance(self.factory, ForwardingFactory):
-            return f"forwarding to {self.factory.description}"
-        return "echo"
-
-
-async def _maybe_deferred(result: Deferred[None] | None) -> None:
-    if result is not None:
-        await result
-
-
-class TunnelService(MultiService):
-    """
-    C{twist curvetun}'s service: the curvetun identity (a
-    L{CurveTunService}) and one L{TunnelListener} per listen endpoint.
-
-    @ivar identity: the L{CurveTunService} of the key directory.
-    @ivar listeners: the L{TunnelListener}s, in the order given.
-    """
-
-    def __init__(self, identity: CurveTunService, keydir: str, created: bool = False) -> None:
-        super().__init__()
-        self.identity = identity
-        self.keydir = keydir
-        self.listeners: list[TunnelListener] = []
-        self._created = created
-        identity.setServiceParent(self)
-
-    def add_listener(self, listener: TunnelListener) -> None:
-        """
-        Listen with C{listener} while running.
-        """
-        self.listeners.append(listener)
-        listener.setServiceParent(self)
-
-    def startService(self) -> None:
-        """
-        Start the identity, say which it is, and listen.
-
-        @raise StartupError: a listen endpoint cannot listen; what had
-            started is stopped again.
-        """
-        if self._created:
-            log.info("Created key directory {keydir} with a new key", keydir=self.keydir)
-        log.info(
-            "curvetun public key {public_key} (key directory {keydir})",
-            public_key=format_public_key(self.identity.vault.public_key),
-            keydir=self.keydir,
-        )
         try:
-            super().startService()
-        except StartupError:
-            self.stopService()
-            raise
-
-    def stopService(self) -> Deferred[None]:
-        """
-        Stop listening everywhere at once, let open connections finish for
-        up to the grace time, abort the rest, and then stop the identity.
-
-        Under C{twist}, SIGTERM and SIGINT do this before the reactor
-        stops; C{twist} then ends the process with the same signal, as it
-        does for every service (so the exit status is that of a process
-        killed by SIGTERM, which supervisors such as systemd count as a
-        clean stop).
-
-        The key directory is released at the end: a stopped service cannot
-        be started again.
-        """
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        # MultiService would stop the identity at the same time as the
-        # listeners; it stays up until their connections are gone.
-        results = await DeferredList(
-            [listener.stopService() for listener in self.listeners], consumeErrors=True
-        )
-        for succeeded, result in results:
-            if not succeeded:
-                log.failure("Stopping a listener failed", result)
-        await _maybe_deferred(self.identity.stopService())
-        _release(self.identity)
-        log.info("curvetun stopped")
-
-
-def _release(identity: CurveTunService) -> None:
-    """
-    Withdraw C{identity} from endpoint strings and release its key
-    directory (a L{curvetun.vault.FileVault} holds the directory's lock).
-    """
-    service_pool.forget(identity)
-    close = getattr(identity.vault, "close", None)
-    if close is not None:
-        close()
-
-
-def make_tunnel(
-    options: Options,
-    reactor: Any = None,
-    clock: IReactorTime | None = None,
-) -> TunnelService:
-    """
-    Build the service that C{options} describe: load (or create) the key
-    directory, make it the default for C{curvetun:} endpoint strings, and
-    parse the endpoints.
-
-    @param clock: times the grace period (default: C{reactor}).
-    @raise StartupError: the key directory, the registry or an endpoint
-        string is unusable; the message is one line.
-    """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-    keydir: str = options["keydir"]
-    registry: str | None = options["registry"]
-    created = not os.path.exists(os.path.join(keydir, SECRET_KEY_FILE))
-    try:
-        identity = CurveTunService.from_keydir(
-            keydir,
-            registry,
-            create=True,
-            clock=reactor,
-            handshake_timeout=options["handshake-timeout"],
-            idle_timeout=options["idle-timeout"],
-            limits=options["limits"],
-        )
-    except (KeyFileError, RegistryError) as error:
-        raise StartupError(str(error), EX_CONFIG) from error
-    # Endpoint strings that name no key directory, or this one, use this
-    # identity; with --registry, also those that name the directory but no
-    # registry (the pool would refuse them: one registry per key directory).
-    service_pool.adopt(identity, keydir, registry, default=True)
-    if registry is not None:
-        service_pool.adopt(identity, keydir, os.path.join(keydir, REGISTRY_FILE), default=False)
-    try:
-        forward: IStreamClientEndpoint | None = None
-        if options["forward"] is not None:
-            forward = _parse("--forward", options["forward"], clientFromString, reactor)
-        listens = [
-            (description, _parse("--listen", description, serverFromString, reactor))
-            for description in options["listen"]
+            self["grace"] = parse_seconds("--grace", str(self["grace"]), allow_zero=True)
+            self["handshake-timeout"] = parse_seconds(
+                "--handshake-timeout", str(self["handshake-timeout"]), allow_zero=False
+            )
+            self["idle-timeout"] = (
+                parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
+            )
+            limits = {}
+            for name in self._LIMITS:
+                option = f"max-{name.replace('_', '-')}"
+                limits[name] = parse_count(f"--{option}", str(self[option])) or None
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        self["limits"] = attrs.evolve(ConnectionLimits(), **limits)
+        self.tunnels = [
+            TunnelConfig(
+                keydir=self["keydir"],
+                listen=tuple(self["listen"]),
+                forward=self["forward"],
+                registry=self["registry"],
+                grace=self["grace"],
+                handshake_timeout=self["handshake-timeout"],
+                idle_timeout=self["idle-timeout"],
+                limits=self["limits"],
+            )
         ]
-    except StartupError:
-        _release(identity)
-        raise
-    service = TunnelService(identity, keydir, created)
-    for description, endpoint in listens:
-        factory: TrackingFactory
-        if forward is None:
-            factory = EchoFactory()
-        else:
-            factory = ForwardingFactory(forward, options["forward"])
-        service.add_listener(
-            TunnelListener(
-                endpoint,
-                description,
-                factory,
-                options["grace"],
-                clock if clock is not None else reactor,
-            )
-        )
-    return service
-
-
-def _parse(option: str, description: str, parse: Any, reactor: Any) -> Any:
-    """
-    Parse an endpoint string with C{parse} (C{serverFromString} or
-    C{clientFromString}).
-
-    @raise StartupError: it is malformed (status C{EX_USAGE}).
-    """
-    try:
-        return parse(reactor, description)
-    except (ValueError, TypeError, KeyError) as error:
-        # TypeError: a parser given keywords it does not take (tcp:1:foo=2).
-        raise StartupError(
-            f"bad {option} endpoint {description[:80]!r}: {error}", EX_USAGE
-        ) from None
-
-
-class _ExitOnStartupError(MultiService):
-    """
-    What C{twist} runs: the tunnel, with a L{StartupError} at start turned
-    into a one-line message on stderr and an exit status (C{twist} would
-    print a traceback).
-    """
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except StartupError as error:
-            _exit(error)
-
-    def startService(self) -> None:
-        try:
-            super().startService()
-        except StartupError as error:
-            _exit(error)
-
-
-def _exit(error: StartupError) -> NoReturn:
-    sys.stderr.write(f"twist curvetun: {error}\n")
-    sys.stderr.flush()
-    raise SystemExit(error.status)
 
 
 def makeService(options: Options) -> IService:
     """
-    The L{IServiceMaker} entry point: the service C{options} describe. A
-    configuration error exits with a one-line message (C{twist} only
-    handles usage errors raised while parsing options).
+    The L{IServiceMaker} entry point: the service of the tunnels C{options}
+    describe. A configuration error exits with a one-line message.
     """
-    try:
-        tunnel = make_tunnel(options)
-    except StartupError as error:
-        _exit(error)
-    service = _ExitOnStartupError()
-    tunnel.setServiceParent(service)
-    return service
+    return make_service(options.tunnels)

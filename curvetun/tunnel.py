@@ -1,15 +1,16 @@
 """
 What C{twist curvetun} runs on each connection it accepts: a forwarder,
 which pipes the connection both ways to a connection it opens through
-another endpoint, or an echo service; and L{OpenConnections}, which lets a
-listener wait for its connections to finish when it stops.
+another endpoint, or an echo service. Each registers, while open, in the
+L{OpenConnections} of its listener, which can then wait for it to finish,
+or abort it, when it stops.
 
 Either side of a forwarder may be a curvetun connection: the application
 protocol of an accepted curvetun connection starts only once the client is
 authenticated, so the forward connection is never opened for a client that
 fails the handshake.
 
-Flow control comes from Twisted's L{twisted.protocols.portforward}: each
+Flow control is that of Twisted's L{twisted.protocols.portforward}: each
 side's transport is registered as the producer of the other's, so a slow
 reader on one side stops the reading of the other and memory stays
 bounded whatever the amount carried.
@@ -17,24 +18,21 @@ bounded whatever the amount carried.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol as TypingProtocol
-
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
-    IReactorTime,
     IStreamClientEndpoint,
     ITransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.portforward import Proxy, ProxyClient
 from twisted.python.failure import Failure
 
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
+from .listeners import OpenConnections
 from .transport import format_address
 
 log = Logger()
@@ -55,96 +53,6 @@ def describe_peer(transport: ITransport | None) -> tuple[str, str]:
         if public_key:
             key = fingerprint(public_key)
     return address, key
-
-
-class Abortable(TypingProtocol):
-    """
-    A connection that L{OpenConnections} can close at once.
-    """
-
-    def abort(self) -> None:
-        """
-        Close the connection now, dropping whatever has not been sent.
-        """
-
-
-class OpenConnections:
-    """
-    The open connections of one listener, so that stopping can wait for
-    them to finish and abort those that take too long.
-
-    @ivar accepting: false once L{drain} has begun; factories then refuse
-        new connections.
-    """
-
-    def __init__(self) -> None:
-        self.accepting = True
-        self._open: set[Abortable] = set()
-        self._waiting: list[Deferred[None]] = []
-
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def __iter__(self) -> Iterator[Abortable]:
-        return iter(list(self._open))
-
-    def add(self, connection: Abortable) -> None:
-        """
-        C{connection} has opened.
-        """
-        self._open.add(connection)
-
-    def remove(self, connection: Abortable) -> None:
-        """
-        C{connection} has closed (idempotent).
-        """
-        self._open.discard(connection)
-        if not self._open:
-            waiting, self._waiting = self._waiting, []
-            for d in waiting:
-                d.callback(None)
-
-    def when_empty(self) -> Deferred[None]:
-        """
-        A Deferred that fires once no connection is open (at once if none
-        is).
-        """
-        if not self._open:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def drain(self, grace: float, clock: IReactorTime) -> Deferred[int]:
-        """
-        Refuse new connections, wait up to C{grace} seconds for the open ones
-        to close, then abort the rest.
-
-        @return: a Deferred that fires, once every connection is closed,
-            with the number of connections that had to be aborted.
-        """
-        self.accepting = False
-        done: Deferred[int] = Deferred()
-
-        def closed_in_time(_: None) -> None:
-            if timer.active():
-                timer.cancel()
-                done.callback(0)
-
-        def abort_the_rest() -> None:
-            late = list(self._open)
-            log.info(
-                "Aborting {count} connection(s) still open after {grace} seconds",
-                count=len(late),
-                grace=grace,
-            )
-            for connection in late:
-                connection.abort()
-            self.when_empty().addCallback(lambda _: done.callback(len(late)))
-
-        timer = clock.callLater(grace, abort_the_rest)
-        self.when_empty().addCallback(closed_in_time)
-        return done
 
 
 class TrackingFactory(Factory[Protocol]):
@@ -178,6 +86,7 @@ class Echo(Protocol):
 
     def __init__(self) -> None:
         self.echoed = 0
+        self.closed = False
         self._peer = ("-", "-")
 
     def connectionMade(self) -> None:
@@ -193,6 +102,7 @@ class Echo(Protocol):
         self.transport.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.closed = True
         log.info(
             "Echo for {peer} (key {key}) closed: {why}; {echoed} bytes echoed",
             peer=self._peer[0],
@@ -209,6 +119,14 @@ class Echo(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def transports(self) -> list[ITransport]:
+        """
+        The connection's transport, while it is open.
+        """
+        if self.closed or self.transport is None:
+            return []
+        return [self.transport]
+
 
 class EchoFactory(TrackingFactory):
     """
@@ -221,22 +139,22 @@ class EchoFactory(TrackingFactory):
 # -- forwarding ------------------------------------------------------------------
 
 
-class Forwarder(Proxy):
+class Forwarder(Protocol):
     """
     The accepted side of a forwarded connection.
 
     When it starts (for curvetun: once the client is authenticated) it
     stops reading and connects through the factory's forward endpoint; the
-    other side, a L{ForwardedConnection}, wires the two transports together
-    and resumes reading. If the forward connection fails, it is logged and
-    this connection closed. When both sides are closed, the pair is logged
-    with the bytes carried each way.
-
-    It extends L{Proxy} rather than L{portforward.ProxyServer}, whose only
-    method, the one that connects, is the one replaced here.
+    other side, a L{ForwardedConnection}, reports through
+    L{forward_side_made}, L{send_back} and L{forward_side_lost}. If the
+    forward connection fails, it is logged and this connection closed.
+    When both sides are closed, the pair is logged with the bytes carried
+    each way.
 
     @ivar bytes_forwarded: bytes received here and sent to the forward side.
     @ivar bytes_returned: bytes received from the forward side and sent here.
+    @ivar forward_side: the forward connection, once it is made.
+    @ivar closed: whether this (the accepted) side has ended.
     """
 
     def __init__(self, forwarding: ForwardingFactory) -> None:
@@ -244,9 +162,9 @@ class Forwarder(Proxy):
         self.bytes_forwarded = 0
         self.bytes_returned = 0
         self.forward_side: ForwardedConnection | None = None
+        self.closed = False
         self._connecting: Deferred[IProtocol] | None = None
         self._open_sides = 0
-        self._accepted_side_closed = False
         self._first_close = ""
         self._peer = ("-", "-")
 
@@ -273,7 +191,7 @@ class Forwarder(Proxy):
 
     def _forward_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if self._accepted_side_closed:
+        if self.closed:
             # We cancelled it, as this side closed (or was aborted) first.
             log.debug("Forward connection cancelled: {why}", why=failure.getErrorMessage())
             return
@@ -290,16 +208,60 @@ class Forwarder(Proxy):
         if self.transport is not None:
             self.transport.loseConnection()
 
+    # -- what the forward side tells us --------------------------------------
+
+    def forward_side_made(self, forward_side: ForwardedConnection) -> bool:
+        """
+        The forward connection is made: make each side's transport the
+        producer of the other's (so a slow reader on one side stops the
+        reading of the other, as in L{twisted.protocols.portforward}), and
+        start reading.
+
+        @return: whether to go on; false if this side has closed already
+            (the connect could not be cancelled in time), and the forward
+            side should abort.
+        """
+        if self.closed or self.transport is None or forward_side.transport is None:
+            # Not counted as a side: the pair has been logged as ended.
+            return False
+        self.forward_side = forward_side
+        self._open_sides += 1
+        accepted, forward = self.transport, forward_side.transport
+        accepted.registerProducer(forward, True)  # type: ignore[attr-defined]
+        forward.registerProducer(accepted, True)  # type: ignore[attr-defined]
+        accepted.resumeProducing()  # type: ignore[attr-defined]
+        return True
+
+    def send_back(self, data: bytes) -> None:
+        """
+        Write C{data}, received from the forward side, to this side.
+        """
+        if self.closed or self.transport is None:
+            return  # this side has closed: nowhere to send it
+        self.bytes_returned += len(data)
+        self.transport.write(data)
+
+    def forward_side_lost(self, forward_side: ForwardedConnection, reason: Failure) -> None:
+        """
+        The forward side has closed: close this side too, after what it has
+        been sent so far.
+        """
+        if forward_side is not self.forward_side:
+            return  # one that L{forward_side_made} turned away
+        if not self.closed and self.transport is not None:
+            self.transport.loseConnection()
+        self._side_closed(reason, "forward side")
+
+    # -- this side -----------------------------------------------------------
+
     def dataReceived(self, data: bytes) -> None:
         forward_side = self.forward_side
-        if forward_side is None or forward_side.closed or forward_side.transport is None:
+        if forward_side is None or not forward_side.send(data):
             return  # the forward side has closed: nowhere to send it
         self.bytes_forwarded += len(data)
-        forward_side.transport.write(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._accepted_side_closed = True
-        self.peer = None
+        self.closed = True
         connecting = self._connecting
         if connecting is not None:
             # The forward connection is not made yet: give it up.
@@ -309,18 +271,9 @@ class Forwarder(Proxy):
             self._side_closed(reason, "client")
             connecting.cancel()
             return
-        forward_side = self.forward_side
-        if (
-            forward_side is not None
-            and not forward_side.closed
-            and forward_side.transport is not None
-        ):
-            forward_side.transport.loseConnection()
+        if self.forward_side is not None:
+            self.forward_side.close()
         self._side_closed(reason, "client")
-
-    def _forward_side_made(self, forward_side: ForwardedConnection) -> None:
-        self.forward_side = forward_side
-        self._open_sides += 1
 
     def _side_closed(self, reason: Failure, side: str) -> None:
         """
@@ -351,22 +304,26 @@ class Forwarder(Proxy):
         """
         if self._connecting is not None:
             self._connecting.cancel()
-        forward_side = self.forward_side
-        if (
-            forward_side is not None
-            and not forward_side.closed
-            and forward_side.transport is not None
-        ):
-            forward_side.transport.abortConnection()  # type: ignore[attr-defined]
-        if not self._accepted_side_closed and self.transport is not None:
+        if self.forward_side is not None:
+            self.forward_side.abort()
+        if not self.closed and self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def transports(self) -> list[ITransport]:
+        """
+        The transports of the sides still open.
+        """
+        transports = []
+        if not self.closed and self.transport is not None:
+            transports.append(self.transport)
+        if self.forward_side is not None:
+            transports += self.forward_side.transports()
+        return transports
 
-class ForwardedConnection(ProxyClient):
+
+class ForwardedConnection(Protocol):
     """
     The side of a forwarded connection that L{Forwarder} opened.
-    L{ProxyClient.connectionMade} registers each side's transport as the
-    producer of the other's and resumes the accepted side's reading.
 
     @ivar closed: whether this connection has ended.
     """
@@ -374,33 +331,51 @@ class ForwardedConnection(ProxyClient):
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
         self.closed = False
-        self.setPeer(forwarder)
 
     def connectionMade(self) -> None:
-        self.forwarder._forward_side_made(self)
-        if self.forwarder._accepted_side_closed:
-            # Too late: the accepted side is gone (the connect was not
-            # cancellable in time).
-            assert self.transport is not None
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        super().connectionMade()
+        if not self.forwarder.forward_side_made(self):
+            # Too late: the accepted side is gone.
+            self.abort()
 
     def dataReceived(self, data: bytes) -> None:
-        forwarder = self.forwarder
-        if forwarder._accepted_side_closed or forwarder.transport is None:
-            return  # the accepted side has closed: nowhere to send it
-        forwarder.bytes_returned += len(data)
-        forwarder.transport.write(data)
+        self.forwarder.send_back(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
-        self.peer = None
-        forwarder = self.forwarder
-        if not forwarder._accepted_side_closed and forwarder.transport is not None:
-            # After what it has been sent so far.
-            forwarder.transport.loseConnection()
-        forwarder._side_closed(reason, "forward side")
+        self.forwarder.forward_side_lost(self, reason)
+
+    def send(self, data: bytes) -> bool:
+        """
+        Write C{data} from the accepted side here.
+
+        @return: whether it was written; false once this side has closed.
+        """
+        if self.closed or self.transport is None:
+            return False
+        self.transport.write(data)
+        return True
+
+    def close(self) -> None:
+        """
+        Close this side after what it has been sent so far.
+        """
+        if not self.closed and self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """
+        Close this side now.
+        """
+        if not self.closed and self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def transports(self) -> list[ITransport]:
+        """
+        This side's transport, while it is open.
+        """
+        if self.closed or self.transport is None:
+            return []
+        return [self.transport]
 
 
 class _ForwardSideFactory(Factory[Protocol]):
@@ -413,7 +388,7 @@ class _ForwardSideFactory(Factory[Protocol]):
 
     def buildProtocol(self, addr: IAddress | None) -> ForwardedConnection:
         protocol = ForwardedConnection(self.forwarder)
-        protocol.factory = self  # type: ignore[assignment]
+        protocol.factory = self
         return protocol
 
 
@@ -439,5 +414,5 @@ class ForwardingFactory(TrackingFactory):
         if not self.connections.accepting:
             return None
         protocol = Forwarder(self)
-        protocol.factory = self  # type: ignore[assignment]
+        protocol.factory = self
         return protocol

@@ -1,25 +1,33 @@
 """
 Shared test fixtures: in-memory identities, a fake registry, a recording
-application protocol, and in-memory connections (iosim).
+application protocol, and in-memory connections (iosim); key directories
+on disk, log capture and a collecting client for real connections.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from curvetun.cookies import CookieKeys
+from curvetun.endpoints import service_pool
 from curvetun.interfaces import IRegistry
 from curvetun.keys import keys_equal
+from curvetun.registry import FileRegistry
 from curvetun.service import CurveTunService
 from curvetun.transport import CurveTunProtocol
-from curvetun.vault import MemoryVault
+from curvetun.vault import FileVault, MemoryVault
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7700)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -100,7 +108,7 @@ class Peers:
             self.server_vault,
             self.registry,
             clock=self.clock,
-            cookie_keys=CookieKeys(clock=self.clock),
+            cookie_keys=CookieKeys(clock=self.clock, seconds=self.clock.seconds),
             handshake_timeout=handshake_timeout,
             **server_options,
         )
@@ -143,3 +151,362 @@ class Peers:
             # The pump runs the clock's due calls (coalesced writes).
             clock=self.clock,
         )
+
+
+# -- key directories, logs and a collecting client (real connections) -----------
+#
+# Used by the tests of `twist curvetun` and by any test that runs a service
+# from a key directory on disk.
+
+
+def make_keydir(testcase: SynchronousTestCase) -> tuple[str, bytes]:
+    """
+    A new key directory in the test's temporary space; its path and public
+    key. The vault is closed again, so the code under test can load it.
+    """
+    keydir = os.path.abspath(testcase.mktemp())
+    vault = FileVault.create(keydir)
+    vault.close()
+    testcase.addCleanup(forget_keydir, keydir)
+    return keydir, vault.public_key
+
+
+def forget_keydir(keydir: str) -> None:
+    """
+    Drop the pool's service for C{keydir} (loaded by an endpoint string
+    under test) and release its directory: the pool is process-wide.
+    """
+    service = service_pool.forget_keydir(keydir)
+    if service is not None:
+        close = getattr(service.vault, "close", None)
+        if close is not None:
+            close()
+
+
+def admit(keydir: str, client_key: bytes, host: str = "127.0.0.1") -> None:
+    """
+    Let C{client_key} connect from C{host} to the server of C{keydir}.
+    """
+    FileRegistry(os.path.join(keydir, "registry")).add(host, client_key, "test client")
+
+
+def capture_logs(testcase: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Every log event emitted until the end of the test.
+    """
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def events_like(events: list[LogEvent], format_start: str) -> list[LogEvent]:
+    """
+    The events whose format begins with C{format_start}.
+    """
+    return [e for e in events if (e.get("log_format") or "").startswith(format_start)]
+
+
+class Collector(Protocol):
+    """
+    A client that keeps what it receives; C{received_enough} fires once it
+    has C{expected} bytes, C{lost} when the connection ends (its reason is
+    kept in C{reason}).
+    """
+
+    def __init__(self, expected: int = 0) -> None:
+        self.data = b""
+        self.expected = expected
+        self.received_enough: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
+
+    def expect(self, count: int) -> Deferred[bytes]:
+        """
+        Wait for C{count} more bytes (those received from now on).
+        """
+        self.data = b""
+        self.expected = count
+        self.received_enough = Deferred()
+        return self.received_enough
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if len(self.data) >= self.expected and not self.received_enough.called:
+            self.received_enough.callback(self.data)
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        # The reason is kept, not passed: a Failure would errback.
+        self.reason = reason
+        self.lost.callback(None)
+
+
+async def round_trip(collector: Collector, data: bytes) -> bytes:
+    """
+    Write C{data} and wait for as many bytes back.
+    """
+    waiting = collector.expect(len(data))
+    assert collector.transport is not None
+    collector.transport.write(data)
+    return await waiting
+
+
+# -- Threads run by the test (registry rereads) ---------------------------
+
+_Result = TypeVar("_Result")
+
+
+class ManualThreads:
+    """
+    Stands in for L{twisted.internet.threads.deferToThread}: it keeps the
+    jobs it is given until the test runs them (L{run_all}), in the test's
+    thread, firing each job's L{Deferred} with its result or failure.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.ran = 0
+
+    def __call__(self, job: Callable[[], _Result]) -> Deferred[_Result]:
+        d: Deferred[_Result] = Deferred()
+        self.jobs.append((job, d))
+        return d
+
+    def run_all(self) -> int:
+        """
+        Run the jobs given so far and those they lead to; return how many.
+        """
+        count = 0
+        while self.jobs:
+            job, d = self.jobs.pop(0)
+            count += 1
+            self.ran += 1
+            try:
+                result = job()
+            except BaseException:
+                d.errback()
+            else:
+                d.callback(result)
+        return count
+
+
+# -- endpoint strings: key directories, PROXY headers, UNIX sockets, DNS ----------
+#
+# (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
+
+import socket
+import struct
+import tempfile
+
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
+from twisted.protocols.policies import (
+    ProtocolWrapper,
+    WrappingFactory,
+)
+
+
+class KeyDirs:
+    """
+    A server key directory and a client key directory on disk; the
+    server's registry admits the client from C{admit_from} (default
+    127.0.0.1; L{None}: from nowhere), the client's registry knows the
+    server as 127.0.0.1. Both are dropped from the process-wide endpoint
+    pool at cleanup.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase, admit_from: str | None = "127.0.0.1") -> None:
+        base = testcase.mktemp()
+        os.makedirs(base)
+        self.server = os.path.abspath(os.path.join(base, "server"))
+        self.client = os.path.abspath(os.path.join(base, "client"))
+        self.server_key = self.create(self.server)
+        self.client_key = self.create(self.client)
+        if admit_from is not None:
+            self.admit(admit_from)
+        FileRegistry(os.path.join(self.client, "registry")).add(
+            "127.0.0.1", self.server_key, "test server"
+        )
+        testcase.addCleanup(self.forget)
+
+    def admit(self, address: str) -> None:
+        """
+        Let the client's key connect from C{address} (a registry ADDRESS).
+        """
+        FileRegistry(os.path.join(self.server, "registry")).add(
+            address, self.client_key, "test client"
+        )
+
+    @staticmethod
+    def create(keydir: str) -> bytes:
+        vault = FileVault.create(keydir)
+        vault.close()  # the endpoints under test load it again
+        return vault.public_key
+
+    def forget(self) -> None:
+        for keydir in (self.server, self.client):
+            service = service_pool.forget_keydir(keydir)
+            if service is not None:
+                service.vault.close()  # type: ignore[attr-defined]
+
+
+def short_socket_dir(testcase: SynchronousTestCase) -> str:
+    """
+    A new directory for UNIX sockets, with a path short enough for
+    C{sun_path} (108 bytes; the trial temporary tree can be deeper).
+    """
+    directory = tempfile.mkdtemp(prefix="ct-")
+
+    def remove() -> None:
+        for name in os.listdir(directory):
+            os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)
+
+    testcase.addCleanup(remove)
+    return directory
+
+
+def proxy_v1_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 1 header for a TCP4 connection from C{source}.
+    """
+    return f"PROXY TCP4 {source} 127.0.0.1 {source_port} 7700\r\n".encode("ascii")
+
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2_header(source: str, source_port: int = 40000) -> bytes:
+    """
+    A PROXY protocol version 2 header (command PROXY, TCP over IPv4) for a
+    connection from C{source}.
+    """
+    addresses = struct.pack(
+        "!4s4sHH",
+        socket.inet_aton(source),
+        socket.inet_aton("127.0.0.1"),
+        source_port,
+        7700,
+    )
+    return PROXY_V2_SIGNATURE + b"\x21\x11" + struct.pack("!H", len(addresses)) + addresses
+
+
+PROXY_V2_LOCAL = PROXY_V2_SIGNATURE + b"\x20\x00\x00\x00"
+"""
+A PROXY version 2 LOCAL header, as a load balancer's health check sends.
+"""
+
+
+class _HeaderFirst(ProtocolWrapper):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(self.factory.header)
+        super().connectionMade()
+
+
+class _HeaderFirstFactory(WrappingFactory):
+    protocol = _HeaderFirst
+
+    def __init__(self, wrapped: IProtocolFactory, header: bytes) -> None:
+        super().__init__(wrapped)
+        self.header = header
+
+
+@implementer(IStreamClientEndpoint)
+class HeaderFirstEndpoint:
+    """
+    A client endpoint that sends C{header} (a PROXY header, as a load
+    balancer would) before anything its protocol writes.
+    """
+
+    def __init__(self, wrapped: IStreamClientEndpoint, header: bytes) -> None:
+        self._wrapped = wrapped
+        self._header = header
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        def unwrap(protocol: IProtocol) -> IProtocol:
+            assert isinstance(protocol, _HeaderFirst)
+            return protocol.wrappedProtocol
+
+        return self._wrapped.connect(
+            _HeaderFirstFactory(protocolFactory, self._header)
+        ).addCallback(unwrap)
+
+
+def capture_log(testcase: SynchronousTestCase) -> list[LogEvent]:
+    """
+    Every log event from now until the test ends.
+    """
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
+def log_formats(events: list[LogEvent]) -> list[str]:
+    return [str(event.get("log_format", "")) for event in events]
+
+
+class Zone:
+    """
+    A served zone: C{port} (UDP and TCP), and C{tcp_connections}, how many
+    connections came over TCP.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.tcp_connections = 0
+
+
+async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: list[bytes]) -> Zone:
+    """
+    Serve a zone for C{origin} whose name C{_curvetun.ORIGIN} has one TXT
+    record for each of C{key_records}, from a real twisted.names
+    authoritative server on 127.0.0.1, over UDP and TCP on one free port.
+    The zone file is a C{PySourceAuthority} one (Python source, so that the
+    TXT values are quoted exactly).
+    """
+    from twisted.internet import reactor as _reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.interfaces import IReactorTCP, IReactorUDP
+    from twisted.names import authority, dns, server
+    from twisted.python.filepath import FilePath
+
+    lines = [
+        f"SOA({origin!r}, mname='ns1.{origin}', rname='admin.{origin}', serial=1,"
+        " refresh=3600, retry=600, expire=86400, minimum=60, ttl=60),",
+        f"NS({origin!r}, 'ns1.{origin}', ttl=60),",
+        f"A('ns1.{origin}', '127.0.0.1', ttl=60),",
+        *(f"TXT('_curvetun.{origin}', {text!r}, ttl=60)," for text in key_records),
+    ]
+    path = os.path.abspath(testcase.mktemp())
+    FilePath(path).setContent(("zone = [\n" + "\n".join(lines) + "\n]\n").encode("ascii"))
+    factory = server.DNSServerFactory(authorities=[authority.PySourceAuthority(path)])
+    build = factory.buildProtocol
+
+    def counting(addr: Any) -> Any:
+        zone.tcp_connections += 1
+        return build(addr)
+
+    factory.buildProtocol = counting  # type: ignore[method-assign]
+    zone = Zone(0)
+    for _attempt in range(20):
+        udp = cast(IReactorUDP, _reactor).listenUDP(
+            0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1", maxPacketSize=8192
+        )
+        port: int = udp.getHost().port  # type: ignore[attr-defined]
+        try:
+            tcp = cast(IReactorTCP, _reactor).listenTCP(port, factory, interface="127.0.0.1")
+        except CannotListenError:
+            udp.stopListening()
+            continue
+        testcase.addCleanup(udp.stopListening)
+        testcase.addCleanup(tcp.stopListening)
+        zone.port = port
+        return zone
+    raise RuntimeError("no port free for both UDP and TCP")

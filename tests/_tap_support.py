@@ -1,7 +1,8 @@
 """
-Fixtures for the C{twist curvetun} tests: key directories, tunnels started
-from command lines, a producer-driven hashing client, a hashing echo
-backend, log capture, and a measure of what the transports buffer.
+Fixtures for the C{twist curvetun} tests: tunnels built from command
+lines, a producer-driven hashing client, a hashing echo backend, and a
+measure of what the transports buffer. (Key directories, log capture and
+the collecting client are in L{tests._support}.)
 """
 
 from __future__ import annotations
@@ -9,76 +10,56 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet import reactor
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from curvetun.endpoints import service_pool
-from curvetun.keys import format_public_key
-from curvetun.registry import FileRegistry
-from curvetun.tap import Options, TunnelService, make_tunnel
+from curvetun.tap import Options
 from curvetun.transport import CurveTunProtocol
 from curvetun.tunnel import Echo, Forwarder
-from curvetun.vault import FileVault
+from curvetun.tunnel_service import TunnelService, build_tunnel
+
+T = TypeVar("T")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# -- key directories and tunnels ---------------------------------------------------
-
-
-def make_keydir(testcase: SynchronousTestCase) -> tuple[str, bytes]:
-    """
-    A new key directory in the test's temporary space; its path and public
-    key. The vault is closed again, so the code under test can load it.
-    """
-    keydir = os.path.abspath(testcase.mktemp())
-    vault = FileVault.create(keydir)
-    vault.close()
-    testcase.addCleanup(forget_keydir, keydir)
-    return keydir, vault.public_key
-
-
-def forget_keydir(keydir: str) -> None:
-    """
-    Drop the pool's service for C{keydir} (loaded by an endpoint string
-    under test) and release its directory: the pool is process-wide.
-    """
-    service = service_pool.forget_keydir(keydir)
-    if service is not None:
-        close = getattr(service.vault, "close", None)
-        if close is not None:
-            close()
-
-
-def admit(keydir: str, client_key: bytes) -> None:
-    """
-    Let C{client_key} connect from 127.0.0.1 to the server of C{keydir}.
-    """
-    FileRegistry(os.path.join(keydir, "registry")).add("127.0.0.1", client_key, "test client")
+# -- tunnels -------------------------------------------------------------------
 
 
 def parse(*argv: str) -> Options:
+    """
+    The options of C{twist curvetun ARGV}.
+    """
     options = Options()
     options.parseOptions(list(argv))
     return options
+
+
+def build(*argv: str, clock: IReactorTime | None = None) -> TunnelService:
+    """
+    The (one) tunnel of C{twist curvetun ARGV}, built but not started.
+    """
+    [config] = parse(*argv).tunnels
+    return build_tunnel(config, reactor, clock)
 
 
 def start_tunnel(
     testcase: SynchronousTestCase, *argv: str, clock: IReactorTime | None = None
 ) -> TunnelService:
     """
-    Build the service of C{twist curvetun ARGV} and start it; it is stopped
+    Build the tunnel of C{twist curvetun ARGV} and start it; it is stopped
     (if the test did not) at cleanup.
     """
-    tunnel = make_tunnel(parse(*argv), reactor, clock)
+    tunnel = build(*argv, clock=clock)
     tunnel.startService()
 
     def stop() -> Deferred[None] | None:
@@ -94,77 +75,12 @@ def port_of(tunnel: TunnelService, index: int = 0) -> int:
     """
     port = tunnel.listeners[index].port
     assert port is not None
-    return int(port.getHost().port)
-
-
-def hex_key(key: bytes) -> str:
-    return format_public_key(key)
-
-
-# -- logs ---------------------------------------------------------------------
-
-
-def capture_logs(testcase: SynchronousTestCase) -> list[LogEvent]:
-    """
-    Every log event emitted until the end of the test.
-    """
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    testcase.addCleanup(globalLogPublisher.removeObserver, events.append)
-    return events
-
-
-def events_like(events: list[LogEvent], format_start: str) -> list[LogEvent]:
-    """
-    The events whose format begins with C{format_start}.
-    """
-    return [e for e in events if (e.get("log_format") or "").startswith(format_start)]
+    address = port.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address)), address
+    return address.port
 
 
 # -- peers --------------------------------------------------------------------
-
-
-class Collector(Protocol):
-    """
-    A client that keeps what it receives; C{received_enough} fires once it
-    has C{expected} bytes, C{lost} with the reason the connection ended.
-    """
-
-    def __init__(self, expected: int = 0) -> None:
-        self.data = b""
-        self.expected = expected
-        self.received_enough: Deferred[bytes] = Deferred()
-        self.lost: Deferred[None] = Deferred()
-        self.reason: Failure | None = None
-
-    def expect(self, count: int) -> Deferred[bytes]:
-        """
-        Wait for C{count} more bytes (those received from now on).
-        """
-        self.data = b""
-        self.expected = count
-        self.received_enough = Deferred()
-        return self.received_enough
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if len(self.data) >= self.expected and not self.received_enough.called:
-            self.received_enough.callback(self.data)
-
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
-        # The reason is kept, not passed: a Failure would errback.
-        self.reason = reason
-        self.lost.callback(None)
-
-
-async def round_trip(collector: Collector, data: bytes) -> bytes:
-    """
-    Write C{data} and wait for as many bytes back.
-    """
-    waiting = collector.expect(len(data))
-    assert collector.transport is not None
-    collector.transport.write(data)
-    return await waiting
 
 
 @implementer(IPushProducer)
@@ -328,23 +244,53 @@ class HashingEchoFactory(Factory[Protocol]):
 
 
 # -- memory -------------------------------------------------------------------
+#
+# What the transports hold is read from Twisted's and our own internals:
+# there is no public measure. Each read checks that the attribute is there
+# and of the type expected, so that a change of those internals fails the
+# tests that use these figures (and tests/test_tap.py's BufferedTests)
+# instead of silently measuring zero.
+
+
+def tcp_write_buffer(transport: Any) -> int:
+    """
+    The bytes a TCP transport has been given to write and not yet handed
+    to the kernel: Twisted's C{FileDescriptor} keeps C{dataBuffer} from
+    C{offset} on, plus C{_tempDataLen} bytes not yet joined to it.
+    """
+    assert isinstance(transport, FileDescriptor), f"not a FileDescriptor: {transport!r}"
+    data_buffer = _internal(transport, "dataBuffer", bytes)
+    offset = _internal(transport, "offset", int)
+    pending = _internal(transport, "_tempDataLen", int)
+    return len(data_buffer) - offset + pending
+
+
+def curvetun_read_buffer(protocol: CurveTunProtocol) -> int:
+    """
+    The bytes a curvetun connection has read and not yet delivered: the
+    unfinished frame that C{Int16StringReceiver} keeps in C{_unprocessed}.
+    """
+    return len(_internal(protocol, "_unprocessed", bytes))
 
 
 def buffered(transport: Any) -> int:
     """
-    The bytes a transport holds: for TCP, its write buffer (Twisted's
-    C{FileDescriptor} keeps C{dataBuffer} from C{offset} on, plus
-    C{_tempDataLen} bytes not yet joined); for a curvetun connection, that
-    of its TCP connection plus the frames it has read but not delivered.
+    The bytes a transport holds: for TCP, its write buffer; for a curvetun
+    connection, that of its TCP connection plus what it has read and not
+    delivered.
     """
-    if transport is None:
-        return 0
     if isinstance(transport, CurveTunProtocol):
-        return buffered(transport.transport) + len(getattr(transport, "_unprocessed", b""))
-    data_buffer = getattr(transport, "dataBuffer", b"")
-    return (
-        len(data_buffer) - getattr(transport, "offset", 0) + getattr(transport, "_tempDataLen", 0)
+        return tcp_write_buffer(transport.transport) + curvetun_read_buffer(transport)
+    return tcp_write_buffer(transport)
+
+
+def _internal(owner: object, name: str, kind: type[T]) -> T:
+    value = getattr(owner, name, None)
+    assert isinstance(value, kind), (
+        f"{type(owner).__name__}.{name} is {value!r}, not {kind.__name__}: the internals "
+        "that buffered() reads have changed; update tests/_tap_support.py"
     )
+    return value
 
 
 def tunnel_transports(tunnel: TunnelService) -> list[Any]:
@@ -352,13 +298,11 @@ def tunnel_transports(tunnel: TunnelService) -> list[Any]:
     The transports of every open connection of a tunnel: both sides of
     each forwarded one.
     """
-    transports = []
+    transports: list[Any] = []
     for listener in tunnel.listeners:
-        for connection in listener.factory.connections:
-            assert isinstance(connection, (Forwarder, Echo))
-            transports.append(connection.transport)
-            if isinstance(connection, Forwarder) and connection.forward_side is not None:
-                transports.append(connection.forward_side.transport)
+        for connection in listener.connections:
+            assert isinstance(connection, (Forwarder, Echo)), connection
+            transports += connection.transports()
     return transports
 
 

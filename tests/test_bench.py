@@ -26,20 +26,23 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from curvetun import bench
-from curvetun.bench import (
+from curvetun.bench import client, report, runner, server, transports
+from curvetun.bench import options as bench_options
+from curvetun.bench.client import Pump
+from curvetun.bench.figures import (
     CRYPTO_COLUMN,
     FIGURES,
     FIGURES_BY_KEY,
     TARGETS,
     TLS_SKIPPED,
-    Pump,
+    TRANSPORTS,
+    BenchError,
     Report,
     Summary,
     evaluate_targets,
-    format_report,
-    plan_transports,
-    report_json,
 )
+from curvetun.bench.report import format_report, report_json
+from curvetun.bench.runner import plan_transports
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_TIMEOUT = 120
@@ -85,6 +88,7 @@ def _quick_run() -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=QUICK_TIMEOUT,
+        check=False,
     )
 
 
@@ -142,6 +146,12 @@ class QuickRunTests(SynchronousTestCase):
                 self.assertIsNone(target["met"])
             else:
                 self.assertIsInstance(target["met"], bool, target["label"])
+
+    def test_curvetun_runs_with_key_directories_and_in_memory_side_by_side(self) -> None:
+        self.assertIn("curvetun-memory", self.data["transports"])
+        bulk = next(f for f in self.data["figures"] if f["key"] == "bulk")
+        self.assertGreater(bulk["results"]["curvetun-memory"]["median"], 0)
+        self.assertNotIn("git", self.data["environment"]["curvetun"])
 
     def test_progress_goes_to_stderr(self) -> None:
         self.assertIn("run 1/1: bulk over curvetun", self.result.stderr)
@@ -223,9 +233,9 @@ class OutputTests(SynchronousTestCase):
         text = format_report(self._measured())
         bulk = next(line for line in text.splitlines() if line.startswith("bulk one-way"))
         self.assertIn("1,000 (900-1,100)", bulk)
-        self.assertEqual(bench.format_number(1_654_098), "1.65M")
-        self.assertEqual(bench.format_number(12_649), "12.6k")
-        self.assertEqual(bench.format_number(4.186), "4.19")
+        self.assertEqual(report.format_number(1_654_098), "1.65M")
+        self.assertEqual(report.format_number(12_649), "12.6k")
+        self.assertEqual(report.format_number(4.186), "4.19")
         self.assertEqual(bulk.split()[-2:], ["1.00", "1.00"])
         self.assertIn("ping-pong >= 1.4 x TLS", text)
         self.assertIn("NOT MET", text)
@@ -268,7 +278,7 @@ class PlanTests(SynchronousTestCase):
         saved = sys.modules.get("OpenSSL")
         sys.modules["OpenSSL"] = None  # type: ignore[assignment]
         try:
-            problem = bench.tls_unavailable()
+            problem = runner.tls_unavailable()
         finally:
             if saved is None:
                 del sys.modules["OpenSSL"]
@@ -285,8 +295,8 @@ class CommandLineTests(SynchronousTestCase):
         self.patch(sys, "stderr", stderr)
         return bench.main(list(argv)), stdout.getvalue(), stderr.getvalue()
 
-    def _options(self, *argv: str) -> bench.BenchOptions:
-        options = bench.BenchOptions()
+    def _options(self, *argv: str) -> bench_options.BenchOptions:
+        options = bench_options.BenchOptions()
         options.parseOptions(list(argv))
         return options
 
@@ -326,7 +336,15 @@ class CommandLineTests(SynchronousTestCase):
         self._assert_usage_error(("--quick", "now"), "unrecognized arguments: now")
 
     def test_serve_needs_the_client_key(self) -> None:
-        self._assert_usage_error(("--serve", "tcp"), "--serve needs --client-key")
+        self._assert_usage_error(
+            ("--serve", "curvetun-memory"), "--serve curvetun-memory needs --client-key"
+        )
+
+    def test_serving_curvetun_needs_a_key_directory_and_a_registry(self) -> None:
+        self._assert_usage_error(("--serve", "curvetun"), "--serve curvetun needs --keydir")
+        self._assert_usage_error(
+            ("--serve", "curvetun", "--keydir", "K"), "--serve curvetun needs --registry"
+        )
 
     def test_help_names_the_command_and_hides_the_server_options(self) -> None:
         status, out, message = self._main("--help")
@@ -336,38 +354,40 @@ class CommandLineTests(SynchronousTestCase):
             self.assertIn(option, out)
         for option in ("--connections", "--profile", "--pin"):
             self.assertIn(option, out)
-        for option in ("--serve", "--client-key", "--tls-dir", "--profile-to", "--cpu"):
+        for option in ("--serve", "--client-key", "--tls-dir", "--profile-to", "--cpu", "--keydir"):
             self.assertNotIn(option, out)
 
     def test_the_server_options_are_parsed(self) -> None:
         options = self._options(
             *("--serve", "curvetun", "--client-key", "ab", "--tls-dir", "T"),
-            *("--profile-to", "P", "--cpu", "3"),
+            *("--profile-to", "P", "--cpu", "3", "--keydir", "K", "--registry", "R"),
         )
+        names = ("serve", "client-key", "tls-dir", "profile-to", "cpu", "keydir", "registry")
         self.assertEqual(
-            [options[name] for name in ("serve", "client-key", "tls-dir", "profile-to", "cpu")],
-            ["curvetun", "ab", "T", "P", 3],
+            [options[name] for name in names], ["curvetun", "ab", "T", "P", 3, "K", "R"]
         )
 
     def test_quick_is_one_short_run_and_options_override_it(self) -> None:
-        settings = bench.settings_from(
+        settings = bench_options.settings_from(
             self._options("--quick", "--runs", "2", "--only", "crypto,bulk")
         )
         self.assertEqual(settings.runs, 2)
         self.assertTrue(settings.quick)
-        self.assertEqual(settings.duration, bench.QUICK["duration"])
-        self.assertEqual([f.key for f in settings.figures][0], "bulk")
+        self.assertEqual(settings.duration, bench_options.QUICK["duration"])
+        self.assertEqual(settings.figures[0].key, "bulk")
         self.assertEqual({f.group for f in settings.figures}, {"bulk", "crypto"})
 
     def test_single_figures_can_be_chosen_by_their_key(self) -> None:
-        settings = bench.settings_from(self._options("--only", "pipelined_message,x25519"))
+        settings = bench_options.settings_from(self._options("--only", "pipelined_message,x25519"))
         self.assertEqual([f.key for f in settings.figures], ["pipelined_message", "x25519"])
 
     def test_the_defaults_are_five_runs_of_every_figure_on_every_transport(self) -> None:
-        settings = bench.settings_from(self._options())
+        settings = bench_options.settings_from(self._options())
         self.assertEqual(settings.runs, 5)
         self.assertFalse(settings.quick)
-        self.assertEqual(settings.transports, ("tcp", "tls", "curvetun"))
+        self.assertEqual(settings.transports, ("tcp", "tls", "curvetun", "curvetun-memory"))
+        self.assertEqual(settings.transports, TRANSPORTS)
+        self.assertFalse(settings.tunnel)
         self.assertEqual(settings.figures, FIGURES)
         self.assertGreaterEqual(settings.connections, 1000)
         self.assertEqual((settings.profile, settings.pin), (None, "none"))
@@ -379,18 +399,18 @@ class PinTests(SynchronousTestCase):
             raise SkipTest("no CPU affinity on this platform")
 
     def test_no_pinning_pins_nothing(self) -> None:
-        self.assertEqual(bench.pin_cpus("none"), (None, None))
+        self.assertEqual(runner.pin_cpus("none"), (None, None))
 
     def test_same_puts_client_and_servers_on_one_usable_cpu(self) -> None:
-        client, server = bench.pin_cpus("same")
+        client, server = runner.pin_cpus("same")
         self.assertEqual(client, server)
         self.assertIn(client, os.sched_getaffinity(0))
 
     def test_split_puts_them_on_two_cpus_or_says_it_cannot(self) -> None:
         if len(os.sched_getaffinity(0)) < 2:
-            self.assertRaises(bench.BenchError, bench.pin_cpus, "split")
+            self.assertRaises(BenchError, runner.pin_cpus, "split")
             return
-        client, server = bench.pin_cpus("split")
+        client, server = runner.pin_cpus("split")
         self.assertNotEqual(client, server)
         self.assertLessEqual({client, server}, os.sched_getaffinity(0))
 
@@ -402,7 +422,7 @@ class ServerProtocolTests(SynchronousTestCase):
         return transport
 
     def test_the_sink_answers_the_count_then_the_end_even_if_the_header_is_split(self) -> None:
-        sink = bench._SinkServer()
+        sink = server._SinkServer()
         transport = self._connect(sink)
         sink.dataReceived((250).to_bytes(8, "big")[:3])
         self.assertEqual(transport.value(), b"")
@@ -416,7 +436,7 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"RD")
 
     def test_the_echo_server_writes_back_and_counts_open_connections(self) -> None:
-        factory = bench._EchoFactory()
+        factory = server._EchoFactory()
         echo = factory.buildProtocol(None)
         transport = self._connect(echo)
         self.assertEqual(factory.open, 1)
@@ -426,9 +446,9 @@ class ServerProtocolTests(SynchronousTestCase):
         self.assertEqual(factory.open, 0)
 
     def test_the_control_port_reports_resident_memory_and_open_connections(self) -> None:
-        factory = bench._EchoFactory()
+        factory = server._EchoFactory()
         factory.open = 7
-        control = bench._ControlServer(factory)
+        control = server._ControlServer(factory)
         transport = self._connect(control)
         control.dataReceived(b"rss\n")
         rss, open_connections = transport.value().split()
@@ -438,7 +458,7 @@ class ServerProtocolTests(SynchronousTestCase):
 
 class ClientTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.client = bench._Client()
+        self.client = client._Client()
         self.transport = StringTransport()
         self.client.makeConnection(self.transport)
 
@@ -515,7 +535,7 @@ class PumpTests(SynchronousTestCase):
 
 class CryptoCeilingTests(SynchronousTestCase):
     def test_every_crypto_figure_has_an_operation_that_works(self) -> None:
-        operations = bench.crypto_operations()
+        operations = client.crypto_operations()
         crypto = {f.key for f in FIGURES if f.in_process}
         self.assertEqual(set(operations), crypto)
         for operation in operations.values():
@@ -523,19 +543,99 @@ class CryptoCeilingTests(SynchronousTestCase):
 
     def test_a_rate_counts_calls_over_at_least_the_duration(self) -> None:
         calls: list[None] = []
-        rate = bench.crypto_rate(lambda: calls.append(None), 0.01)
+        rate = client.crypto_rate(lambda: calls.append(None), 0.01)
         self.assertGreater(rate, 0)
         self.assertGreaterEqual(len(calls), 16)
 
 
 class CertificateTests(SynchronousTestCase):
     def test_the_throwaway_certificate_names_localhost_and_loads_in_twisted(self) -> None:
-        if bench.tls_unavailable() is not None:
+        if runner.tls_unavailable() is not None:
             raise SkipTest("pyOpenSSL is not installed (it comes with the bench extra)")
         from twisted.internet.ssl import PrivateCertificate
 
         with tempfile.TemporaryDirectory() as directory:
-            cert_path, key_path = bench.make_certificate(directory)
+            cert_path, key_path = transports.make_certificate(directory)
             pem = Path(key_path).read_bytes() + Path(cert_path).read_bytes()
             certificate = PrivateCertificate.loadPEM(pem)
         self.assertEqual(certificate.getSubject().commonName, b"localhost")
+
+
+class KeyDirectoryTests(SynchronousTestCase):
+    """
+    The C{curvetun} column runs as applications run curvetun: a key
+    directory and a registry file on each side, endpoint strings.
+    """
+
+    def setUp(self) -> None:
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.keys = transports.KeyDirectories.create(self.directory)
+
+    def test_each_side_has_a_key_directory_and_a_registry_naming_the_other(self) -> None:
+        from curvetun.registry import Registry
+        from curvetun.vault import read_public_key
+
+        keys = self.keys
+        self.assertEqual(read_public_key(keys.server_keydir), keys.server_key)
+        self.assertEqual(read_public_key(keys.client_keydir), keys.client_key)
+        server_registry = Registry.parse(Path(keys.server_registry).read_text())
+        client_registry = Registry.parse(Path(keys.client_registry).read_text())
+        self.assertEqual(client_registry.server_key_for("127.0.0.1"), keys.server_key)
+        self.assertEqual(
+            [entry.key for entry in server_registry.entries if entry.address == "127.0.0.1"],
+            [keys.client_key],
+        )
+
+    def test_the_client_connects_through_an_endpoint_string_with_its_key_directory(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from curvetun.endpoints import CurveTunClientEndpoint, service_pool
+
+        self.addCleanup(service_pool.forget_keydir, self.keys.client_keydir)
+        identities = transports.ClientIdentities(MemoryReactorClock(), self.keys)
+        self.addCleanup(identities.stop)
+        connector = transports.Connector(MemoryReactorClock(), "curvetun", identities)
+        endpoint = connector.endpoint(7701, self.keys.server_key)
+        self.assertIsInstance(endpoint, CurveTunClientEndpoint)
+        # Parsed once per port, as an application keeps its endpoint.
+        self.assertIs(connector.endpoint(7701, self.keys.server_key), endpoint)
+        description = transports.curvetun_client_description(
+            7701, self.keys.server_key, self.keys.client_keydir, self.keys.client_registry
+        )
+        self.assertIn(f"keydir={self.keys.client_keydir}", description)
+        self.assertIn(f"registry={self.keys.client_registry}", description)
+
+    def test_another_server_key_directory_admits_the_same_client(self) -> None:
+        keydir, registry, key = transports.KeyDirectories.server_for(
+            self.directory, "fresh", self.keys.client_key
+        )
+        self.assertNotEqual(keydir, self.keys.server_keydir)
+        self.assertNotEqual(key, self.keys.server_key)
+        self.assertIn(self.keys.client_key.hex(), Path(registry).read_text().lower() + "")
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_the_version_is_the_package_version_with_no_git_lookup(self) -> None:
+        from curvetun import __version__
+
+        ran: list[object] = []
+        self.patch(subprocess, "run", lambda *a, **k: ran.append(a))
+        self.patch(subprocess, "Popen", lambda *a, **k: ran.append(a))
+        info = runner.environment()
+        self.assertEqual(info["curvetun"], __version__)
+        self.assertEqual(ran, [])
+
+
+class PackagingTests(SynchronousTestCase):
+    def test_the_bench_package_is_installed_with_curvetun(self) -> None:
+        # setup.cfg names its packages one by one: a subpackage left out
+        # would be missing from every installed copy.
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(ROOT / "setup.cfg")
+        packages = config["options"]["packages"].split()
+        self.assertIn("curvetun.bench", packages)
+        self.assertTrue((ROOT / "curvetun" / "bench" / "__init__.py").exists())
+        self.assertTrue((ROOT / "curvetun" / "bench" / "__main__.py").exists())

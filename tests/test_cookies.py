@@ -4,6 +4,8 @@ Tests for L{curvetun.cookies}.
 
 from __future__ import annotations
 
+import inspect
+import time
 from typing import Any
 
 from nacl.bindings import crypto_secretbox_easy
@@ -29,7 +31,7 @@ class CookieKeysTests(SynchronousTestCase):
         stopped at cleanup.
         """
         clock = Clock()
-        keys = CookieKeys(clock=clock, **options)
+        keys = CookieKeys(clock=clock, seconds=clock.seconds, **options)
         keys.startService()
         self.addCleanup(keys.stopService)
         return keys, clock
@@ -91,7 +93,7 @@ class CookieKeysTests(SynchronousTestCase):
         outlives two periods (the replay memory counts on it).
         """
         clock = Clock()
-        keys = CookieKeys(clock=clock)
+        keys = CookieKeys(clock=clock, seconds=clock.seconds)
         cookie = SN + keys.seal(SN, EC, ESs)
         clock.advance(60)
         self.assertEqual(keys.open(cookie), (EC, ESs))
@@ -135,3 +137,80 @@ class CookieKeysTests(SynchronousTestCase):
 
     def test_initial_key_must_be_32_bytes(self) -> None:
         self.assertRaises(ValueError, CookieKeys, initial_key=b"\x00" * 31)
+
+    def test_periods_follow_the_monotonic_clock_not_the_reactor(self) -> None:
+        """
+        The reactor's clock (wall time) only schedules the timer; the keys
+        rotate by the clock given as C{seconds}.
+        """
+        wall, monotonic = Clock(), Clock()
+        keys = CookieKeys(clock=wall, seconds=monotonic.seconds)
+        cookie = SN + keys.seal(SN, EC, ESs)
+        wall.advance(3600)
+        self.assertEqual(keys.open(cookie), (EC, ESs))
+        monotonic.advance(120)
+        self.assertRaises(BadPacket, keys.open, cookie)
+
+    def test_the_default_period_clock_is_time_monotonic(self) -> None:
+        """
+        Not the reactor's C{seconds()}, which is C{time.time()}: the wall
+        clock, which steps.
+        """
+        default = inspect.signature(CookieKeys).parameters["seconds"].default
+        self.assertIs(default, time.monotonic)
+
+    def test_a_clock_that_goes_back_changes_no_key(self) -> None:
+        keys, clock = self.started()
+        clock.advance(90)
+        cookie = SN + keys.seal(SN, EC, ESs)
+        clock.rightNow -= 60
+        self.assertEqual(keys.seal(SN, EC, ESs), cookie[16:])
+        self.assertEqual(keys.generations(), (0, 1))
+
+    def test_generations_count_the_keys_made(self) -> None:
+        keys, clock = self.started()
+        self.assertEqual(keys.generations(), (0, 0))
+        clock.advance(60)
+        self.assertEqual(keys.generations(), (0, 1))
+        clock.advance(60)
+        self.assertEqual(keys.generations(), (1, 2))
+        # Both keys go at once after a long pause: no old generation is held.
+        clock.advance(600)
+        self.assertEqual(keys.generations(), (4, 4))
+
+    def test_the_timer_erases_keys_at_each_period_end(self) -> None:
+        """
+        While the service runs, the old key is replaced on time even if no
+        cookie is sealed or opened; stopping the service cancels the timer.
+        """
+        made: list[int] = []
+
+        def random_bytes(n: int) -> bytes:
+            made.append(n)
+            return b"\x07" * n
+
+        keys, clock = self.started(initial_key=b"\x01" * 32, random_bytes=random_bytes)
+        [call] = clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 60)
+        clock.advance(60)
+        self.assertEqual(made, [32])
+        [call] = clock.getDelayedCalls()
+        self.assertEqual(call.getTime(), 120)
+        keys.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_timer_fired_early_by_the_wall_clock_schedules_itself_again(self) -> None:
+        """
+        The reactor counts the timer's delay in wall time: a forward step
+        of the wall clock fires it early. It then keeps the keys and waits
+        for what remains of the period on the monotonic clock.
+        """
+        wall, monotonic = Clock(), Clock()
+        keys = CookieKeys(clock=wall, seconds=monotonic.seconds)
+        keys.startService()
+        self.addCleanup(keys.stopService)
+        monotonic.advance(20)
+        wall.advance(3600)  # the step: the timer fires 40 s early
+        self.assertEqual(keys.generations(), (0, 0))
+        [call] = wall.getDelayedCalls()
+        self.assertEqual(call.getTime(), 3600 + 40)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun import tap
 from curvetun.endpoints import service_pool
+from curvetun.tunnel_service import build_tunnel
 
 ROOT = Path(__file__).resolve().parent.parent
 USAGE = (ROOT / "docs" / "usage.md").read_text()
@@ -87,8 +88,9 @@ class UsageExampleTests(SynchronousTestCase):
             self.assertEqual(argv[:2], ["twist", "curvetun"])
             options = tap.Options()
             options.parseOptions(argv[2:])
-            service = tap.make_tunnel(options, reactor)
-            self.addCleanup(tap._release, service.identity)
+            [config] = options.tunnels
+            service = build_tunnel(config, reactor)
+            self.addCleanup(service.release)
             self.assertEqual(len(service.listeners), 1)
 
     def test_every_endpoint_string_in_the_guide_parses(self) -> None:

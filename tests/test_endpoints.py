@@ -10,7 +10,6 @@ import os
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ServerEndpoint,
@@ -32,52 +31,11 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from curvetun.channel import connect, listen
-from curvetun.endpoints import (
-    CurveTunClientEndpoint,
-    CurveTunServerEndpoint,
-    service_pool,
-)
+from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
-from curvetun.registry import FileRegistry
-from curvetun.vault import FileVault
 
-
-class KeyDirs:
-    """
-    A server key directory and a client key directory on disk; the
-    server's registry admits the client from 127.0.0.1, the client's
-    registry knows the server as 127.0.0.1.
-    """
-
-    def __init__(self, testcase: SynchronousTestCase, admit_client: bool = True) -> None:
-        base = testcase.mktemp()
-        os.makedirs(base)
-        self.server = os.path.join(base, "server")
-        self.client = os.path.join(base, "client")
-        self.server_key = self.create(self.server)
-        self.client_key = self.create(self.client)
-        if admit_client:
-            FileRegistry(os.path.join(self.server, "registry")).add(
-                "127.0.0.1", self.client_key, "test client"
-            )
-        FileRegistry(os.path.join(self.client, "registry")).add(
-            "127.0.0.1", self.server_key, "test server"
-        )
-        # The pool is process-wide: drop what these tests loaded.
-        testcase.addCleanup(self.forget)
-
-    @staticmethod
-    def create(keydir: str) -> bytes:
-        vault = FileVault.create(keydir)
-        vault.close()  # the endpoints under test load it again
-        return vault.public_key
-
-    def forget(self) -> None:
-        for keydir in (self.server, self.client):
-            service = service_pool.forget_keydir(keydir)
-            if service is not None:
-                service.vault.close()  # type: ignore[attr-defined]
+from ._support import KeyDirs
 
 
 class PluginDiscoveryTests(SynchronousTestCase):
@@ -159,6 +117,15 @@ class ServerStringTests(SynchronousTestCase):
             "curvetun:7700:backlog=-1": "backlog must be a number from 1 to 65535",
             "curvetun:7700:backlog=many": "backlog must be a number from 1 to 65535",
             "curvetun:7700:keydir=/nonexistent/curvetun": "no curvetun key directory at /nonexistent/curvetun",
+            "curvetun:7700:endpoint=tcp\\:7701": "endpoint= and port exclude each other",
+            "curvetun:endpoint=tcp\\:7701:interface=127.0.0.1": "endpoint= and interface exclude",
+            "curvetun:endpoint=tcp\\:7701:backlog=5": "endpoint= and backlog exclude each other",
+            "curvetun:endpoint=nosuch\\:1": "endpoint='nosuch:1': Unknown endpoint type",
+            "curvetun:endpoint=tcp\\:7701\\:colour\\=blue": "endpoint='tcp:7701:colour=blue'",
+            "curvetun:endpoint=systemd\\:domain\\=INET\\:index\\=7": "no such inherited socket",
+            "curvetun:7700:registry=dns": "registry=dns is for clients",
+            "curvetun:7700:resolver=127.0.0.1\\:53": "unknown keyword 'resolver'",
+            "curvetun:7700:interface=[::1]": "curvetun:7700:interface=\\:\\:1",
         }
         for description, message in cases.items():
             if "keydir=" not in description:
@@ -238,6 +205,19 @@ class ClientStringTests(SynchronousTestCase):
             "curvetun:127.0.0.1:7700:timeout=soon": "timeout must be a positive number",
             "curvetun:127.0.0.1:7700:timeout=inf": "timeout must be a positive number",
             "curvetun:other.example:7700": "no key for server other.example",
+            "curvetun:127.0.0.1:7700:endpoint=tcp\\:h\\:1": "endpoint= and host exclude each other",
+            "curvetun:port=7700:endpoint=tcp\\:h\\:1": "endpoint= and port exclude each other",
+            "curvetun:endpoint=unix\\:path\\=/run/ct.sock": "has no host to look the server's key up by: give key=",
+            "curvetun:endpoint=nosuch\\:1:key="
+            + "00" * 32: "endpoint='nosuch:1': Unknown endpoint type",
+            "curvetun:endpoint=tcp\\:other.example\\:7700": "no key for server other.example",
+            "curvetun:[::1]:7700": "as in curvetun:\\:\\:1:7700",
+            "curvetun:[fe80::1]": "as in curvetun:fe80\\:\\:1:PORT",
+            "curvetun:127.0.0.1:7700:resolver=127.0.0.1\\:53": "resolver= goes with registry=dns",
+            "curvetun:127.0.0.1:7700:registry=dns:key="
+            + "00" * 32: "key= and registry=dns exclude",
+            "curvetun:127.0.0.1:7700:registry=dns:resolver=ns.example\\:53": "resolver must be IP",
+            "curvetun:127.0.0.1:7700:registry=dns:resolver=127.0.0.1": "resolver must be IP",
         }
         for description, message in cases.items():
             description += f":keydir={self.dirs.client}"
@@ -259,74 +239,61 @@ class EndToEndStringTests(TestCase):
     Applications written for any stream endpoint work over curvetun: strings.
     """
 
-    def test_a_web_page_served_and_fetched_over_curvetun(self) -> Deferred[None]:
+    async def test_a_web_page_served_and_fetched_over_curvetun(self) -> None:
         dirs = KeyDirs(self)
 
-        async def go() -> None:
-            server = serverFromString(
-                reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}"
-            )
-            port = await server.listen(Site(Hello()))
-            self.addCleanup(port.stopListening)
-            endpoint = clientFromString(
-                reactor,
-                f"curvetun:127.0.0.1:{port.getHost().port}:keydir={dirs.client}",
-            )
-            agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint))
-            response = await agent.request(b"GET", b"http://127.0.0.1/")
-            body = await readBody(response)
-            self.assertEqual(response.code, 200)
-            self.assertEqual(body, b"hello, " + format_public_key(dirs.client_key).encode())
+        server = serverFromString(reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}")
+        port = await server.listen(Site(Hello()))
+        self.addCleanup(port.stopListening)
+        endpoint = clientFromString(
+            reactor,
+            f"curvetun:127.0.0.1:{port.getHost().port}:keydir={dirs.client}",
+        )
+        agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint))
+        response = await agent.request(b"GET", b"http://127.0.0.1/")
+        body = await readBody(response)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b"hello, " + format_public_key(dirs.client_key).encode())
 
-        return Deferred.fromCoroutine(go())
-
-    def test_the_pooled_service_runs_only_while_endpoints_use_it(self) -> Deferred[None]:
+    async def test_the_pooled_service_runs_only_while_endpoints_use_it(self) -> None:
         dirs = KeyDirs(self)
 
-        async def go() -> None:
-            server = serverFromString(
-                reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}"
-            )
-            service = server._service
-            self.assertFalse(service.running)
-            listener = await listen(server)
-            self.assertTrue(service.running)
-            assert listener.port is not None
-            client_endpoint = clientFromString(
+        server = serverFromString(reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}")
+        service = server._service
+        self.assertFalse(service.running)
+        listener = await listen(server)
+        self.assertTrue(service.running)
+        assert listener.port is not None
+        client_endpoint = clientFromString(
+            reactor,
+            f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
+        )
+        channel = await connect(client_endpoint)
+        self.assertTrue(client_endpoint._service.running)
+        accepted = await listener.accept()
+        await channel.send(b"ping")
+        self.assertEqual(await accepted.recv(), b"ping")
+        await channel.close()
+        self.assertFalse(client_endpoint._service.running)
+        await listener.close()
+        self.assertFalse(service.running)
+
+    async def test_an_unknown_client_is_refused_through_strings(self) -> None:
+        dirs = KeyDirs(self, admit_from=None)
+
+        listener = await listen(
+            serverFromString(reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}")
+        )
+        self.addCleanup(listener.close)
+        assert listener.port is not None
+        channel = await connect(
+            clientFromString(
                 reactor,
                 f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
             )
-            channel = await connect(client_endpoint)
-            self.assertTrue(client_endpoint._service.running)
-            accepted = await listener.accept()
-            await channel.send(b"ping")
-            self.assertEqual(await accepted.recv(), b"ping")
-            await channel.close()
-            self.assertFalse(client_endpoint._service.running)
-            await listener.close()
-            self.assertFalse(service.running)
-
-        return Deferred.fromCoroutine(go())
-
-    def test_an_unknown_client_is_refused_through_strings(self) -> Deferred[None]:
-        dirs = KeyDirs(self, admit_client=False)
-
-        async def go() -> None:
-            listener = await listen(
-                serverFromString(reactor, f"curvetun:0:interface=127.0.0.1:keydir={dirs.server}")
-            )
-            self.addCleanup(listener.close)
-            assert listener.port is not None
-            channel = await connect(
-                clientFromString(
-                    reactor,
-                    f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
-                )
-            )
-            with self.assertRaises(NotAuthorized):
-                await channel.recv()
-
-        return Deferred.fromCoroutine(go())
+        )
+        with self.assertRaises(NotAuthorized):
+            await channel.recv()
 
 
 class _OneEndpoint:

@@ -262,7 +262,7 @@ def server_role() -> Role:
     )
 
     def make_protocol() -> CurveTunProtocol:
-        factory.remember_vouch = ReplayGuard(clock, lifetime=120).remember
+        factory.remember_vouch = ReplayGuard(service.cookie_keys).remember
         return accepted(factory)
 
     return Role(

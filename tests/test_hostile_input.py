@@ -35,7 +35,7 @@ from curvetun.packets import HELLO_MAGIC, parse
 from curvetun.registry import FileRegistry, Registry
 from curvetun.vault import FileVault
 
-from .test_endpoints import KeyDirs
+from ._support import KeyDirs
 from .test_tamper import protocol_of
 from .test_wire_vectors import VectorServer
 
@@ -213,7 +213,7 @@ class EndpointStringTests(OneLineErrorMixin, SynchronousTestCase):
             ("garbage", b"\xff" + os.urandom(2000), ":1: not UTF-8 text"),
             ("bad-line", b"# fine\n127.0.0.1 " + b"00" * 32 + b"\n", ":2: bad public key"),
         ]:
-            dirs = KeyDirs(self, admit_client=False)
+            dirs = KeyDirs(self, admit_from=None)
             registry = os.path.join(dirs.server, name)
             with open(registry, "wb") as f:
                 f.write(content)
@@ -225,7 +225,7 @@ class EndpointStringTests(OneLineErrorMixin, SynchronousTestCase):
                 ),
             )
             self.assertIn(registry + fragment, message)
-        dirs = KeyDirs(self, admit_client=False)
+        dirs = KeyDirs(self, admit_from=None)
         self.assert_refused(
             ValueError,
             lambda: serverFromString(

@@ -36,6 +36,31 @@ print(found)
 """
 
 
+# The installed parsers take endpoint= and registry=dns strings (this code
+# is newer than the parsers an old install would hold).
+WRAPPING_PROBE = r"""
+import os, sys
+from twisted.internet import reactor
+from twisted.internet.endpoints import clientFromString, serverFromString
+from curvetun.vault import FileVault
+keydir = os.path.join(sys.argv[1], "keys")
+vault = FileVault.create(keydir)
+key = vault.public_key.hex()
+vault.close()
+server = serverFromString(reactor, f"curvetun:endpoint=unix\\:/run/ct.sock:keydir={keydir}")
+print(type(server._wrapped).__name__)
+print(serverFromString(reactor, f"curvetun:endpoint=haproxy\\:tcp\\:0:keydir={keydir}")._proxied)
+client = clientFromString(
+    reactor, f"curvetun:endpoint=unix\\:path\\=/run/ct.sock:key={key}:keydir={keydir}"
+)
+print(type(client._wrapped).__name__)
+dns = clientFromString(
+    reactor, f"curvetun:example.com:7700:registry=dns:resolver=127.0.0.1\\:53:keydir={keydir}"
+)
+print(type(dns).__name__)
+"""
+
+
 def installed_files() -> list[str]:
     try:
         files = metadata.files("curvetun")
@@ -52,6 +77,7 @@ class InstalledPackageTests(SynchronousTestCase):
             # PYTHONPATH can put the source tree on the path.
             result = subprocess.run(
                 [sys.executable, "-I", "-c", PROBE],
+                check=False,
                 cwd=elsewhere,
                 capture_output=True,
                 text=True,
@@ -64,6 +90,23 @@ class InstalledPackageTests(SynchronousTestCase):
         self.assertFalse(Path(location).resolve().is_relative_to(ROOT / "curvetun"), location)
         self.assertIn("site-packages", location)
         self.assertEqual(found, "[1, 1, 1]")
+
+    def test_the_installed_parsers_wrap_other_endpoints(self) -> None:
+        installed_files()
+        with tempfile.TemporaryDirectory() as elsewhere:
+            result = subprocess.run(
+                [sys.executable, "-I", "-c", WRAPPING_PROBE, elsewhere],
+                check=False,
+                cwd=elsewhere,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(
+            result.stdout.split(),
+            ["UNIXServerEndpoint", "True", "UNIXClientEndpoint", "DNSKeyClientEndpoint"],
+        )
 
     def test_the_plugin_module_is_installed_and_no_plugin_cache_is(self) -> None:
         files = installed_files()

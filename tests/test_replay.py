@@ -15,17 +15,21 @@ defences at work and not an artefact of the setup.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from curvetun.cookies import CookieKeys
 from curvetun.errors import BadPacket
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.packets import HELLO_MAGIC, MESSAGE_MAGIC, VOUCH_MAGIC
+from curvetun.service import CurveTunService
 from curvetun.transport import CurveTunProtocol, CurveTunServerFactory
 
 from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
@@ -307,6 +311,167 @@ class ReplayTests(ReplayTestCase):
         self.assertTrue(connection.transport.disconnecting)
 
 
+class SteppingPeers(Peers):
+    """
+    L{Peers} whose server counts cookie-key periods on a monotonic clock of
+    its own (C{monotonic}), while C{clock} plays the reactor's wall clock.
+    Time passing moves both (L{elapse}); a step of the wall clock moves
+    only C{clock}.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(handshake_timeout=None)
+        self.monotonic = Clock()
+        self.server = CurveTunService(
+            self.server_vault,
+            self.registry,
+            clock=self.clock,
+            cookie_keys=CookieKeys(clock=self.clock, seconds=self.monotonic.seconds),
+            handshake_timeout=None,
+        )
+        self.server_factory = self.server.server_factory(self.server_apps)
+
+    def elapse(self, seconds: float) -> None:
+        self.monotonic.advance(seconds)
+        self.clock.advance(seconds)
+
+
+class DefaultKeysPeers(Peers):
+    """
+    L{Peers} whose server makes its own cookie keys, as C{twist curvetun}
+    does: C{clock} is then only the reactor's (wall) clock.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(handshake_timeout=None)
+        self.server = CurveTunService(
+            self.server_vault, self.registry, clock=self.clock, handshake_timeout=None
+        )
+        self.server_factory = self.server.server_factory(self.server_apps)
+
+
+AnyPeers = TypeVar("AnyPeers", bound=Peers)
+
+
+class ClockStepTests(ReplayTestCase):
+    """
+    The wall clock steps (NTP, a restored VM, a date set by hand), back or
+    forward. A recorded session is still refused for as long as its cookie
+    could open, and honest clients are not locked out.
+    """
+
+    D = 600.0
+
+    def started(self, peers: AnyPeers) -> AnyPeers:
+        peers.server.startService()
+        self.addCleanup(peers.server.stopService)
+        return peers
+
+    def test_a_replay_after_the_clock_steps_back_is_refused_by_the_memory(self) -> None:
+        """
+        Even when the clock the cookie keys count on steps back (as the
+        wall clock did, before they counted on a monotonic one), so that
+        the current key lives on: the replay memory keeps the vouch for as
+        long as that key is held, not for a number of seconds.
+        """
+        peers = self.started(Peers(handshake_timeout=None))
+        step = peers.server.cookie_keys.step
+        peers.clock.pump([step] * 10 + [30])
+        peers.clock.rightNow -= self.D
+        recording = record_session(peers)
+        peers.clock.pump([step, step, 1])
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="replayed vouch"
+        )
+
+    def test_after_a_backward_wall_step_a_replay_is_refused_then_the_cookie_expires(
+        self,
+    ) -> None:
+        peers = self.started(SteppingPeers())
+        step = peers.server.cookie_keys.step
+        peers.elapse(10 * step + 30)
+        peers.clock.rightNow -= self.D
+        recording = record_session(peers)
+        peers.elapse(step)
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="replayed vouch"
+        )
+        # Two periods after the session, as if the clock had not stepped.
+        peers.elapse(step)
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="cookie does not verify"
+        )
+
+    def test_a_backward_wall_step_does_not_keep_a_cookie_alive(self) -> None:
+        peers = self.started(SteppingPeers())
+        step = peers.server.cookie_keys.step
+        recording = record_session(peers)
+        peers.clock.rightNow -= self.D
+        peers.elapse(2 * step)
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="cookie does not verify"
+        )
+
+    def test_a_replay_after_a_forward_wall_step_is_refused_by_the_memory(self) -> None:
+        peers = self.started(SteppingPeers())
+        recording = record_session(peers)
+        peers.clock.advance(self.D)
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="replayed vouch"
+        )
+
+    def test_a_handshake_in_flight_across_a_forward_wall_step_completes(self) -> None:
+        """
+        The step does not retire the cookie keys: the vouch sent after it,
+        with the cookie from before it, is accepted.
+        """
+        peers = self.started(SteppingPeers())
+        _client, _server, pump = peers.connect(greet=False)
+        pump.pump()  # hello ->
+        pump.pump()  # <- cookie
+        peers.clock.advance(self.D)
+        pump.flush()
+        self.assertEqual(len(peers.server_apps.built), 1)
+
+    def test_a_forward_step_of_the_reactor_clock_keeps_the_cookie_keys(self) -> None:
+        """
+        A service's own cookie keys do not count on the reactor's clock:
+        a handshake in flight across its step completes, and the recorded
+        session is still refused by the memory.
+        """
+        peers = self.started(DefaultKeysPeers())
+        recording = record_session(peers)
+        _client, _server, pump = peers.connect(greet=False)
+        pump.pump()
+        pump.pump()
+        peers.clock.advance(self.D)
+        pump.flush()
+        self.assertEqual(len(peers.server_apps.built), 2)
+        self.assert_replay_refused_at_the_vouch(
+            ServerConnection.to(peers), recording, because="replayed vouch"
+        )
+
+    def test_after_a_forward_step_of_the_period_clock_new_handshakes_complete(self) -> None:
+        """
+        If the clock the keys count on itself jumps forward (a fake one
+        can), both keys go: the handshake in flight fails, as its cookie
+        does (the documented limit: a client retries), and the next one
+        completes at once.
+        """
+        peers = self.started(Peers(handshake_timeout=None))
+        _client, _server, pump = peers.connect(greet=False)
+        pump.pump()
+        pump.pump()
+        peers.clock.advance(self.D)
+        pump.flush()
+        self.assertEqual(peers.server_apps.built, [])
+        peers.connect()
+        self.assertEqual(len(peers.server_apps.built), 1)
+        # And the memory was not flushed with the keys only to let a
+        # session through: the new one is remembered.
+        self.assertEqual(len(peers.server.replay_guard), 1)
+
+
 def altered(payloads: list[bytes], order: list[int]) -> tuple[list[bytes], int]:
     """
     The payloads in C{order} (indexes, possibly repeated or missing), and
@@ -371,7 +536,7 @@ class MessageOrderTests(SynchronousTestCase):
 
     def test_the_unaltered_stream_is_delivered_in_the_same_setup(self) -> None:
         peers = Peers()
-        client, server, pump = peers.connect()
+        client, server, _pump = peers.connect()
         for message in MESSAGES:
             client.write_message(message)
         wire = client.transport.getOutBuffer()  # type: ignore[attr-defined]

@@ -6,6 +6,7 @@ run as a process.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -14,67 +15,79 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Coroutine, TypeVar
+from typing import Any
 
-from twisted.internet import error as internet_error, reactor
+import attrs
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceCollection
+from twisted.internet import error as internet_error
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     clientFromString,
     connectProtocol,
 )
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
+from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
 from curvetun.transport import ConnectionLimits
-from curvetun.tap import (
+from curvetun.tunnel import EchoFactory, ForwardingFactory
+from curvetun.tunnel_service import (
     EX_CONFIG,
     EX_UNAVAILABLE,
     EX_USAGE,
     StartupError,
     TunnelService,
-    make_tunnel,
+    make_service,
 )
-from curvetun.tunnel import EchoFactory, ForwardingFactory, OpenConnections
+from curvetun.vault import FileVault
 
-from ._tap_support import (
-    ROOT,
+from ._support import (
     Collector,
-    HashingEchoFactory,
-    StreamingClient,
+    Peers,
     admit,
-    buffered,
     capture_logs,
     events_like,
     forget_keydir,
     make_keydir,
+    round_trip,
+)
+from ._tap_support import (
+    ROOT,
+    HashingEchoFactory,
+    StreamingClient,
+    buffered,
+    build,
+    curvetun_read_buffer,
     parse,
     port_of,
     resident_bytes,
-    round_trip,
     start_tunnel,
     tunnel_transports,
 )
 
-T = TypeVar("T")
-
 LOCALHOST = "interface=127.0.0.1"
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
-    return Deferred.fromCoroutine(coroutine)
 
 
 class OptionsTests(SynchronousTestCase):
@@ -157,27 +170,83 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(options["limits"], ConnectionLimits(100, None, 20, 4))
         self.assertIsNone(parse("--idle-timeout", "0")["idle-timeout"])
 
+    def test_the_options_describe_one_tunnel(self) -> None:
+        options = parse(
+            "--listen", "tcp:6380", "--listen", "curvetun:7701",
+            "--forward", "tcp:127.0.0.1:6379",
+            "--keydir", "/srv/keys", "--registry", "/srv/registry",
+            "--grace", "3", "--handshake-timeout", "4", "--idle-timeout", "5",
+            "--max-connections", "6",
+        )  # fmt: skip
+        self.assertEqual(
+            options.tunnels,
+            [
+                TunnelConfig(
+                    keydir="/srv/keys",
+                    listen=("tcp:6380", "curvetun:7701"),
+                    forward="tcp:127.0.0.1:6379",
+                    registry="/srv/registry",
+                    grace=3.0,
+                    handshake_timeout=4.0,
+                    idle_timeout=5.0,
+                    limits=attrs.evolve(ConnectionLimits(), connections=6),
+                )
+            ],
+        )
+
+    def test_a_second_forward_is_refused_not_silently_the_last_one(self) -> None:
+        for argv in (
+            ["--forward", "tcp:127.0.0.1:1", "--forward", "tcp:127.0.0.1:2"],
+            ["-f", "tcp:127.0.0.1:1", "--forward=tcp:127.0.0.1:1"],
+        ):
+            error = self.assertRaises(usage.UsageError, parse, *argv)
+            self.assertIn("--forward given twice", str(error))
+            self.assertNotIn("\n", str(error))
+
+    def test_every_numeric_option_refuses_thousands_of_digits_in_one_line(self) -> None:
+        # Python refuses to convert integers of more than 4,300 digits with
+        # a ValueError of its own; the length is checked first.
+        digits = "9" * 5000
+        for option in (
+            "grace",
+            "handshake-timeout",
+            "idle-timeout",
+            "max-connections",
+            "max-connections-per-address",
+            "max-handshakes",
+            "max-handshakes-per-address",
+        ):
+            error = self.assertRaises(usage.UsageError, parse, f"--{option}", digits)
+            self.assertTrue(str(error).startswith(f"--{option} must be a"), str(error))
+            self.assertNotIn("\n", str(error))
+            self.assertLess(len(str(error)), 200)
+
+    def test_numbers_up_to_the_length_bound_are_taken(self) -> None:
+        longest = "1" + "0" * (MAX_NUMBER_LENGTH - 1)
+        self.assertEqual(parse("--max-connections", longest)["limits"].connections, int(longest))
+        self.assertRaises(usage.UsageError, parse, "--max-connections", longest + "0")
+        self.assertEqual(parse("--grace", "0" * (MAX_NUMBER_LENGTH - 1) + "7")["grace"], 7.0)
+
     def test_unknown_options_and_arguments_are_refused(self) -> None:
         self.assertRaises(usage.UsageError, parse, "--colour", "blue")
         self.assertRaises(usage.UsageError, parse, "tcp:7700")
         self.assertRaises(usage.UsageError, parse, "--grace")
 
 
-class MakeTunnelTests(SynchronousTestCase):
+class BuildTunnelTests(SynchronousTestCase):
     """
-    L{make_tunnel}: what it builds, and a one-line L{StartupError} with its
+    L{build_tunnel}: what it builds, and a one-line L{StartupError} with its
     exit status for every unusable input.
     """
 
     def make(self, *argv: str) -> TunnelService:
-        tunnel = make_tunnel(parse(*argv), reactor)
+        tunnel = build(*argv)
         # Built but never started: release the key directory and the pool.
-        self.addCleanup(lambda: tunnel.stopService() if tunnel.running else None)
-        self.addCleanup(forget_keydir, tunnel.keydir)
+        self.addCleanup(tunnel.release)
         return tunnel
 
     def fails(self, *argv: str) -> StartupError:
-        error = self.assertRaises(StartupError, make_tunnel, parse(*argv), reactor)
+        error: StartupError = self.assertRaises(StartupError, build, *argv)
         self.assertNotIn("\n", str(error))
         return error
 
@@ -257,6 +326,36 @@ class MakeTunnelTests(SynchronousTestCase):
             self.assertIn(message, str(error))
             self.assertEqual(error.status, EX_USAGE)
 
+    def test_an_endpoint_ending_in_a_lone_backslash_is_a_usage_error(self) -> None:
+        # Twisted's tokenizer raises RuntimeError on these.
+        keydir, _ = make_keydir(self)
+        for argv in (
+            ["--listen", "curvetun:7700:interface=\\"],
+            ["--listen", "tcp:0\\"],
+            ["--listen", "tcp:0", "--forward", "tcp:127.0.0.1:1\\"],
+        ):
+            error = self.fails("--keydir", keydir, *argv)
+            self.assertIn("ends with a lone backslash", str(error))
+            self.assertEqual(error.status, EX_USAGE)
+
+    def test_an_escaped_backslash_at_the_end_is_not_a_lone_one(self) -> None:
+        keydir, _ = make_keydir(self)
+        tunnel = self.make("--keydir", keydir, "--listen", "unix:/tmp/ct\\\\")
+        self.assertEqual(tunnel.listeners[0].description, "unix:/tmp/ct\\\\")
+
+    def test_ports_of_thousands_of_digits_in_endpoint_strings_are_usage_errors(self) -> None:
+        keydir, _ = make_keydir(self)
+        digits = "9" * 5000
+        for argv in (
+            ["--listen", f"tcp:{digits}"],
+            ["--listen", f"curvetun:{digits}"],
+            ["--listen", "tcp:0", "--forward", f"tcp:127.0.0.1:{digits}"],
+            ["--listen", "tcp:0", "--forward", f"tcp:127.0.0.1:1:timeout={digits}"],
+        ):
+            error = self.fails("--keydir", keydir, *argv)
+            self.assertEqual(error.status, EX_USAGE)
+            self.assertLess(len(str(error)), 400)
+
     def test_an_unusable_key_directory_is_a_configuration_error(self) -> None:
         not_a_directory = os.path.abspath(self.mktemp())
         with open(not_a_directory, "w") as f:
@@ -292,6 +391,55 @@ class MakeTunnelTests(SynchronousTestCase):
         self.assertIsNotNone(factory.buildProtocol(address))
         factory.connections.accepting = False
         self.assertIsNone(factory.buildProtocol(address))
+
+
+class MakeServiceTests(TestCase):
+    """
+    L{make_service}: the service C{twist} runs, one tunnel per
+    L{TunnelConfig}, and an exit with the error's status (after releasing
+    what was built) when one cannot be built.
+    """
+
+    def setUp(self) -> None:
+        self.stderr = io.StringIO()
+        self.patch(sys, "stderr", self.stderr)
+
+    async def test_one_tunnel_per_config_each_listening_and_stopping(self) -> None:
+        first, _ = make_keydir(self)
+        second, _ = make_keydir(self)
+        configs = [
+            TunnelConfig(keydir=first, listen=(f"tcp:0:{LOCALHOST}",)),
+            TunnelConfig(keydir=second, listen=(f"tcp:0:{LOCALHOST}",) * 2, grace=0),
+        ]
+        service = make_service(configs, reactor)
+        tunnels = list(IServiceCollection(service))
+        assert all(isinstance(tunnel, TunnelService) for tunnel in tunnels)
+        self.assertEqual([tunnel.config for tunnel in tunnels], configs)
+        service.startService()
+        for tunnel in tunnels:
+            for index in range(len(tunnel.config.listen)):
+                self.assertGreater(port_of(tunnel, index), 0)
+        await service.stopService()
+        # Stopped tunnels have released their key directories.
+        FileVault(first).close()
+        FileVault(second).close()
+
+    def test_a_config_that_cannot_be_built_exits_with_its_status_and_releases_the_rest(
+        self,
+    ) -> None:
+        good, _ = make_keydir(self)
+        other, _ = make_keydir(self)
+        configs = [
+            TunnelConfig(keydir=good, listen=("tcp:0",)),
+            TunnelConfig(keydir=other, listen=("foo:1",)),
+        ]
+        error = self.assertRaises(SystemExit, make_service, configs, reactor)
+        self.assertEqual(error.code, EX_USAGE)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "twist curvetun: bad --listen endpoint 'foo:1': Unknown endpoint type: 'foo'\n",
+        )
+        FileVault(good).close()
 
 
 @implementer(IStreamClientEndpoint)
@@ -382,6 +530,24 @@ class ForwarderTests(SynchronousTestCase):
         self.forwarder.connectionLost(Failure(internet_error.ConnectionDone()))
         self.assertEqual(len(self.factory.connections), 0)
 
+    def test_a_forward_connection_made_after_the_client_closed_is_aborted(self) -> None:
+        # An endpoint may build and start the protocol before the cancelled
+        # connect can stop it.
+        factory, _ = self.endpoint.attempts[0]
+        self.forwarder.connectionLost(Failure(internet_error.ConnectionDone()))
+        late = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6379))
+        assert late is not None
+        transport = StringTransport()
+        late.makeConnection(transport)
+        self.assertTrue(transport.disconnecting)
+        late.connectionLost(Failure(internet_error.ConnectionAborted()))
+        # The pair is logged once, and left the open connections once.
+        ended = events_like(self.events, "Connection from {peer} (key {key}) to {forward} ended")
+        self.assertEqual(len(ended), 1)
+        self.assertIn("client closed before the forward connection was made", ended[0]["why"])
+        self.assertEqual(len(self.factory.connections), 0)
+        self.assertEqual(self.accepted.value(), b"")
+
     def test_abort_aborts_both_sides(self) -> None:
         _, forward = self.endpoint.complete()
         self.forwarder.abort()
@@ -448,17 +614,204 @@ class OpenConnectionsTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(drained), 1)
 
 
+@implementer(IListeningPort)
+class FakePort:
+    """
+    A listening port that records being stopped.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        self.stopped += 1
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 7700)
+
+
+@implementer(IStreamServerEndpoint)
+class PendingServerEndpoint:
+    """
+    A server endpoint whose listens the test completes by hand; it records
+    each factory and each cancellation.
+    """
+
+    def __init__(self) -> None:
+        self.listens: list[tuple[IProtocolFactory, Deferred[IListeningPort]]] = []
+        self.cancelled = 0
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def cancel(d: Deferred[IListeningPort]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[IListeningPort] = Deferred(cancel)
+        self.listens.append((protocolFactory, d))
+        return d
+
+
+@implementer(IStreamServerEndpoint)
+class RefusingServerEndpoint:
+    """
+    A server endpoint that fails to listen at once, as TCP does on a port
+    in use.
+    """
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        return fail(internet_error.CannotListenError("127.0.0.1", 7700, OSError("in use")))
+
+
+class TunnelListenerTests(SynchronousTestCase):
+    """
+    L{TunnelListener}: a L{StreamServerEndpointService} that reports a
+    failure to listen as L{CannotListen} (never a logged traceback), and
+    that drains on stop. Part of what it relies on in its base class is
+    not documented (that a listen Deferred may fire with L{None} when
+    stopping): these tests fail if that changes.
+    """
+
+    def setUp(self) -> None:
+        self.events = capture_logs(self)
+        self.clock = Clock()
+        self.connections = OpenConnections()
+
+    def listener(self, endpoint: IStreamServerEndpoint) -> TunnelListener:
+        return TunnelListener(
+            endpoint,
+            "tcp:7700",
+            EchoFactory(self.connections),
+            self.connections,
+            grace=5.0,
+            clock=self.clock,
+            serving="echo",
+        )
+
+    def test_it_is_twisteds_endpoint_service(self) -> None:
+        self.assertIsInstance(self.listener(PendingServerEndpoint()), StreamServerEndpointService)
+
+    def test_it_listens_once_when_the_privileged_start_came_first(self) -> None:
+        endpoint = PendingServerEndpoint()
+        listener = self.listener(endpoint)
+        listener.privilegedStartService()
+        listener.startService()
+        self.assertEqual(len(endpoint.listens), 1)
+        factory, d = endpoint.listens[0]
+        self.assertIsInstance(factory, EchoFactory)
+        d.callback(FakePort())
+        [listening] = events_like(self.events, "Listening on {endpoint}")
+        self.assertEqual((listening["address"], listening["what"]), ("127.0.0.1:7700", "echo"))
+
+    def test_a_listen_that_fails_at_once_raises_one_line_and_logs_no_traceback(self) -> None:
+        listener = self.listener(RefusingServerEndpoint())
+        error = self.assertRaises(CannotListen, listener.startService)
+        self.assertIn("cannot listen on tcp:7700: ", str(error))
+        self.assertIn("in use", str(error))
+        self.assertNotIn("\n", str(error))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        # Stopping it afterwards is quiet, and the drain has nothing to wait for.
+        self.successResultOf(listener.stopService())
+        self.assertFalse(listener.running)
+        self.assertEqual(events_like(self.events, "Stopped listening"), [])
+
+    def test_a_listen_that_fails_later_is_logged_as_critical(self) -> None:
+        endpoint = PendingServerEndpoint()
+        listener = self.listener(endpoint)
+        listener.startService()
+        endpoint.listens[0][1].errback(internet_error.CannotListenError("", 7700, OSError("no")))
+        [cannot] = events_like(self.events, "Cannot listen on {endpoint}")
+        self.assertEqual(cannot["log_level"], LogLevel.critical)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.successResultOf(listener.stopService())
+
+    def test_stopping_while_the_listen_is_under_way_cancels_it_quietly(self) -> None:
+        endpoint = PendingServerEndpoint()
+        listener = self.listener(endpoint)
+        listener.startService()
+        self.successResultOf(listener.stopService())
+        self.assertEqual(endpoint.cancelled, 1)
+        self.assertEqual(events_like(self.events, "Cannot listen"), [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_stopping_a_listener_never_started_is_quiet(self) -> None:
+        listener = self.listener(PendingServerEndpoint())
+        self.successResultOf(listener.stopService())
+        self.assertFalse(self.connections.accepting)
+
+    def test_stopping_stops_listening_at_once_then_drains_within_the_grace_time(self) -> None:
+        endpoint = PendingServerEndpoint()
+        listener = self.listener(endpoint)
+        listener.startService()
+        port = FakePort()
+        endpoint.listens[0][1].callback(port)
+        connection = Closable(self.connections)
+        not_listening = listener.when_not_listening()
+        stopped = listener.stopService()
+        self.assertEqual(port.stopped, 1)
+        self.successResultOf(not_listening)
+        self.assertIsNone(listener.port)
+        self.assertFalse(self.connections.accepting)
+        self.clock.advance(4.9)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.assertTrue(connection.aborted)
+        connection.close()
+        self.successResultOf(stopped)
+
+
+class BufferedTests(TestCase):
+    """
+    The measure of what transports hold, which the memory bounds of the
+    flow-control tests rest on, reads internals of Twisted's and of
+    curvetun's: it must see bytes where there are some, so that a change
+    of those internals fails here rather than making those bounds pass at
+    zero.
+    """
+
+    async def test_a_tcp_transport_holds_what_it_was_given_until_the_reactor_writes(
+        self,
+    ) -> None:
+        server = Collector()
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(lambda: server)
+        )
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Collector()
+        )
+        assert client.transport is not None
+        self.assertEqual(buffered(client.transport), 0)
+        client.transport.write(b"x" * 100_000)
+        client.transport.writeSequence([b"y" * 1000, b"z" * 10])
+        # Nothing is handed to the kernel before the reactor runs again.
+        self.assertEqual(buffered(client.transport), 101_010)
+        await server.expect(101_010)
+        self.assertEqual(buffered(client.transport), 0)
+        client.transport.loseConnection()
+        await client.lost
+
+    def test_a_curvetun_connection_holds_the_unfinished_frame_it_has_read(self) -> None:
+        peers = Peers()
+        _, server, _ = peers.connect()
+        self.assertEqual(curvetun_read_buffer(server), 0)
+        # The first bytes of a message frame: a length, then part of it.
+        server.dataReceived(b"\x01\x00" + b"m" * 40)
+        self.assertEqual(curvetun_read_buffer(server), 42)
+
+    def test_a_transport_of_another_kind_fails_the_measure_loudly(self) -> None:
+        self.assertRaises(AssertionError, buffered, StringTransport())
+
+
 class EchoTests(TestCase):
     """
     Without C{--forward}: an echo service.
     """
 
-    def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(
+    async def test_on_its_defaults_an_authorized_curvetun_client_gets_its_bytes_echoed(
         self,
-    ) -> Deferred[None]:
-        return run(self._echo())
-
-    async def _echo(self) -> None:
+    ) -> None:
         # The defaults, but on a free port and with a key directory that
         # does not exist yet (it is created with a fresh key).
         server_dir = os.path.abspath(self.mktemp())
@@ -477,12 +830,9 @@ class EchoTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
 
-    def test_echo_stops_reading_while_its_client_does_not_read(self) -> Deferred[None]:
-        return run(self._echo_backpressure())
-
-    async def _echo_backpressure(self) -> None:
+    async def test_echo_stops_reading_while_its_client_does_not_read(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = start_tunnel(self, "--keydir", keydir, "--listen", f"tcp:0:{LOCALHOST}")
         total = 20 * 1024 * 1024
@@ -504,12 +854,15 @@ class EchoTests(TestCase):
             sampler.stop()
         self.assertEqual(client.received_hash.hexdigest(), client.sent_hash.hexdigest())
         # Without flow control the echo would hold what the client sends
-        # while not reading: megabytes in half a second.
+        # while not reading: megabytes in half a second. While the client
+        # does not read, the echo's write buffer fills up to the point
+        # where it stops reading: a measure that saw nothing is broken.
         self.assertLess(peak, 1024 * 1024)
+        self.assertGreater(peak, 0)
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
 
 
 class TunnelTests(TestCase):
@@ -548,10 +901,7 @@ class TunnelTests(TestCase):
         )  # fmt: skip
         return a, b
 
-    def test_50_mb_cross_a_two_hop_tunnel_each_way_intact_in_bounded_memory(self) -> Deferred[None]:
-        return run(self._fifty_megabytes())
-
-    async def _fifty_megabytes(self) -> None:
+    async def test_50_mb_cross_a_two_hop_tunnel_each_way_intact_in_bounded_memory(self) -> None:
         total = 50 * 1024 * 1024
         # Each end stops reading for half a second on the way, as a slow
         # reader would: the backend after 30 MB, the client after 10 MB
@@ -604,6 +954,8 @@ class TunnelTests(TestCase):
         # resident growth; a tunnel without flow control buffers 15 MiB or
         # more during the stalls.
         self.assertLess(peak["buffered"], 4 * 1024 * 1024)
+        # The stalls fill buffers: a measure that saw nothing is broken.
+        self.assertGreater(peak["buffered"], 0)
         self.assertLess(peak["resident"] - baseline, 20 * 1024 * 1024)
         Logger().info(
             "50 MB each way in {elapsed:.1f} s; peak buffered {buffered} KiB; "
@@ -613,12 +965,9 @@ class TunnelTests(TestCase):
             growth=(peak["resident"] - baseline) / 1024 / 1024,
         )
 
-    def test_the_close_is_logged_with_the_bytes_carried_each_way(self) -> Deferred[None]:
-        return run(self._close_log())
-
-    async def _close_log(self) -> None:
+    async def test_the_close_is_logged_with_the_bytes_carried_each_way(self) -> None:
         events = capture_logs(self)
-        backend, backend_port = self.start_backend()
+        _, backend_port = self.start_backend()
         a, b = self.start_pair(backend_port)
         client = await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
@@ -628,8 +977,8 @@ class TunnelTests(TestCase):
         assert client.transport is not None
         client.transport.loseConnection()
         await client.lost
-        await a.listeners[0].factory.connections.when_empty()
-        await b.listeners[0].factory.connections.when_empty()
+        await a.listeners[0].connections.when_empty()
+        await b.listeners[0].connections.when_empty()
         ended = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertEqual(len(ended), 2)  # one at A, one at B
         for event in ended:
@@ -639,12 +988,9 @@ class TunnelTests(TestCase):
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
 
-    def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
+    async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
         self,
-    ) -> Deferred[None]:
-        return run(self._refused())
-
-    async def _refused(self) -> None:
+    ) -> None:
         backend, backend_port = self.start_backend()
         _, b = self.start_pair(backend_port)
         intruder_dir, _ = make_keydir(self)
@@ -660,12 +1006,7 @@ class TunnelTests(TestCase):
         self.assertTrue(intruder.reason.check(NotAuthorized), intruder.reason)
         self.assertEqual(backend.connections, 0)
 
-    def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(
-        self,
-    ) -> Deferred[None]:
-        return run(self._refused_tunnel())
-
-    async def _refused_tunnel(self) -> None:
+    async def test_a_refused_tunnel_closes_its_client_and_never_reaches_the_backend(self) -> None:
         events = capture_logs(self)
         backend, backend_port = self.start_backend()
         a, _ = self.start_pair(backend_port, admit_a=False)
@@ -675,18 +1016,15 @@ class TunnelTests(TestCase):
         assert client.transport is not None
         client.transport.write(b"hello?")
         await client.lost
-        await a.listeners[0].factory.connections.when_empty()
+        await a.listeners[0].connections.when_empty()
         self.assertEqual(backend.connections, 0)
         self.assertEqual(client.data, b"")
         [ended] = events_like(events, "Connection from {peer} (key {key}) to {forward} ended")
         self.assertIn("not in the server's registry", ended["why"])
 
-    def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(
+    async def test_when_the_forward_connection_fails_the_client_is_closed_and_it_is_logged(
         self,
-    ) -> Deferred[None]:
-        return run(self._forward_fails())
-
-    async def _forward_fails(self) -> None:
+    ) -> None:
         events = capture_logs(self)
         # A port nobody listens on: listen, note it, stop.
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
@@ -705,7 +1043,7 @@ class TunnelTests(TestCase):
             TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(tunnel)), Collector()
         )
         await client.lost
-        await tunnel.listeners[0].factory.connections.when_empty()
+        await tunnel.listeners[0].connections.when_empty()
         [failed] = events_like(events, "Forwarding {peer} (key {key}) to {forward} failed")
         self.assertEqual(failed["forward"], f"tcp:127.0.0.1:{closed_port}")
         self.assertIn("refused", failed["why"].lower())
@@ -734,14 +1072,11 @@ class GracefulStopTests(TestCase):
         )  # fmt: skip
 
     async def connect(self, port: int) -> Collector:
-        return await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Collector())
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        client: Collector = await connectProtocol(endpoint, Collector())
+        return client
 
-    def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(
-        self,
-    ) -> Deferred[None]:
-        return run(self._lets_finish())
-
-    async def _lets_finish(self) -> None:
+    async def test_stopping_refuses_new_connections_at_once_and_lets_open_ones_finish(self) -> None:
         tunnel = self.start()
         port = port_of(tunnel)
         client = await self.connect(port)
@@ -761,10 +1096,7 @@ class GracefulStopTests(TestCase):
         # It finished on its own: the grace timer was cancelled, not run.
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_connections_still_open_after_the_grace_time_are_aborted(self) -> Deferred[None]:
-        return run(self._aborts())
-
-    async def _aborts(self) -> None:
+    async def test_connections_still_open_after_the_grace_time_are_aborted(self) -> None:
         events = capture_logs(self)
         tunnel = self.start()
         client = await self.connect(port_of(tunnel))
@@ -781,12 +1113,9 @@ class GracefulStopTests(TestCase):
         [aborting] = events_like(events, "Aborting {count} connection(s)")
         self.assertEqual(aborting["count"], 1)
 
-    def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(
+    async def test_after_the_grace_time_both_sides_of_a_forwarded_connection_are_aborted(
         self,
-    ) -> Deferred[None]:
-        return run(self._aborts_both_sides())
-
-    async def _aborts_both_sides(self) -> None:
+    ) -> None:
         backend = HashingEchoFactory()
         backend_port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(backend)
         self.addCleanup(backend_port.stopListening)
@@ -836,6 +1165,7 @@ class CommandTests(SynchronousTestCase):
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
         )
 
     def assertOneLineError(
@@ -844,7 +1174,7 @@ class CommandTests(SynchronousTestCase):
         output = result.stdout + result.stderr
         self.assertNotIn("Traceback", output)
         self.assertEqual(result.returncode, status, output)
-        first, *rest = result.stderr.splitlines()
+        first = result.stderr.splitlines()[0]
         self.assertIn(text, first)
 
     def test_help_describes_the_options_and_exits_0(self) -> None:
@@ -884,6 +1214,51 @@ class CommandTests(SynchronousTestCase):
         )
         self.assertEqual(len(result.stderr.splitlines()), 1)
 
+    def assertExactlyOneLine(
+        self, result: subprocess.CompletedProcess[str], status: int, text: str
+    ) -> None:
+        self.assertOneLineError(result, status, text)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    def assertUsageError(self, result: subprocess.CompletedProcess[str], text: str) -> None:
+        """
+        A bad option's value: one line saying why, then (as for every usage
+        error of C{twist}) a blank line and the usage.
+        """
+        self.assertOneLineError(result, EX_USAGE, f"Error: {text}")
+        lines = result.stderr.splitlines()
+        self.assertEqual(lines[1], "", result.stderr[:500])
+        self.assertTrue(lines[2].startswith("Usage:"), result.stderr[:500])
+
+    def test_a_listen_endpoint_ending_in_a_backslash_is_one_line_and_status_64(self) -> None:
+        result = self.run_twist("--listen", "curvetun:7700:interface=\\")
+        self.assertExactlyOneLine(
+            result, EX_USAGE, "twist curvetun: bad --listen endpoint 'curvetun:7700:interface=\\\\'"
+        )
+        self.assertIn("lone backslash", result.stderr)
+
+    def test_a_forward_endpoint_ending_in_a_backslash_is_one_line_and_status_64(self) -> None:
+        result = self.run_twist("--listen", f"tcp:0:{LOCALHOST}", "--forward", "tcp:127.0.0.1:1\\")
+        self.assertExactlyOneLine(
+            result, EX_USAGE, "twist curvetun: bad --forward endpoint 'tcp:127.0.0.1:1\\\\'"
+        )
+
+    def test_a_limit_of_thousands_of_digits_is_a_usage_error_without_a_traceback(self) -> None:
+        result = self.run_twist("--max-handshakes", "9" * 5000)
+        self.assertUsageError(result, "--max-handshakes must be a whole number of at most")
+        self.assertLess(len(result.stderr.splitlines()[0]), 200)
+
+    def test_a_port_of_thousands_of_digits_is_one_line_and_status_64(self) -> None:
+        result = self.run_twist("--listen", "tcp:" + "9" * 5000)
+        self.assertExactlyOneLine(result, EX_USAGE, "twist curvetun: bad --listen endpoint 'tcp:99")
+        self.assertLess(len(result.stderr), 400)
+
+    def test_a_second_forward_is_a_usage_error(self) -> None:
+        result = self.run_twist(
+            "--forward", "tcp:127.0.0.1:6379", "--forward", "tcp:127.0.0.1:6380"
+        )
+        self.assertUsageError(result, "--forward given twice")
+
     def test_it_starts_logs_its_key_and_on_sigterm_lets_open_connections_finish(self) -> None:
         keydir = os.path.join(self.home, "keys")
         process = subprocess.Popen(
@@ -898,7 +1273,7 @@ class CommandTests(SynchronousTestCase):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        self.addCleanup(lambda: process.poll() is None and process.kill())
+        self.addCleanup(lambda: None if process.poll() is not None else process.kill())
         output = read_until(process, b"", "Listening on", count=2)
         events = parse_events(output)
         [announced] = [e for e in events if e["log_format"].startswith("curvetun public key")]

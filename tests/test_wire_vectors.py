@@ -87,12 +87,13 @@ class VectorServer(VectorPeer):
         )
         allowed = key("client_longterm_public_C") if registry_key is None else registry_key
         self.apps = RecordingFactory()
+        cookie_keys = CookieKeys(clock=clock, initial_key=key("cookie_minute_key_Ts"))
         factory = CurveTunServerFactory(
             self.apps,
             self.vault,
-            CookieKeys(clock=clock, initial_key=key("cookie_minute_key_Ts")),
+            cookie_keys,
             AllowList(clients=[(allowed, CLIENT_ADDRESS.host)]),
-            ReplayGuard(clock, lifetime=120).remember,
+            ReplayGuard(cookie_keys).remember,
             clock,
         )
         protocol = factory.buildProtocol(CLIENT_ADDRESS)

@@ -30,7 +30,17 @@ curvetunServiceMaker = ServiceMaker(
 @implementer(IPlugin, IStreamClientEndpointStringParserWithReactor)
 class _CurveTunClientParser:
     """
-    C{curvetun:HOST:PORT[:key=KEY][:keydir=DIR][:registry=FILE][:timeout=SECONDS]}
+    The C{curvetun:} client string::
+
+        curvetun:HOST:PORT[:key=KEY][:keydir=DIR][:registry=FILE][:timeout=SECONDS]
+        curvetun:host=HOST:port=PORT[:...]
+        curvetun:endpoint=INNER[:key=KEY][:keydir=DIR][:registry=FILE][:timeout=SECONDS]
+        curvetun:HOST:PORT:registry=dns[:resolver=IP\\:PORT][:...]
+
+    C{INNER} is any client endpoint string with each C{:} and C{=} escaped
+    by a backslash, as in Twisted's C{tls:} (C{endpoint=unix\\:path\\=/run/ct.sock},
+    C{endpoint=tcp\\:HOST\\:7700\\:bindAddress\\=ADDR}); an IPv6 HOST is
+    written C{\\:\\:1}. See L{curvetun.endpoints.parse_client_endpoint}.
     """
 
     prefix = "curvetun"
@@ -48,7 +58,17 @@ class _CurveTunClientParser:
 @implementer(IPlugin, IStreamServerEndpointStringParser)
 class _CurveTunServerParser:
     """
-    C{curvetun:PORT[:interface=ADDR][:backlog=N][:keydir=DIR][:registry=FILE]}
+    The C{curvetun:} server string::
+
+        curvetun:PORT[:interface=ADDR][:backlog=N][:keydir=DIR][:registry=FILE]
+        curvetun:port=PORT[:...]
+        curvetun:endpoint=INNER[:keydir=DIR][:registry=FILE]
+
+    C{INNER} is any server endpoint string with each C{:} and C{=} escaped
+    by a backslash (C{endpoint=unix\\:/run/ct.sock},
+    C{endpoint=systemd\\:domain\\=INET\\:index\\=0},
+    C{endpoint=haproxy\\:tcp\\:7700}). See
+    L{curvetun.endpoints.parse_server_endpoint}.
     """
 
     prefix = "curvetun"
