@@ -57,6 +57,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .errors import KeyFileError, RegistryError
+
+# Re-exported: tap.py imports them from here.
+from .keydir import REGISTRY_FILE, default_keydir
 from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
@@ -67,20 +70,6 @@ DEFAULT_PORT = 7700
 """
 The port C{twist curvetun} listens on by default.
 """
-
-REGISTRY_FILE = "registry"
-"""
-The registry's file name inside a key directory (its default place).
-"""
-
-
-def default_keydir() -> str:
-    """
-    The key directory used when none is named: C{$CURVETUN_HOME}, else
-    C{~/.curvetun}.
-    """
-    return os.environ.get("CURVETUN_HOME") or os.path.expanduser("~/.curvetun")
-
 
 # -- endpoints -----------------------------------------------------------------
 

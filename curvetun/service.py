@@ -105,8 +105,9 @@ class CurveTunService(MultiService):
         """
         from twisted.python.filepath import FilePath
 
+        from .keydir import SECRET_KEY_FILE
         from .registry import FileRegistry
-        from .vault import SECRET_KEY_FILE, FileVault
+        from .vault import FileVault
 
         directory = keydir if isinstance(keydir, FilePath) else FilePath(keydir)
         if create and not directory.child(SECRET_KEY_FILE).exists():

@@ -29,7 +29,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from .config import DEFAULT_GRACE, DEFAULT_LISTEN, TunnelConfig, parse_count, parse_seconds
-from .endpoints import default_keydir
+from .keydir import default_keydir
 from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
 from .tunnel_service import make_service
 

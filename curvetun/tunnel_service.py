@@ -23,13 +23,13 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from .config import TunnelConfig
-from .endpoints import REGISTRY_FILE, service_pool
+from .endpoints import service_pool
 from .errors import CurveTunError, KeyFileError, RegistryError
+from .keydir import REGISTRY_FILE, SECRET_KEY_FILE
 from .keys import format_public_key
 from .listeners import CannotListen, OpenConnections, TunnelListener
 from .service import CurveTunService
 from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
-from .vault import SECRET_KEY_FILE
 
 # sysexits.h values (the os module has them only on Unix).
 EX_USAGE = 64

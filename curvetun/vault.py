@@ -2,16 +2,21 @@
 Vaults: the holders of a long-term key pair (spec "Safe nonces (vault)").
 
 L{MemoryVault} keeps the keys in memory; L{FileVault} loads them from a key
-directory (see C{docs/keys-and-registry.md}) and stores the safe-nonce
-counter there, so that no nonce is ever made twice with the same key.
+directory (its files and checks are L{curvetun.keydir}; see
+C{docs/keys-and-registry.md}) and stores the safe-nonce counter there, so
+that no nonce is ever made twice with the same key. Loading or creating a
+secret key turns core dumps off for the process (L{disable_core_dumps}).
 """
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import os
+import resource
+import sys
 from collections import OrderedDict
-from typing import IO, Callable
+from collections.abc import Callable
+from typing import IO
 
 import nacl.utils
 from nacl.bindings import (
@@ -27,19 +32,20 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from curvetun import keydir as layout
 from curvetun.errors import BadPacket, KeyFileError
-from curvetun.files import open_regular_file, write_atomically
 from curvetun.interfaces import IVault
-from curvetun.keys import KEY_SIZE, fingerprint, format_public_key, keys_equal, quoted
+from curvetun.keydir import COUNTER_FILE, MAX_COUNTER, NONCE_KEY_FILE, PUBLIC_KEY_FILE
+from curvetun.keys import KEY_SIZE, fingerprint, keys_equal
 from curvetun.nonces import scramble16
+
+# Re-exported: service.py and tap.py import it from here.
+from .keydir import SECRET_KEY_FILE
 
 # Spec "Safe nonces (vault)": whenever the counter is a multiple of
 # COUNTER_STEP, store counter + COUNTER_RESERVE before handing out that nonce.
 COUNTER_STEP = 2**20
 COUNTER_RESERVE = 2**21
-# Far below 2**64, so that a stored counter can never run out of room.
-MAX_COUNTER = 2**63
-
 # Peers whose precomputed X25519 shared keys a vault remembers.
 SHARED_KEY_CACHE_SIZE = 1024
 
@@ -177,12 +183,48 @@ class MemoryVault:
         return f"<MemoryVault {fingerprint(self.public_key)}>"
 
 
-SECRET_KEY_FILE = "secret.key"
-PUBLIC_KEY_FILE = "public.key"
-NONCE_KEY_FILE = "nonce.key"
-COUNTER_FILE = "nonce.counter"
-LOCK_FILE = "lock"
-_KEY_FILES = (SECRET_KEY_FILE, PUBLIC_KEY_FILE, NONCE_KEY_FILE, COUNTER_FILE)
+# A core dump of a process that holds a secret key holds the key: every
+# FileVault turns core dumps off for its whole process when it loads one.
+
+ALLOW_CORE_DUMPS_VARIABLE = "CURVETUN_ALLOW_CORE_DUMPS"
+"""
+The environment variable that, set to 1 (any value but empty or 0), keeps
+core dumps on in a process that loads a secret key, for debugging.
+"""
+
+_PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def disable_core_dumps() -> None:
+    """
+    Make sure that this process leaves no core dump, and (on Linux) that
+    other processes of the same user cannot read its memory: a core file,
+    C{/proc/PID/mem} or a debugger attached with ptrace would show the
+    secret key. Sets the core-file size limit to 0 (soft and hard, so that
+    the process cannot raise it again) and clears the "dumpable" flag
+    (C{prctl(PR_SET_DUMPABLE, 0)}), which also makes C{/proc/PID} belong
+    to root. Child processes that C{exec} another program are dumpable
+    again; the limit is inherited.
+
+    Does nothing if the environment variable L{ALLOW_CORE_DUMPS_VARIABLE}
+    is set to a value other than empty or C{0}.
+    """
+    if os.environ.get(ALLOW_CORE_DUMPS_VARIABLE, "") not in ("", "0"):
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
+        # Lowering a limit is always allowed; a platform without this limit
+        # has nothing to lower.
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+        except (OSError, AttributeError):
+            # No C library to call (a static interpreter): the limit above
+            # still keeps core files from being written.
+            pass
 
 
 @implementer(IVault)
@@ -200,20 +242,25 @@ class FileVault(Service):
     def __init__(self, keydir: str | FilePath[str], _lock: IO[bytes] | None = None) -> None:
         """
         Load the key directory C{keydir}, and hold its lock until L{close}.
+        Turns core dumps off for this process first (L{disable_core_dumps}).
 
-        @raise KeyFileError: a file is missing, damaged, or readable by
-            others, or another vault (in this or another process) has the
-            directory; the message names the file and the fix.
+        @raise KeyFileError: a file is missing or damaged; a secret file is
+            readable by others; the directory, a secret file or the counter
+            belongs to another user; the directory or one above it may be
+            changed by another user (L{curvetun.keydir.check_directory});
+            or another vault (in this or another process) has the
+            directory. The message names the file and the fix.
         """
         self.keydir = FilePath(keydir) if isinstance(keydir, str) else keydir
-        secret_key = _read_key(self.keydir.child(SECRET_KEY_FILE), secret=True)
-        _check_directory(self.keydir)
-        nonce_key = _read_key(self.keydir.child(NONCE_KEY_FILE), secret=True)
-        stored_public_key = _read_key(self.keydir.child(PUBLIC_KEY_FILE), secret=False)
+        disable_core_dumps()
+        secret_key = layout.read_key(self.keydir.child(SECRET_KEY_FILE), secret=True)
+        layout.check_directory(self.keydir)
+        nonce_key = layout.read_key(self.keydir.child(NONCE_KEY_FILE), secret=True)
+        stored_public_key = layout.read_key(self.keydir.child(PUBLIC_KEY_FILE), secret=False)
         # Lock before reading the counter: the counter we read must be ours.
-        self._lock = _lock if _lock is not None else _lock_keydir(self.keydir)
+        self._lock = _lock if _lock is not None else layout.lock(self.keydir)
         try:
-            counter = _read_counter(self.keydir.child(COUNTER_FILE))
+            counter = layout.read_counter(self.keydir.child(COUNTER_FILE))
         except KeyFileError:
             self.close()
             raise
@@ -233,34 +280,23 @@ class FileVault(Service):
             replaces the identity: peers that trust the old public key will
             refuse the new one.
         @raise KeyFileError: C{keydir} already holds key files and
-            C{overwrite} is false, or it cannot be written.
+            C{overwrite} is false, it cannot be written, or another user
+            could change it (as when loading).
         """
         path = FilePath(keydir) if isinstance(keydir, str) else keydir
-        existing = [name for name in _KEY_FILES if path.child(name).exists()]
+        existing = layout.existing_key_files(path)
         if existing and not overwrite:
             raise KeyFileError(
                 f"{path.path} already holds keys ({', '.join(existing)}); refusing to replace them"
             )
+        disable_core_dumps()
         public_key, secret_key = crypto_box_keypair()
-        try:
-            os.makedirs(path.path, exist_ok=True)
-            os.chmod(path.path, 0o700)
-        except OSError as e:
-            raise KeyFileError(f"cannot create key directory {path.path}: {e.strerror}") from e
+        # Checked before a secret is written into it.
+        layout.make_directory(path)
         # Never replace the keys of a vault that is in use.
-        lock = _lock_keydir(path)
+        lock = layout.lock(path)
         try:
-            # In this order, a crash part way (even when overwriting) leaves
-            # a directory that does not load (a public key that does not
-            # match, a missing file) or one with a new key pair and the old,
-            # higher counter: never an old key with its counter back at 0.
-            for name, text, mode in [
-                (PUBLIC_KEY_FILE, format_public_key(public_key), 0o644),
-                (SECRET_KEY_FILE, secret_key.hex(), 0o600),
-                (NONCE_KEY_FILE, nacl.utils.random(KEY_SIZE).hex(), 0o600),
-                (COUNTER_FILE, "0", 0o600),
-            ]:
-                write_atomically(path.child(name), f"{text}\n".encode("ascii"), mode)
+            layout.write_key_files(path, public_key, secret_key, nacl.utils.random(KEY_SIZE))
         except OSError as e:
             lock.close()
             raise KeyFileError(f"cannot create key directory {path.path}: {e.strerror}") from e
@@ -320,13 +356,7 @@ class FileVault(Service):
         # Synchronous, and so blocking the reactor for one fsync: this
         # happens once per 2**20 nonces (about a million handshakes), and
         # the nonce must not be used before the write is durable anyway.
-        path = self.keydir.child(COUNTER_FILE)
-        try:
-            write_atomically(path, f"{value}\n".encode("ascii"), 0o600)
-        except OSError as e:
-            raise KeyFileError(
-                f"cannot store the nonce counter in {path.path}: {e.strerror}"
-            ) from e
+        layout.write_counter(self.keydir, value)
 
     def __repr__(self) -> str:
         return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
@@ -339,12 +369,17 @@ def read_public_key(keydir: str | FilePath[str]) -> bytes:
     counter: this shows the identity of a directory that a running process
     may be using (C{curvetun pubkey}), and hands out no nonce.
 
-    @raise KeyFileError: a key file is missing, damaged or readable by
-        others, or the public key is not the secret key's.
+    It reads the secret key, and so turns core dumps off as L{FileVault}
+    does.
+
+    @raise KeyFileError: a key file is missing, damaged or not safe (as for
+        L{FileVault}), or the public key is not the secret key's.
     """
     path = FilePath(keydir) if isinstance(keydir, str) else keydir
-    secret_key = _read_key(path.child(SECRET_KEY_FILE), secret=True)
-    stored_public_key = _read_key(path.child(PUBLIC_KEY_FILE), secret=False)
+    disable_core_dumps()
+    secret_key = layout.read_key(path.child(SECRET_KEY_FILE), secret=True)
+    layout.check_directory(path)
+    stored_public_key = layout.read_key(path.child(PUBLIC_KEY_FILE), secret=False)
     public_key = crypto_scalarmult_base(secret_key)
     if not keys_equal(stored_public_key, public_key):
         raise _mismatch(path, stored_public_key, public_key)
@@ -359,114 +394,3 @@ def _mismatch(keydir: FilePath[str], stored_public_key: bytes, public_key: bytes
         f"({fingerprint(public_key)}...); "
         "restore both files from the same backup"
     )
-
-
-def _check_directory(keydir: FilePath[str]) -> None:
-    """
-    Refuse a key directory that others may write to: they could put back
-    an old nonce counter (and so make nonces repeat) or swap the keys.
-    """
-    try:
-        mode = os.stat(keydir.path).st_mode & 0o777
-    except OSError as e:
-        raise KeyFileError(f"cannot read {keydir.path}: {e.strerror}") from e
-    if mode & 0o022:
-        raise KeyFileError(
-            f"{keydir.path} is writable by group or others (mode {mode:04o}); "
-            f"run: chmod 700 {keydir.path}"
-        )
-
-
-def _lock_keydir(keydir: FilePath[str]) -> IO[bytes]:
-    """
-    Take the key directory's exclusive lock, so that only one vault at a
-    time hands out nonces from its counter: two would hand out the same
-    counter values. The lock goes with the returned file (and with the
-    process, however it ends).
-
-    @raise KeyFileError: another vault holds it, or it cannot be opened.
-    """
-    path = keydir.child(LOCK_FILE).path
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise KeyFileError(f"cannot open the lock file {path}: {e.strerror}") from e
-    lock = os.fdopen(fd, "r+b")
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise KeyFileError(
-            f"{keydir.path} is in use by another curvetun process; "
-            "give each process a key directory of its own"
-        ) from None
-    return lock
-
-
-# Key-directory files are a line of at most 64 characters; reading a little
-# more than that is enough to tell that a file is too long.
-_READ_LIMIT = 256
-
-
-def _read_text(path: FilePath[str], secret: bool, fix: str) -> str:
-    """
-    Read a key-directory file as ASCII text without surrounding whitespace.
-    The permissions of a secret file are checked on the open file itself.
-
-    @param fix: what to do if the file is missing or damaged.
-    """
-    try:
-        with open_regular_file(path.path) as f:
-            mode = os.fstat(f.fileno()).st_mode & 0o777
-            if secret and mode & 0o077:
-                raise KeyFileError(
-                    f"{path.path} is accessible to group or others (mode {mode:04o}); "
-                    f"run: chmod 600 {path.path}"
-                )
-            data = f.read(_READ_LIMIT)
-    except FileNotFoundError as e:
-        raise KeyFileError(f"{path.path} is missing; {fix}") from e
-    except OSError as e:
-        raise KeyFileError(f"cannot read {path.path}: {e.strerror}") from e
-    except ValueError as e:  # a NUL byte in the path
-        raise KeyFileError(f"cannot read {quoted(path.path)}: {e}") from e
-    text = data.strip()
-    if not text:
-        raise KeyFileError(f"{path.path} is empty; {fix}")
-    try:
-        return text.decode("ascii")
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{path.path} is damaged: it is not text; {fix}") from None
-
-
-def _read_key(path: FilePath[str], secret: bool) -> bytes:
-    # Never quote a secret file's contents in an error message.
-    fix = "restore it from a backup"
-    text = _read_text(path, secret, fix)
-    if len(text) != 2 * KEY_SIZE:
-        raise KeyFileError(
-            f"{path.path} is damaged: expected {2 * KEY_SIZE} hex digits, found "
-            f"{len(text)} characters; {fix}"
-        )
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != KEY_SIZE:  # fromhex skips spaces, so check the length again
-        raise KeyFileError(f"{path.path} is damaged: not hexadecimal; {fix}")
-    return key
-
-
-def _read_counter(path: FilePath[str]) -> int:
-    # A backup's counter is behind the lost one; 2**40 more nonces than
-    # that would take 35 years at a thousand handshakes a second.
-    fix = (
-        "restore it from a backup and add 2**40 (1099511627776) to the number in it; "
-        "starting again at 0 could reuse nonces with this key"
-    )
-    text = _read_text(path, secret=False, fix=fix)
-    if not (text.isascii() and text.isdigit() and int(text) <= MAX_COUNTER):
-        raise KeyFileError(
-            f"{path.path} is damaged: expected a decimal number from 0 to {MAX_COUNTER}; {fix}"
-        )
-    return int(text)

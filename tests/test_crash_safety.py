@@ -32,7 +32,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.vault import COUNTER_STEP, FileVault
 
-from .test_vault import counter_of
+from ._support import counter_of
 
 WORKER = Path(__file__).resolve().parent / "_nonce_worker.py"
 ROOT = Path(__file__).resolve().parent.parent

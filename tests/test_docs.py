@@ -100,7 +100,7 @@ class UsageExampleTests(SynchronousTestCase):
                 "curvetun keygen --keydir ~/.curvetun && "
                 "curvetun keygen --keydir ~/.curvetun-laptop && "
                 "curvetun keygen --keydir ~/etc-curvetun && "
-                "curvetun trust 127.0.0.1 $(curvetun pubkey) --keydir ~/.curvetun-laptop"
+                "curvetun trust --keydir ~/.curvetun-laptop 127.0.0.1 $(curvetun pubkey)"
             ).returncode,
             0,
         )

@@ -4,56 +4,39 @@ Tests for L{curvetun.vault}.
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import stat
 import struct
-from typing import Callable
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from nacl.bindings import crypto_box_beforenm, crypto_box_keypair
 from twisted.application.service import IService
 from twisted.logger import capturedLogs
 from twisted.python.filepath import FilePath
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from curvetun import keydir as layout
 from curvetun import vault as vault_module
 from curvetun.errors import BadPacket, KeyFileError
+from curvetun.files import write_atomically
 from curvetun.interfaces import IVault
 from curvetun.keys import fingerprint
-from curvetun.files import write_atomically
 from curvetun.vault import (
+    ALLOW_CORE_DUMPS_VARIABLE,
     COUNTER_RESERVE,
     COUNTER_STEP,
     FileVault,
     MemoryVault,
 )
 
+from ._support import PROJECT_ROOT, counter_of, unscramble16
 from ._vectors import load, unhex
-
-_MASK64 = 2**64 - 1
-_DELTA = 0x9E3779B97F4A7C15
-
-
-def unscramble16(block16: bytes, key32: bytes) -> bytes:
-    """
-    The inverse of L{curvetun.nonces.scramble16}: TEA decryption, the 32
-    rounds run backwards.
-    """
-    v0, v1 = struct.unpack("<2Q", block16)
-    k0, k1, k2, k3 = struct.unpack("<4Q", key32)
-    total = (_DELTA * 32) & _MASK64
-    for _ in range(32):
-        v1 = (v1 - (((v0 << 16) + k2) ^ (v0 + total) ^ ((v0 >> 8) + k3))) & _MASK64
-        v0 = (v0 - (((v1 << 7) + k0) ^ (v1 + total) ^ ((v1 >> 12) + k1))) & _MASK64
-        total = (total - _DELTA) & _MASK64
-    return struct.pack("<2Q", v0, v1)
-
-
-def counter_of(safe_nonce: bytes, nonce_key: bytes) -> int:
-    """
-    The counter inside a safe nonce.
-    """
-    return int.from_bytes(unscramble16(safe_nonce, nonce_key)[:8], "big")
 
 
 def fixed_random(value: bytes) -> Callable[[int], bytes]:
@@ -286,9 +269,7 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(mode("nonce.counter"), 0o600)
         self.assertEqual(mode("public.key"), 0o644)
         self.assertEqual(mode("lock"), 0o600)
-        self.assertEqual(
-            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
-        )
+        self.assertEqual(sorted(keydir.listdir()), sorted((*layout.KEY_FILES, layout.LOCK_FILE)))
         self.assertEqual(
             keydir.child("public.key").getContent(), vault.public_key.hex().encode() + b"\n"
         )
@@ -428,9 +409,7 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertIn(keydir.child("nonce.counter").path, str(cm.exception))
         self.assertIn("No space left on device", str(cm.exception))
         self.assertEqual(self.stored_counter(keydir), 0)
-        self.assertEqual(
-            sorted(keydir.listdir()), sorted(vault_module._KEY_FILES + (vault_module.LOCK_FILE,))
-        )
+        self.assertEqual(sorted(keydir.listdir()), sorted((*layout.KEY_FILES, layout.LOCK_FILE)))
         patch.restore()
         self.assertEqual(counter_of(vault.safe_nonce(), self.nonce_key(keydir)), 0)
         self.assertEqual(self.stored_counter(keydir), COUNTER_RESERVE)
@@ -546,3 +525,118 @@ class WriteAtomicallyTests(SynchronousTestCase):
         self.assertRaises(OSError, write_atomically, path, b"new", 0o600)
         self.assertEqual(path.getContent(), b"old")
         self.assertEqual(directory.listdir(), ["f"])
+
+
+# A child process that reports, as one JSON line, whether it may dump core
+# (prctl(PR_GET_DUMPABLE) and RLIMIT_CORE) before and after it loads (or
+# creates, or reads the public key of) a key directory; then it waits for
+# its standard input to close, so that the parent can look at /proc/PID.
+_CORE_DUMP_CHILD = """
+import ctypes, json, resource, sys
+from curvetun.vault import FileVault, read_public_key
+
+libc = ctypes.CDLL(None, use_errno=True)
+PR_GET_DUMPABLE = 3
+# As if core dumps were wanted: raise the limit as far as allowed (root may
+# raise the hard limit), so that only curvetun can have lowered it.
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+except (OSError, ValueError):
+    hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
+before = [libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)]
+action, keydir = sys.argv[1:]
+if action == "load":
+    FileVault(keydir).close()
+elif action == "create":
+    FileVault.create(keydir).close()
+else:
+    read_public_key(keydir)
+after = [libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0), resource.getrlimit(resource.RLIMIT_CORE)]
+print(json.dumps({"before": before, "after": after}), flush=True)
+sys.stdin.read()
+"""
+
+
+def limit(value: int) -> str:
+    """
+    A resource limit as /proc/PID/limits writes it.
+    """
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+class CoreDumpTests(FileVaultTestsMixin, SynchronousTestCase):
+    """
+    A process that loads a secret key leaves no core dump (which would
+    hold the key) and, on Linux, is not "dumpable" (no ptrace or
+    /proc/PID/mem for other processes of its user), unless
+    CURVETUN_ALLOW_CORE_DUMPS is set for debugging.
+    """
+
+    if not sys.platform.startswith("linux"):
+        skip = "PR_GET_DUMPABLE and /proc/PID are Linux's"
+
+    def in_child(self, action: str, keydir: FilePath[str], **env: str) -> dict[str, Any]:
+        """
+        Run L{_CORE_DUMP_CHILD}; return its report, and the core-file limit
+        that /proc/PID/limits showed while it was alive.
+        """
+        environ = {k: v for k, v in os.environ.items() if k != ALLOW_CORE_DUMPS_VARIABLE}
+        environ.update(env, PYTHONPATH=PROJECT_ROOT)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CORE_DUMP_CHILD, action, keydir.path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=environ,
+            cwd=PROJECT_ROOT,
+        )
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            line = child.stdout.readline()
+            if not line:  # it failed: say how (it has closed its output)
+                self.fail(child.stderr.read() if child.stderr else b"")
+            report: dict[str, Any] = json.loads(line)
+            with open(f"/proc/{child.pid}/limits") as f:
+                [row] = [r for r in f if r.startswith("Max core file size")]
+            report["proc_limits"] = row.split()[4:6]
+            child.stdin.close()
+        finally:
+            child.wait(timeout=30)
+        self.assertEqual(child.returncode, 0)
+        return report
+
+    def assert_dumps_off(self, report: dict[str, Any]) -> None:
+        self.assertEqual(report["before"][0], 1, "the child should start dumpable")
+        self.assertEqual(report["after"], [0, [0, 0]])
+        self.assertEqual(report["proc_limits"], ["0", "0"])
+        if report["before"][1] == [0, 0]:
+            raise SkipTest(
+                "core files are off here already (hard limit 0): "
+                "that loading a key turns them off is not shown"
+            )
+
+    def test_loading_a_key_directory_turns_core_dumps_off(self) -> None:
+        self.assert_dumps_off(self.in_child("load", self.make_keydir()))
+
+    def test_creating_a_key_directory_turns_core_dumps_off(self) -> None:
+        self.assert_dumps_off(self.in_child("create", FilePath(self.mktemp())))
+
+    def test_reading_the_public_key_turns_core_dumps_off(self) -> None:
+        """
+        C{curvetun pubkey} reads the secret key too, to check the public
+        key against it.
+        """
+        self.assert_dumps_off(self.in_child("pubkey", self.make_keydir()))
+
+    def test_CURVETUN_ALLOW_CORE_DUMPS_keeps_them_on(self) -> None:
+        report = self.in_child("load", self.make_keydir(), **{ALLOW_CORE_DUMPS_VARIABLE: "1"})
+        self.assertEqual(report["after"], report["before"])
+        self.assertEqual(report["after"][0], 1)
+        soft, hard = report["after"][1]
+        self.assertEqual(report["proc_limits"], [limit(soft), limit(hard)])
+
+    def test_CURVETUN_ALLOW_CORE_DUMPS_0_does_not(self) -> None:
+        self.assert_dumps_off(
+            self.in_child("load", self.make_keydir(), **{ALLOW_CORE_DUMPS_VARIABLE: "0"})
+        )
