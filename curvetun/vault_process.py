@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
@@ -271,7 +271,8 @@ class VaultProcessService(MultiService):
             process that may hold it).
         @raise KeyFileError: the key directory does not load.
         """
-        from curvetun.vault import SECRET_KEY_FILE, FileVault
+        from curvetun.keydir import SECRET_KEY_FILE
+        from curvetun.vault import FileVault
 
         if create and not os.path.exists(os.path.join(keydir, SECRET_KEY_FILE)):
             vault = FileVault.create(keydir)
@@ -287,8 +288,8 @@ class Options(usage.Options):
     """
 
     synopsis = "--keydir DIR --socket PATH [--create]"
-    optFlags = [["create", None, "Create the key directory if it holds no key yet."]]
-    optParameters = [
+    optFlags: ClassVar[list[list[str | None]]] = [["create", None, "Create the key directory if it holds no key yet."]]
+    optParameters: ClassVar[list[list[str | None]]] = [
         ["keydir", None, None, "The key directory whose secret key this process holds."],
         ["socket", None, None, "The UNIX socket to answer on (mode 0600, directory 0700)."],
     ]

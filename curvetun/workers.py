@@ -41,7 +41,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 from twisted.application.service import Service
@@ -51,6 +51,8 @@ from twisted.internet.interfaces import IListeningPort, IProcessTransport, IStre
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from curvetun.config import TunnelConfig
 
 log = Logger()
 
@@ -243,15 +245,59 @@ class Listen:
     """
     One listening socket the supervisor binds and every worker adopts.
 
-    @ivar description: the endpoint string, for logs.
-    @ivar endpoint: the endpoint that binds it (the inner, plain one: TCP,
-        UNIX, ...; the workers run curvetun over it when C{curvetun}).
-    @ivar curvetun: whether the workers run curvetun's server side on it.
+    @ivar description: the endpoint string, as given.
+    @ivar endpoint: the endpoint that binds it: the inner, plain one (TCP,
+        UNIX, ...) of a C{curvetun:} string, whose server side the workers
+        run over it.
+    @ivar kind: what the workers run on it (see
+        L{curvetun.worker_main.KINDS}): C{plain}, C{curvetun} or
+        C{curvetun-proxied}.
     """
 
     description: str
     endpoint: IStreamServerEndpoint
-    curvetun: bool
+    kind: str
+
+
+def listens_for(config: TunnelConfig, reactor: Any) -> list[Listen]:
+    """
+    The sockets to bind for C{config}'s listen endpoints, parsed without
+    opening any key directory.
+
+    @raise StartupError: a listen string is malformed (status 64), or a
+        C{curvetun:} one names another key directory or registry than the
+        tunnel's (the workers have one identity: the vault's).
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from curvetun.endpoints import parse_server_parts, split_description
+    from curvetun.tunnel_service import EX_USAGE, StartupError, parse_endpoint
+
+    listens = []
+    for description in config.listen:
+        kind, _, rest = description.partition(":")
+        if kind.lower() != "curvetun":
+            endpoint = parse_endpoint("--listen", description, serverFromString, reactor)
+            listens.append(Listen(description, endpoint, "plain"))
+            continue
+        try:
+            args, kwargs = split_description(rest)
+            parts = parse_server_parts(reactor, *args, **kwargs)
+        except ValueError as error:
+            raise StartupError(f"bad --listen endpoint {description[:80]!r}: {error}", EX_USAGE)
+        for option, value, tunnel_value in [
+            ("keydir", parts.keydir, config.keydir),
+            ("registry", parts.registry, config.registry),
+        ]:
+            if value is not None and os.path.abspath(value) != os.path.abspath(tunnel_value or ""):
+                raise StartupError(
+                    f"--listen {description[:80]!r}: with --workers, listen endpoints use the "
+                    f"tunnel's {option} (give it as --{option})",
+                    EX_USAGE,
+                )
+        kind = "curvetun-proxied" if parts.proxied else "curvetun"
+        listens.append(Listen(description, parts.wrapped, kind))
+    return listens
 
 
 class _NeverAccepts(Protocol):
@@ -272,37 +318,35 @@ class Supervisor(Service):
     def __init__(
         self,
         reactor: Any,
-        keydir: str,
-        listens: Sequence[Listen],
+        config: TunnelConfig,
         workers: int,
-        worker_arguments: Sequence[str] = (),
+        listens: Sequence[Listen] | None = None,
         vault_socket: str | None = None,
-        stop_timeout: float = 30.0,
+        stop_timeout: float | None = None,
         backoff: dict[str, float] | None = None,
         on_give_up: Callable[[int], None] | None = None,
     ) -> None:
         """
-        @param keydir: the key directory (only the vault process reads it).
-        @param listens: what to listen on.
+        @param config: the tunnel every worker runs (its key directory is
+            read by the vault process only).
         @param workers: how many worker processes.
-        @param worker_arguments: more arguments for each worker (its
-            forward endpoint, grace time, registry ...).
+        @param listens: what to bind (default: L{listens_for} C{config}).
         @param vault_socket: the vault's UNIX socket path; by default one in
             a new private temporary directory, removed at the end.
         @param stop_timeout: seconds a worker may take to stop after SIGTERM
-            (more than its grace time) before it is killed.
+            before it is killed (default: the grace time and 10 seconds).
         @param backoff: keyword arguments for each process's L{Backoff}.
         @param on_give_up: called with an exit status when the vault cannot
             start (default: stop the reactor).
+        @raise StartupError: a listen endpoint string is unusable.
         """
         if workers < 1:
             raise ValueError("at least one worker")
         self.reactor = reactor
-        self.keydir = keydir
-        self.listens = list(listens)
+        self.config = config
+        self.listens = list(listens) if listens is not None else listens_for(config, reactor)
         self.worker_count = workers
-        self.worker_arguments = list(worker_arguments)
-        self.stop_timeout = stop_timeout
+        self.stop_timeout = config.grace + 10 if stop_timeout is None else stop_timeout
         self.backoff = backoff or {}
         self.on_give_up = on_give_up
         self.stopping = False
@@ -317,7 +361,15 @@ class Supervisor(Service):
         self.vault = _Child(
             self,
             "vault",
-            ["-m", "curvetun.vault_process", "--keydir", keydir, "--socket", vault_socket],
+            [
+                "-m",
+                "curvetun.vault_process",
+                "--keydir",
+                config.keydir,
+                "--socket",
+                vault_socket,
+                "--create",
+            ],
             {0: "w", 1: 1, 2: 2},
         )
         self.workers: list[_Child] = []
@@ -360,17 +412,21 @@ class Supervisor(Service):
         for number, (port, listen) in enumerate(zip(self.ports, self.listens)):
             fd = FIRST_CHILD_FD + number
             child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
-            adopt += ["--adopt", f"{fd}:{'curvetun' if listen.curvetun else 'plain'}"]
+            adopt += ["--adopt", f"{fd}:{listen.kind}"]
+        from curvetun.worker_main import config_to_json
+
+        config = config_to_json(self.config)
         for number in range(1, self.worker_count + 1):
             argv = [
                 "-m",
                 "curvetun.worker_main",
                 "--vault-socket",
                 self.vault_socket,
+                "--config",
+                config,
                 "--name",
                 f"worker {number}",
                 *adopt,
-                *self.worker_arguments,
             ]
             self.workers.append(_Child(self, f"worker {number}", argv, child_fds))
         self.vault.start()
@@ -445,16 +501,17 @@ def main(argv: list[str] | None = None) -> int:
     """
     C{python -m curvetun.workers --keydir DIR --workers N --listen ENDPOINT
     ... [--forward ENDPOINT] [--grace SECONDS]}: run a supervisor in the
-    foreground until SIGTERM or SIGINT. Each C{--listen} is a plain server
-    endpoint string (the workers echo or forward on it).
+    foreground until SIGTERM or SIGINT, without C{twist} (C{twist curvetun
+    --workers N} is the way to run one).
     """
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
     from twisted.logger import globalLogBeginner, textFileLogObserver
     from twisted.python import usage
 
+    from curvetun.tunnel_service import StartupError
+
     class Options(usage.Options):
-        optParameters = [
+        optParameters: ClassVar[list[list[str | None]]] = [
             ["keydir", None, None, "The key directory (read by the vault process only)."],
             ["workers", None, "2", "How many worker processes."],
             ["forward", None, None, "Forward each connection here (default: echo)."],
@@ -471,28 +528,19 @@ def main(argv: list[str] | None = None) -> int:
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
-        workers = int(options["workers"])
-        listens = [
-            Listen(description, serverFromString(reactor, description), curvetun=False)
-            for description in options["listen"]
-        ]
-        if not options["keydir"] or not listens:
+        if not options["keydir"] or not options["listen"]:
             raise usage.UsageError("--keydir and at least one --listen are required")
-    except (usage.UsageError, ValueError) as error:
+        config = TunnelConfig(
+            keydir=options["keydir"],
+            listen=tuple(options["listen"]),
+            forward=options["forward"],
+            grace=float(options["grace"]),
+        )
+        supervisor = Supervisor(reactor, config, int(options["workers"]))
+    except (usage.UsageError, ValueError, StartupError) as error:
         sys.stderr.write(f"curvetun workers: {error}\n")
-        return EX_USAGE
-    arguments = ["--grace", options["grace"]]
-    if options["forward"]:
-        arguments += ["--forward", options["forward"]]
+        return getattr(error, "status", EX_USAGE)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    supervisor = Supervisor(
-        reactor,
-        options["keydir"],
-        listens,
-        workers,
-        arguments,
-        stop_timeout=float(options["grace"]) + 10,
-    )
     supervisor.privilegedStartService()
     supervisor.startService()
     reactor.addSystemEventTrigger("before", "shutdown", supervisor.stopService)

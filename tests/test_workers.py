@@ -7,6 +7,7 @@ every worker, and a vault that cannot start stops the supervisor.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -63,8 +64,7 @@ def start_supervisor(
     )
     wait_for(
         lambda: (
-            supervisor.stderr().count("Listening on fd 3") >= workers
-            or supervisor.process.poll() is not None
+            supervisor.stderr().count("): echo") >= workers or supervisor.process.poll() is not None
         )
     )
     match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
@@ -116,7 +116,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn("starting it again in 0.5 s", log)
         second = worker_pids(log)["worker 1"][1]
         self.assertNotEqual(second, first)
-        wait_for(lambda: supervisor.stderr().count("Listening on fd 3") >= 3)
+        wait_for(lambda: supervisor.stderr().count("): echo") >= 3)
         # Serving meanwhile, and after: the other worker and the new one.
         self.assertEqual(echo(port), b"ping")
         signal_pid(worker_pids(supervisor.stderr())["worker 2"][0], signal.SIGKILL)
@@ -162,14 +162,16 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(stop(supervisor), 0)
 
     def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
-        missing = self.mktemp()
+        keydir, _, _, _ = make_keydir(self)
+        # Others may write to it: they could put back an old nonce counter.
+        os.chmod(keydir, 0o777)
         supervisor = Child(
             self,
             [
                 "-m",
                 "curvetun.workers",
                 "--keydir",
-                missing,
+                keydir,
                 "--listen",
                 "tcp:0:interface=127.0.0.1",
             ],
@@ -182,8 +184,6 @@ class SupervisorTests(SynchronousTestCase):
 
 
 def signal_pid(pid: int, number: int) -> None:
-    import os
-
     os.kill(pid, number)
 
 
