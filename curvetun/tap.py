@@ -33,6 +33,9 @@ from .keydir import default_keydir
 from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
 from .tunnel_service import make_service
 
+MAX_WORKERS = 64
+"""The most worker processes C{--workers} takes."""
+
 
 class Options(usage.Options):
     """
@@ -77,6 +80,15 @@ class Options(usage.Options):
             ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
+        [
+            "workers",
+            None,
+            "1",
+            (
+                "Worker processes; with more than one, a supervisor runs them and one vault "
+                "process, the only one that reads the key directory (see docs/deploy.md)."
+            ),
+        ],
         [
             "grace",
             "g",
@@ -167,6 +179,9 @@ class Options(usage.Options):
             self["idle-timeout"] = (
                 parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
             )
+            self["workers"] = parse_count("--workers", str(self["workers"]))
+            if not 1 <= self["workers"] <= MAX_WORKERS:
+                raise ValueError(f"--workers must be from 1 to {MAX_WORKERS}")
             limits = {}
             for name in self._LIMITS:
                 option = f"max-{name.replace('_', '-')}"
@@ -191,6 +206,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """
     The L{IServiceMaker} entry point: the service of the tunnels C{options}
-    describe. A configuration error exits with a one-line message.
+    describe (with C{--workers} above 1, a supervisor of worker processes
+    that run it). A configuration error exits with a one-line message.
     """
+    if options["workers"] > 1:
+        from .workers import make_supervisor_service
+
+        return make_supervisor_service(options.tunnels[0], options["workers"])
     return make_service(options.tunnels)

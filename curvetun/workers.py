@@ -41,18 +41,21 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import attrs
-from twisted.application.service import Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort, IProcessTransport, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from curvetun.config import TunnelConfig
+
+if TYPE_CHECKING:
+    from curvetun.tunnel_service import StartupError
 
 log = Logger()
 
@@ -492,6 +495,65 @@ def _address(port: IListeningPort) -> str:
     if hasattr(host, "port"):
         return f"{host.host}:{host.port}"
     return str(getattr(host, "name", host))
+
+
+# -- under twist -------------------------------------------------------------------------
+
+
+class _ExitOnStartupError(MultiService):
+    """
+    The supervisor, with a failure to start turned into a one-line message
+    and an exit status, as C{twist curvetun} does for a single process.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        supervisor.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        from curvetun.tunnel_service import EX_UNAVAILABLE, StartupError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            _exit(StartupError(f"cannot listen: {error}", EX_UNAVAILABLE))
+
+
+def _exit(error: StartupError) -> NoReturn:
+    sys.stderr.write(f"twist curvetun: {error}\n")
+    sys.stderr.flush()
+    raise SystemExit(error.status)
+
+
+def make_supervisor_service(config: TunnelConfig, workers: int, reactor: Any = None) -> IService:
+    """
+    What C{twist curvetun --workers N} runs: a L{Supervisor} of C{workers}
+    processes running the tunnel C{config}. A vault that cannot start
+    ends the process with its status (64 or 78) once everything stopped.
+    """
+    from curvetun.tunnel_service import StartupError
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+
+    def give_up(status: int) -> None:
+        # twist would exit with 0 once the reactor stops: end with the
+        # vault's status instead, after every service has stopped.
+        def exit_now() -> None:
+            sys.stderr.flush()
+            os._exit(status)
+
+        reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+        reactor.stop()
+
+    try:
+        supervisor = Supervisor(reactor, config, workers, on_give_up=give_up)
+    except StartupError as error:
+        _exit(error)
+    return _ExitOnStartupError(supervisor)
 
 
 # -- a command line of its own ---------------------------------------------------------
