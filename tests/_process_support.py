@@ -19,6 +19,7 @@ from curvetun.vault import FileVault
 
 ROOT = Path(__file__).resolve().parent.parent
 HAMMER = Path(__file__).resolve().parent / "_vault_hammer.py"
+HELLO_CLIENT = Path(__file__).resolve().parent / "_hello_client.py"
 
 
 def child_environment() -> dict[str, str]:

@@ -40,7 +40,7 @@ from ._process_support import (
     stop,
     wait_for,
 )
-from .test_vault import counter_of
+from ._support import counter_of
 
 
 async def connect(testcase: TestCase, socket: str, timeout: float = 5.0) -> RemoteVault:

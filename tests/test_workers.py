@@ -7,17 +7,24 @@ every worker, and a vault that cannot start stops the supervisor.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import socket
 import time
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from curvetun.keys import format_public_key
 from curvetun.workers import Backoff
 
-from ._process_support import Child, make_keydir, stop, wait_for
+from ._process_support import HELLO_CLIENT, Child, make_keydir, memory_holds, stop, wait_for
+from ._support import Collector, KeyDirs, counter_of, round_trip
 
 
 class BackoffTests(SynchronousTestCase):
@@ -193,3 +200,130 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+# -- twist curvetun --workers, with curvetun end to end -----------------------------------
+
+
+def start_twist(testcase: SynchronousTestCase, keydir: str, workers: int = 2) -> tuple[Child, int]:
+    """
+    Start C{twist curvetun --workers N} as a curvetun echo server on a free
+    port of 127.0.0.1; wait until every worker listens. Return it and the
+    port.
+    """
+    server = Child(
+        testcase,
+        [
+            "-m",
+            "twisted",
+            "curvetun",
+            "--workers",
+            str(workers),
+            "--keydir",
+            keydir,
+            "--listen",
+            "curvetun:0:interface=127.0.0.1",
+        ],
+        "twist",
+    )
+    wait_for(
+        lambda: server.stderr().count("): echo") >= workers or server.process.poll() is not None
+    )
+    assert server.process.poll() is None, server.stderr()
+    match = re.search(rb'"address": "127\.0\.0\.1:(\d+)"', server.stdout())
+    assert match is not None, server.stdout()
+    return server, int(match.group(1))
+
+
+def started(server: Child) -> dict[str, list[int]]:
+    """
+    The pids of the vault and of each worker, in the order they were
+    started, from the supervisor's log (JSON lines on standard output).
+    """
+    pids: dict[str, list[int]] = {}
+    for line in server.stdout().splitlines():
+        event = json.loads(line)
+        if event.get("log_format") == "{name} started (pid {pid})":
+            pids.setdefault(event["name"], []).append(event["pid"])
+    return pids
+
+
+class TwistWorkersTests(TestCase):
+    """
+    C{twist curvetun --workers 2}: clients complete curvetun handshakes
+    through the workers, whose memory never holds the secret key.
+    """
+
+    async def test_handshakes_through_two_workers_complete_end_to_end(self) -> None:
+        keys = KeyDirs(self)
+        server, port = start_twist(self, keys.server)
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        for number in range(10):
+            client = await endpoint.connect(Factory.forProtocol(Collector))
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"hello %d" % number), b"hello %d" % number)
+            assert client.transport is not None
+            client.transport.loseConnection()
+            await client.lost
+        self.assertEqual(sorted(started(server)), ["vault", "worker 1", "worker 2"])
+        self.assertEqual(stop(server), -signal.SIGTERM)
+
+    async def test_the_secret_key_is_in_the_vault_process_only(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("reading another process's memory needs root")
+        keys = KeyDirs(self)
+        secret = bytes.fromhex(FilePath(keys.server).child("secret.key").getContent().decode())
+        server, port = start_twist(self, keys.server)
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        # Enough connections that both workers serve some, most likely.
+        clients = [await endpoint.connect(Factory.forProtocol(Collector)) for _ in range(8)]
+        for client in clients:
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"x"), b"x")
+        pids = started(server)
+        # The search can fail: it finds the key in the vault process.
+        self.assertTrue(memory_holds(pids["vault"][0], secret))
+        for name in ("worker 1", "worker 2"):
+            self.assertFalse(memory_holds(pids[name][0], secret), name)
+            self.assertFalse(memory_holds(pids[name][0], secret.hex().encode("ascii")), name)
+        self.assertFalse(memory_holds(server.pid, secret))
+        for client in clients:
+            assert client.transport is not None
+            client.transport.loseConnection()
+
+
+class TwistWorkersNonceTests(SynchronousTestCase):
+    """
+    No safe nonce repeats across two workers and a vault killed under them
+    (the crash-safety test, for N workers).
+    """
+
+    def test_no_cookie_nonce_repeats_across_workers_and_vault_kills(self) -> None:
+        keydir, public_key, _, nonce_key = make_keydir(self)
+        server, port = start_twist(self, keydir)
+        clients = [
+            Child(self, [str(HELLO_CLIENT), str(port), public_key.hex(), "1500"], f"hello{n}")
+            for n in range(2)
+        ]
+        for _ in range(2):
+            wanted = sum(len(c.stdout()) for c in clients) + 33 * 300
+            wait_for(lambda wanted=wanted: sum(len(c.stdout()) for c in clients) > wanted, 60)
+            vault = started(server)["vault"][-1]
+            os.kill(vault, signal.SIGKILL)
+            lives = len(started(server)["vault"])
+            wait_for(lambda lives=lives: len(started(server)["vault"]) > lives, 30)
+        for client in clients:
+            self.assertEqual(client.wait(120), 0, client.stderr())
+        nonces = [
+            bytes.fromhex(line.decode("ascii"))
+            for client in clients
+            for line in client.stdout().split(b"\n")
+            if len(line) == 32
+        ]
+        self.assertEqual(len(nonces), 3000)
+        counters = [counter_of(nonce, nonce_key) for nonce in nonces]
+        self.assertEqual(len(set(counters)), len(counters), "a safe nonce counter repeated")
+        # Three vault lives, each starting past everything the last stored.
+        self.assertGreaterEqual(len({c >> 21 for c in counters}), 3)
+        self.assertEqual(len(started(server)["vault"]), 3)
+        self.assertIn(format_public_key(public_key), server.stdout().decode())
