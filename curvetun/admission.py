@@ -499,7 +499,7 @@ class Admission:
             for label, n in counts.most_common()
         )
         # twisted.logger's Logger has warn(), not warning().
-        log.warn(  # noqa: G010
+        log.warn(
             "curvetun refused {count} connection(s) in the last {seconds} s, "
             "the last from {peer}: {limits}",
             count=counts.total(),
@@ -531,7 +531,7 @@ _FAILURE_LABELS: tuple[tuple[type[BaseException], str], ...] = (
     (ConnectionClosed, "closed"),
 )
 
-FAILURE_LABELS = tuple(label for _, label in _FAILURE_LABELS) + ("other",)
+FAILURE_LABELS = (*tuple(label for _, label in _FAILURE_LABELS), "other")
 """
 Every label L{failure_label} gives.
 """

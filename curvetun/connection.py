@@ -1,100 +1,128 @@
 """
-The connection state machines of protocol v1.0, built with Automat.
-
-Two machines share one set of inputs (L{ConnectionInputs}):
+The handshake state machines of protocol v1.0, built with Automat.
 
     server: ready -> accepting -> connected
     client: ready -> initiating -> vouched -> connected
     either: any state -> closed
 
-They do no I/O and no parsing. The transport (L{curvetun.transport}) parses
-each frame into a typed packet and feeds it in as an input; the machines
-answer by calling their L{ConnectionOwner}: send a frame, deliver a message,
-report the handshake complete, disconnect, report the connection lost.
+They do no I/O and no parsing, and they never see a message. The transport
+(L{curvetun.transport}) parses each handshake frame into the one packet type
+the machine said it expects next (L{ConnectionOwner.expect_packet}) and
+feeds it in; the machines answer through their L{ConnectionOwner}: send a
+frame, expect a packet, hand over the established session, disconnect,
+report the connection lost.
 
-Where an input's outcome depends on whether a packet verifies, the state
-loops on the public input, does the (pure) verification from
-L{curvetun.handshake}, and then calls one private input: C{_rejected} on
-failure, or the input that moves to the next state.
+A machine's work ends at L{ConnectionOwner.established}: from there the
+owner's established phase (L{curvetun.established.Established}) holds the
+session and is the only thing that seals and opens messages. The machine
+stays in charge of one fact only it can judge, and of closing:
+
+  - The server is sure of its peer when the vouch verifies: it reports the
+    handshake confirmed at once.
+  - The client is vouched when it has sent its vouch (its application may
+    send from then on, as TCP delivers the vouch first), but it knows that
+    the server accepted the vouch only when a message from the server
+    opens: only that server can seal to our C{EC} with its C{ES}. So the
+    client machine hands its owner, with the session, a callable to report
+    the first message opened (C{message_opened}); the established phase
+    calls it once, before delivering that message, and the machine moves
+    from C{vouched} to C{connected} and reports the handshake confirmed.
+
+Where an input's outcome depends on a verification, the state loops on the
+public input, does the (pure) verification from L{curvetun.handshake}, and
+calls one private input with the answer: C{_rejected} on failure, otherwise
+the input that carries the answer (the cookie, the vouch, the session) and
+moves on. The frames are sent in those private transitions, never in the
+public ones. A vault that answers later (a separate process, a hardware
+token: L{curvetun.interfaces.IVault} is synchronous today) then changes only
+the looping outputs: they start the question and call the private input when
+the answer arrives. Meanwhile the machine stays in its state, and the owner
+has nothing to deliver: each handshake packet is the only one the peer may
+send before our answer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import attrs
 from automat import TypeMachine, TypeMachineBuilder, pep614
-from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from . import handshake
-from .errors import (
-    BadPacket,
-    ConnectionClosed,
-    CounterExhausted,
-    CurveTunError,
-    HandshakeTimeout,
-    NotAuthorized,
-    ServerKeyMismatch,
-)
+from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, ServerKeyMismatch
 from .handshake import CookieSealer, EphemeralKeyPair
 from .interfaces import IRegistry, IVault
 from .keys import fingerprint, keys_equal
-from .packets import Cookie, Hello, Message, Vouch
+from .packets import Cookie, Hello, Vouch
 from .session import Session
+
+HandshakePacket = TypeVar("HandshakePacket", Hello, Cookie, Vouch)
 
 
 class ConnectionInputs(Protocol):
     """
-    Everything that can happen to a connection.
+    What can happen to a connection of either role.
     """
 
     def connection_made(self) -> None:
-        "The TCP connection is up."
+        "The TCP connection is up (and admitted)."
 
-    def hello_received(self, hello: Hello) -> None:
-        "A well-formed hello packet arrived."
+    def bad_packet(self, reason: BadPacket) -> None:
+        """
+        A frame arrived that the connection does not accept now: the wrong
+        length or type for the packet expected next, one that does not
+        parse, or a message that does not open.
+        """
 
-    def cookie_received(self, cookie: Cookie) -> None:
-        "A well-formed cookie packet arrived."
-
-    def vouch_received(self, vouch: Vouch) -> None:
-        "A well-formed vouch (initiate) packet arrived."
-
-    def message_received(self, message: Message) -> None:
-        "A well-formed message packet arrived."
-
-    def bad_packet(self, error: BadPacket) -> None:
-        "A frame arrived that is not a well-formed packet."
-
-    def send(self, message: bytes) -> None:
-        "The application sends one message (at most 65503 bytes)."
-
-    def close(self) -> None:
-        "The application closes the connection."
-
-    def timed_out(self) -> None:
-        "The handshake took too long."
+    def close(self, reason: Exception) -> None:
+        """
+        We close the connection for C{reason}: the application, a timeout,
+        the server's admission, a session that cannot go on.
+        """
 
     def connection_lost(self, reason: Failure) -> None:
         "The TCP connection is gone."
 
-    # Private inputs: the outcomes of verification done inside a transition.
+    def _rejected(self, reason: CurveTunError) -> None:
+        "A verification inside a transition failed: close."
 
-    def _rejected(self, error: CurveTunError) -> None:
-        "Something did not verify, or came at the wrong time: close."
 
-    def _hello_accepted(self, client_ephemeral_key: bytes) -> None:
-        "Server: the hello verified and the cookie was sent."
+class ServerInputs(ConnectionInputs, Protocol):
+    """
+    What can happen to a server connection.
+    """
 
-    def _hello_sent(self, ephemeral: EphemeralKeyPair, shared_key: bytes) -> None:
-        "Client: the hello was sent."
+    def hello_received(self, hello: Hello) -> None:
+        "The hello arrived (state ready)."
 
-    def _established(self, session: Session, peer_public_key: bytes) -> None:
-        "Server: the vouch verified. Client: the vouch was sent."
+    def vouch_received(self, vouch: Vouch) -> None:
+        "The vouch arrived (state accepting)."
 
-    def _confirmed(self, session: Session, peer_public_key: bytes) -> None:
-        "Client: the server's first message verified."
+    def _hello_answered(self, client_ephemeral_key: bytes, cookie: bytes) -> None:
+        "The hello verified, and C{cookie} is the answer to send."
+
+    def _vouch_verified(self, session: Session, client_key: bytes) -> None:
+        "The vouch verified: the client holds the long-term key C{client_key}."
+
+
+class ClientInputs(ConnectionInputs, Protocol):
+    """
+    What can happen to a client connection.
+    """
+
+    def cookie_received(self, cookie: Cookie) -> None:
+        "The cookie arrived (state initiating)."
+
+    def message_opened(self) -> None:
+        "The server's first message opened (state vouched)."
+
+    def _hello_made(self, hello: bytes, ephemeral: EphemeralKeyPair, shared_key: bytes) -> None:
+        "The hello to send, and what it was made with."
+
+    def _vouch_made(self, vouch: bytes, session: Session) -> None:
+        "The cookie opened; C{vouch} is the answer, C{session} the session."
 
 
 class ConnectionOwner(Protocol):
@@ -102,31 +130,43 @@ class ConnectionOwner(Protocol):
     What a connection machine asks of the transport that runs it.
     """
 
+    @property
+    def peer_host(self) -> str:
+        "The peer's IP address (empty if it has none), for the registry."
+
     def send_frame(self, payload: bytes) -> None:
         "Frame C{payload} and write it to TCP."
 
-    def deliver(self, message: bytes) -> None:
-        "Hand one verified message to the application."
-
-    def handshake_complete(self, peer_public_key: bytes) -> None:
-        "The peer is authenticated; the application may start."
-
-    def sending_with(self, session: Session) -> None:
+    def expect_packet(
+        self, packet_type: type[HandshakePacket], receiver: Callable[[HandshakePacket], None]
+    ) -> None:
         """
-        From now on the application's messages may be sealed with
-        C{session} directly, without an input per message (the per-message
-        fast path; L{disconnect} and L{lost} end it).
+        From the next frame on, only a C{packet_type} packet is valid: give
+        it to C{receiver}, and anything else to C{bad_packet}.
         """
 
-    def receiving_with(self, session: Session) -> None:
+    def hello_accepted(self) -> None:
+        "Server: the peer sent a valid hello (it is not a silent socket)."
+
+    def established(
+        self,
+        session: Session,
+        peer_public_key: bytes,
+        message_opened: Callable[[], None] | None,
+    ) -> None:
         """
-        From now on message packets may be opened with C{session} directly,
-        without an input per message; a packet that does not open must
-        still be reported as C{bad_packet}.
+        The handshake is done as far as this side can take it: run the
+        established phase with C{session}, and start the application.
+
+        @param message_opened: to call once, when the peer's first message
+            opens (before it is delivered), or L{None}.
         """
 
-    def disconnect(self, reason: BaseException) -> None:
-        "Close TCP (after writes already made); C{reason} is why."
+    def handshake_confirmed(self) -> None:
+        "The peer is proven to hold the session: tell the application."
+
+    def disconnect(self) -> None:
+        "Close TCP after the writes already made; read nothing more."
 
     def lost(self, reason: Failure) -> None:
         "TCP is closed; C{reason} says why, as the user should hear it."
@@ -136,14 +176,13 @@ class ConnectionOwner(Protocol):
 class ServerCore:
     """
     What a server connection needs: its long-term vault, the cookie keys,
-    the registry, and who is on the other end.
+    the registry, and its owner (who knows the peer's address).
     """
 
     owner: ConnectionOwner
     vault: IVault
     cookie_keys: CookieSealer
     registry: IRegistry
-    peer_host: str
     remember_vouch: Callable[[bytes], bool]
     """
     Called with the client ephemeral key of each vouch that verified;
@@ -190,170 +229,87 @@ class Accepting:
     client_ephemeral_key: bytes
 
 
-def _session_data(
-    inputs: ConnectionInputs, core: object, session: Session, peer_public_key: bytes
-) -> Session:
+def _accepting(
+    inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
+) -> Accepting:
     """
-    The data of the established states: the session, and nothing else (the
-    handshake's ephemeral secrets are gone by now).
+    The data of the server's accepting state, from the hello's answer.
     """
-    return session
+    return Accepting(client_ephemeral_key)
 
 
-# Transition outputs shared by both machines. They take *args because Automat
-# passes the state's data (before the input's arguments) from data-bearing
-# states, whatever nodata says when the new state is a plain one.
-
-
-def _send(
-    inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: bytes
-) -> None:
+def _initiating(
+    inputs: ClientInputs,
+    core: ClientCore,
+    hello: bytes,
+    ephemeral: EphemeralKeyPair,
+    shared_key: bytes,
+) -> Initiating:
     """
-    Seal one application message and write it; close when the session's
-    counter is exhausted (spec: never send N = 2**64 - 1).
+    The data of the client's initiating state, from the hello it sends.
     """
-    try:
-        payload = session.seal(message)
-    except CounterExhausted as error:
-        inputs._rejected(error)
-    else:
-        core.owner.send_frame(payload)
+    return Initiating(ephemeral, shared_key)
 
 
-def _deliver(
-    inputs: ConnectionInputs, core: ServerCore | ClientCore, session: Session, message: Message
-) -> None:
+def _closed_for(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: BaseException | Failure
+) -> Failure:
     """
-    A message through the machine (for an owner that does not take the
-    per-message fast path): verify, then deliver.
+    The data of the closed state: why it closed, as the user should hear it
+    when TCP reports the close (what we closed for says more than TCP's
+    "connection done").
     """
-    try:
-        plaintext = session.open(message)
-    except BadPacket as error:
-        inputs._rejected(error)
-    else:
-        core.owner.deliver(plaintext)
+    return reason if isinstance(reason, Failure) else Failure(reason)
 
 
-def _not_yet(inputs: ConnectionInputs, core: object, *args: object) -> None:
-    # The transport hands the application a transport only once the
-    # handshake is done, so this is a programming error, not a peer's.
-    raise ConnectionClosed("cannot send before the handshake is complete")
+# Outputs shared by both machines.
 
 
-def _disconnect(inputs: ConnectionInputs, core: ServerCore | ClientCore, *args: object) -> None:
+def _disconnect(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: Exception) -> None:
     """
-    C{_rejected(error)} or C{bad_packet(error)}: close TCP because of
-    C{error}; nothing more is delivered.
+    Close TCP; nothing more is read or delivered. (C{reason} is the closed
+    state's data.)
     """
-    error = args[-1]
-    assert isinstance(error, BaseException)
-    core.owner.disconnect(error)
+    core.owner.disconnect()
 
 
-def _close_locally(inputs: ConnectionInputs, core: ServerCore | ClientCore, *args: object) -> None:
-    core.owner.disconnect(ConnectionDone("connection closed locally"))
-
-
-def _time_out(inputs: ConnectionInputs, core: ServerCore | ClientCore, *args: object) -> None:
-    core.owner.disconnect(HandshakeTimeout("the handshake did not complete in time"))
-
-
-def _report_lost(inputs: ConnectionInputs, core: ServerCore | ClientCore, *args: object) -> None:
-    reason = args[-1]
-    assert isinstance(reason, Failure)
+def _report_lost(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: Failure) -> None:
+    """
+    TCP closed before we did: tell the owner TCP's reason.
+    """
     core.owner.lost(reason)
 
 
-def _ignore(inputs: ConnectionInputs, core: object, *args: object) -> None:
-    pass
-
-
-def _unexpected(what: str) -> Callable[..., None]:
-    """
-    The output for a well-formed packet that the current state does not
-    expect: close (spec, "Connection states").
-    """
-
-    def reject(inputs: ConnectionInputs, core: ServerCore | ClientCore, *args: object) -> None:
-        core.owner.disconnect(BadPacket(f"unexpected {what} packet"))
-
-    return reject
-
-
-_PACKET_INPUTS: dict[str, Callable[..., None]] = {
-    "hello": ConnectionInputs.hello_received,
-    "cookie": ConnectionInputs.cookie_received,
-    "vouch": ConnectionInputs.vouch_received,
-    "message": ConnectionInputs.message_received,
-}
-
-
-def _upon(state: Any, input: Callable[..., None]) -> Any:
-    """
-    C{state.upon(input)}, with outputs that do not take the state's data.
-    """
-    # Data-bearing states (built with a factory) need nodata=True for an
-    # output that ignores the data; plain states take no such argument.
-    if hasattr(state, "factory"):
-        return state.upon(input, nodata=True)
-    return state.upon(input)
-
-
-def _wire_common(
-    handshaking: list[Any],
-    established: list[Any],
-    closed: Any,
-    expected: dict[str, list[Any]],
+def _report_closed(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, closed_for: Failure, reason: Failure
 ) -> None:
     """
-    The transitions every machine shares: closing on bad packets, rejected
-    input, local close, timeout and TCP loss; unexpected packet types;
-    sending once established; and a closed state that ignores everything.
+    TCP closed after we closed: tell the owner why we did.
     """
-    for state in handshaking + established:
-        _upon(state, ConnectionInputs.bad_packet).to(closed)(_disconnect)
-        _upon(state, ConnectionInputs._rejected).to(closed)(_disconnect)
-        _upon(state, ConnectionInputs.close).to(closed)(_close_locally)
-        for what, input in _PACKET_INPUTS.items():
-            if state not in expected[what]:
-                _upon(state, input).to(closed)(_unexpected(what))
-    for state in handshaking:
-        _upon(state, ConnectionInputs.send).loop()(_not_yet)
-        _upon(state, ConnectionInputs.timed_out).to(closed)(_time_out)
-    for state in established:
-        state.upon(ConnectionInputs.send).loop()(_send)
-        _upon(state, ConnectionInputs.timed_out).loop()(_ignore)
-    ignored_when_closed: list[Callable[..., None]] = [
-        ConnectionInputs.connection_made,
-        ConnectionInputs.bad_packet,
-        ConnectionInputs.send,
-        ConnectionInputs.close,
-        ConnectionInputs.timed_out,
-        ConnectionInputs._rejected,
-        *_PACKET_INPUTS.values(),
-    ]
-    for input in ignored_when_closed:
-        closed.upon(input).loop()(_ignore)
-    # Whatever closed us, the owner has the reason on record; TCP's own
-    # reason is the fallback.
-    closed.upon(ConnectionInputs.connection_lost).loop()(_report_lost)
+    core.owner.lost(closed_for)
 
 
-def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
-    builder = TypeMachineBuilder(ConnectionInputs, ServerCore)
+def _already_closed(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: Exception
+) -> None:
+    """
+    Closing a closed connection does nothing.
+    """
+
+
+def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
+    builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
-    accepting = builder.state(
-        "accepting",
-        lambda inputs, core, client_ephemeral_key: Accepting(client_ephemeral_key),
-    )
-    connected = builder.state("connected", _session_data)
-    closed = builder.state("closed")
+    accepting = builder.state("accepting", _accepting)
+    connected = builder.state("connected")
+    closed = builder.state("closed", _closed_for)
 
-    ready.upon(ConnectionInputs.connection_made).loop()(_ignore)
+    @pep614(ready.upon(ServerInputs.connection_made).loop())
+    def await_hello(inputs: ServerInputs, core: ServerCore) -> None:
+        core.owner.expect_packet(Hello, inputs.hello_received)
 
-    @pep614(ready.upon(ConnectionInputs.hello_received).loop())
-    def answer_hello(inputs: ConnectionInputs, core: ServerCore, hello: Hello) -> None:
+    @pep614(ready.upon(ServerInputs.hello_received).loop())
+    def answer_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
         try:
             handshake.server_open_hello(hello, core.vault)
             cookie = handshake.server_cookie(
@@ -362,15 +318,18 @@ def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
         except CurveTunError as error:  # KeyFileError: the counter could not be stored
             inputs._rejected(error)
         else:
-            core.owner.send_frame(cookie)
-            inputs._hello_accepted(hello.client_ephemeral_key)
+            inputs._hello_answered(hello.client_ephemeral_key, cookie)
 
-    ready.upon(ConnectionInputs._hello_accepted).to(accepting).returns(None)
-
-    @pep614(accepting.upon(ConnectionInputs.vouch_received).loop())
-    def check_vouch(
-        inputs: ConnectionInputs, core: ServerCore, state: Accepting, vouch: Vouch
+    @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
+    def send_cookie(
+        inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
     ) -> None:
+        core.owner.hello_accepted()
+        core.owner.send_frame(cookie)
+        core.owner.expect_packet(Vouch, inputs.vouch_received)
+
+    @pep614(accepting.upon(ServerInputs.vouch_received).loop())
+    def check_vouch(inputs: ServerInputs, core: ServerCore, state: Accepting, vouch: Vouch) -> None:
         try:
             opened = handshake.server_open_vouch(vouch, core.cookie_keys)
             # The wire format does not bind the cookie to this connection's
@@ -378,78 +337,81 @@ def _build_server_machine() -> TypeMachine[ConnectionInputs, ServerCore]:
             if not keys_equal(opened.client_ephemeral_key, state.client_ephemeral_key):
                 raise BadPacket("the vouch's cookie was issued for another hello")
             # The registry check is cheap: do it before the long-term X25519.
-            if not core.registry.is_client_allowed(opened.client_key, core.peer_host):
+            peer_host = core.owner.peer_host
+            if not core.registry.is_client_allowed(opened.client_key, peer_host):
                 raise NotAuthorized(
                     f"client key {fingerprint(opened.client_key)} is not allowed "
-                    f"from {core.peer_host} by the registry"
+                    f"from {peer_host} by the registry"
                 )
             handshake.server_verify_vouch(opened, core.vault)
             if not core.remember_vouch(opened.client_ephemeral_key):
-                raise BadPacket("replayed vouch: this session was accepted before")
+                raise ReplayedVouch("replayed vouch: this session was accepted before")
         except CurveTunError as error:
             inputs._rejected(error)
         else:
-            inputs._established(opened.session, opened.client_key)
+            inputs._vouch_verified(opened.session, opened.client_key)
 
-    @pep614(accepting.upon(ConnectionInputs._established).to(connected))
+    @pep614(accepting.upon(ServerInputs._vouch_verified).to(connected))
     def accepted(
-        inputs: ConnectionInputs,
+        inputs: ServerInputs,
         core: ServerCore,
         state: Accepting,
         session: Session,
-        peer_public_key: bytes,
+        client_key: bytes,
     ) -> None:
-        # The per-message path runs in the owner from here: a message in
-        # the connected state only ever loops (or fails, and is reported).
-        core.owner.sending_with(session)
-        core.owner.receiving_with(session)
-        core.owner.handshake_complete(peer_public_key)
+        # Only the holder of client_key could have made this vouch: the
+        # peer is confirmed as soon as the session starts.
+        core.owner.established(session, client_key, None)
+        core.owner.handshake_confirmed()
 
-    connected.upon(ConnectionInputs.message_received).loop()(_deliver)
-
-    for state in (ready, accepting, connected):
-        _upon(state, ConnectionInputs.connection_lost).to(closed)(_report_lost)
-    _wire_common(
-        handshaking=[ready, accepting],
-        established=[connected],
-        closed=closed,
-        expected={
-            "hello": [ready],
-            "cookie": [],
-            "vouch": [accepting],
-            "message": [connected],
-        },
-    )
+    # Closing, from every state: the plain states' outputs take the input's
+    # arguments only; accepting's do not want its data either.
+    for plain in (ready, connected):
+        plain.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
+        plain.upon(ServerInputs.close).to(closed)(_disconnect)
+        plain.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
+    ready.upon(ServerInputs._rejected).to(closed)(_disconnect)
+    accepting.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+    accepting.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
+    accepting.upon(ServerInputs._rejected, nodata=True).to(closed)(_disconnect)
+    accepting.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
+    closed.upon(ServerInputs.close, nodata=True).loop()(_already_closed)
+    closed.upon(ServerInputs.connection_lost).loop()(_report_closed)
     return builder.build()
 
 
-def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
-    builder = TypeMachineBuilder(ConnectionInputs, ClientCore)
+def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
+    builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
-    initiating = builder.state(
-        "initiating",
-        lambda inputs, core, ephemeral, shared_key: Initiating(ephemeral, shared_key),
-    )
-    vouched = builder.state("vouched", _session_data)
-    connected = builder.state("connected", _session_data)
-    closed = builder.state("closed")
+    initiating = builder.state("initiating", _initiating)
+    vouched = builder.state("vouched")
+    connected = builder.state("connected")
+    closed = builder.state("closed", _closed_for)
 
-    @pep614(ready.upon(ConnectionInputs.connection_made).loop())
-    def send_hello(inputs: ConnectionInputs, core: ClientCore) -> None:
+    @pep614(ready.upon(ClientInputs.connection_made).loop())
+    def make_hello(inputs: ClientInputs, core: ClientCore) -> None:
         ephemeral = core.make_ephemeral()
         try:
             hello, shared_key = handshake.client_hello(core.server_key, ephemeral)
         except BadPacket as error:
             inputs._rejected(error)
         else:
-            core.owner.send_frame(hello)
-            inputs._hello_sent(ephemeral, shared_key)
+            inputs._hello_made(hello, ephemeral, shared_key)
 
-    ready.upon(ConnectionInputs._hello_sent).to(initiating).returns(None)
+    @pep614(ready.upon(ClientInputs._hello_made).to(initiating))
+    def send_hello(
+        inputs: ClientInputs,
+        core: ClientCore,
+        hello: bytes,
+        ephemeral: EphemeralKeyPair,
+        shared_key: bytes,
+    ) -> None:
+        core.owner.send_frame(hello)
+        core.owner.expect_packet(Cookie, inputs.cookie_received)
 
-    @pep614(initiating.upon(ConnectionInputs.cookie_received).loop())
-    def send_vouch(
-        inputs: ConnectionInputs, core: ClientCore, state: Initiating, cookie: Cookie
+    @pep614(initiating.upon(ClientInputs.cookie_received).loop())
+    def make_vouch(
+        inputs: ClientInputs, core: ClientCore, state: Initiating, cookie: Cookie
     ) -> None:
         try:
             server_ephemeral_key, cookie_K = handshake.client_open_cookie(cookie, state.shared_key)
@@ -468,56 +430,23 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
         except BadPacket as error:
             inputs._rejected(error)
         else:
-            core.owner.send_frame(vouch)
-            inputs._established(session, core.server_key)
+            inputs._vouch_made(vouch, session)
 
-    @pep614(initiating.upon(ConnectionInputs._established).to(vouched))
-    def vouch_sent(
-        inputs: ConnectionInputs,
-        core: ClientCore,
-        state: Initiating,
-        session: Session,
-        peer_public_key: bytes,
+    @pep614(initiating.upon(ClientInputs._vouch_made).to(vouched))
+    def send_vouch(
+        inputs: ClientInputs, core: ClientCore, state: Initiating, vouch: bytes, session: Session
     ) -> None:
         # The application may send from here: TCP delivers the vouch first,
         # and the server checks it before it reads any message.
-        core.owner.sending_with(session)
-        core.owner.handshake_complete(peer_public_key)
+        core.owner.send_frame(vouch)
+        core.owner.established(session, core.server_key, inputs.message_opened)
 
-    @pep614(vouched.upon(ConnectionInputs.message_received).loop())
-    def first_message(
-        inputs: ConnectionInputs, core: ClientCore, session: Session, message: Message
-    ) -> None:
-        try:
-            plaintext = session.open(message)
-        except BadPacket as error:
-            inputs._rejected(error)
-        else:
-            # Only a server that accepted our vouch can box to our EC with
-            # its ES: we are connected. (Reentrant inputs from the
-            # application's dataReceived run after this transition.)
-            inputs._confirmed(session, core.server_key)
-            core.owner.deliver(plaintext)
+    @pep614(vouched.upon(ClientInputs.message_opened).to(connected))
+    def confirmed(inputs: ClientInputs, core: ClientCore) -> None:
+        core.owner.handshake_confirmed()
 
-    @pep614(vouched.upon(ConnectionInputs._confirmed).to(connected))
-    def confirmed(
-        inputs: ConnectionInputs,
-        core: ClientCore,
-        vouched_session: Session,
-        session: Session,
-        peer_public_key: bytes,
-    ) -> None:
-        core.owner.receiving_with(session)
-
-    connected.upon(ConnectionInputs.message_received).loop()(_deliver)
-
-    for state in (ready, connected):
-        _upon(state, ConnectionInputs.connection_lost).to(closed)(_report_lost)
-
-    @pep614(initiating.upon(ConnectionInputs.connection_lost).to(closed))
-    def closed_after_hello(
-        inputs: ConnectionInputs, core: ClientCore, state: Initiating, reason: Failure
-    ) -> None:
+    @pep614(initiating.upon(ClientInputs.connection_lost, nodata=True).to(closed))
+    def closed_after_hello(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
         core.owner.lost(
             Failure(
                 ServerKeyMismatch(
@@ -528,10 +457,8 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
             )
         )
 
-    @pep614(vouched.upon(ConnectionInputs.connection_lost).to(closed))
-    def closed_after_vouch(
-        inputs: ConnectionInputs, core: ClientCore, session: Session, reason: Failure
-    ) -> None:
+    @pep614(vouched.upon(ClientInputs.connection_lost).to(closed))
+    def closed_after_vouch(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
         core.owner.lost(
             Failure(
                 NotAuthorized(
@@ -542,17 +469,20 @@ def _build_client_machine() -> TypeMachine[ConnectionInputs, ClientCore]:
             )
         )
 
-    _wire_common(
-        handshaking=[ready, initiating],
-        established=[vouched, connected],
-        closed=closed,
-        expected={
-            "hello": [],
-            "cookie": [initiating],
-            "vouch": [],
-            "message": [vouched, connected],
-        },
-    )
+    # Closing, from every state (nothing can arrive before the hello is
+    # sent, so ready has no bad_packet; connected cannot fail a check).
+    ready.upon(ClientInputs.close).to(closed)(_disconnect)
+    ready.upon(ClientInputs._rejected).to(closed)(_disconnect)
+    ready.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
+    initiating.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+    initiating.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
+    initiating.upon(ClientInputs._rejected, nodata=True).to(closed)(_disconnect)
+    for plain in (vouched, connected):
+        plain.upon(ClientInputs.bad_packet).to(closed)(_disconnect)
+        plain.upon(ClientInputs.close).to(closed)(_disconnect)
+    connected.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
+    closed.upon(ClientInputs.close, nodata=True).loop()(_already_closed)
+    closed.upon(ClientInputs.connection_lost).loop()(_report_closed)
     return builder.build()
 
 

@@ -154,7 +154,7 @@ class DNSServerKeys:
                 continue  # a CNAME on the way
             key = parse_record(answer.payload.data)
             if key is None:
-                log.warn(  # noqa: G010 (twisted.logger has no warning)
+                log.warn(
                     "curvetun: ignoring a malformed TXT record at {name}: {text}",
                     name=name,
                     text=repr(b"".join(answer.payload.data)[:100]),

@@ -586,10 +586,11 @@ def _collect(
     if len(args) > len(positional_names):
         raise _option_error(
             kind,
-            f"too many positional arguments (expected {':'.join(n.upper() for n in positional_names)})",
+            "too many positional arguments"
+            f" (expected {':'.join(n.upper() for n in positional_names)})",
         )
     options = dict(kwargs)
-    for name, value in zip(positional_names, args):
+    for name, value in zip(positional_names, args, strict=False):
         if name in options:
             raise _option_error(kind, f"{name} given twice")
         options[name] = value

@@ -106,3 +106,10 @@ class CounterExhausted(CurveTunError):
     A session's message counter reached the protocol's limit; the connection
     must be closed (protocol v1.0 has no re-keying).
     """
+
+
+class AdmissionRefused(HandshakeFailed):
+    """
+    The server closed a new connection as soon as it was accepted: the
+    peer's address, its network or the server was at a connection limit.
+    """

@@ -18,8 +18,9 @@ point), comes out as L{BadPacket}.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import attrs
 from nacl.bindings import (

@@ -89,6 +89,17 @@ class ICurveTunTransport(ITransport):
     peer_public_key: bytes = Attribute(
         "The peer's 32-byte long-term public key, authenticated by the handshake."
     )
+    bytes_received: int = Attribute("Application bytes received so far (read-only).")
+    bytes_sent: int = Attribute("Application bytes sent so far (read-only).")
+    established_at: float | None = Attribute(
+        "When the handshake was done, in the seconds of the connection's clock (read-only)."
+    )
+    last_received_at: float | None = Attribute(
+        "When the last message from the peer opened, or None before the first (read-only)."
+    )
+    last_sent_at: float | None = Attribute(
+        "When the last message to the peer was sent, or None before the first (read-only)."
+    )
 
     def write_message(data: bytes) -> None:
         """

@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .addresses import format_address
 from .errors import CurveTunError
-from .transport import format_address
 
 log = Logger()
 
@@ -189,6 +189,7 @@ class TunnelListener(StreamServerEndpointService):
         self._starting = False
         self._failed: Failure | None = None
         self._waiting_until_not_listening: list[Deferred[None]] = []
+        self._waiting_until_listening: list[Deferred[IListeningPort]] = []
 
     def privilegedStartService(self) -> None:
         """
@@ -211,6 +212,9 @@ class TunnelListener(StreamServerEndpointService):
         The endpoint listens on C{port}: log where.
         """
         self.port = port
+        waiting, self._waiting_until_listening = self._waiting_until_listening, []
+        for d in waiting:
+            d.callback(port)
         log.info(
             "Listening on {endpoint} ({address}): {what}",
             endpoint=self.description,
@@ -271,6 +275,17 @@ class TunnelListener(StreamServerEndpointService):
         for d in waiting:
             d.callback(None)
         await drained
+
+    def when_listening(self) -> Deferred[IListeningPort]:
+        """
+        A Deferred that fires with the port once the endpoint listens (at
+        once if it does). It does not fire if listening fails.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred[IListeningPort] = Deferred()
+        self._waiting_until_listening.append(d)
+        return d
 
     def when_not_listening(self) -> Deferred[None]:
         """

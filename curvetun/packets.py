@@ -10,7 +10,8 @@ stays distinguishable.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import attrs
 

@@ -566,7 +566,7 @@ class FileRegistry(Service):
                 callback(change)
             # One subscriber's bug must not keep the others from hearing of
             # the change (revocation among them).
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self.log.failure("A registry change callback failed")
 
     def reload(self) -> Deferred[RegistryChange]:

@@ -1,7 +1,7 @@
 """
 L{CurveTunService}: one long-term identity (vault), its cookie keys, its
-registry and its replay memory, as one Twisted service, and the factories
-that run curvetun connections with them.
+registry and its replay memory, as one Twisted service, which makes the
+factories (L{curvetun.factories}) that run curvetun connections with them.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 
+from .admission import ConnectionLimits
 from .cookies import CookieKeys
-from .interfaces import IRegistry, IVault
-from .replay import ReplayGuard
-from .transport import (
+from .factories import (
     DEFAULT_HANDSHAKE_TIMEOUT,
-    ConnectionLimits,
+    DEFAULT_HELLO_TIMEOUT,
     CurveTunClientFactory,
     CurveTunServerFactory,
 )
+from .interfaces import IRegistry, IVault
+from .replay import ReplayGuard
 
 if TYPE_CHECKING:
     from twisted.python.filepath import FilePath
@@ -46,8 +47,9 @@ class CurveTunService(MultiService):
         vouches.
 
     C{handshake_timeout} and C{idle_timeout} (seconds, or L{None} for none)
-    and C{limits} (L{ConnectionLimits}, for servers) apply to every
-    connection its factories make.
+    apply to every connection its factories make; C{hello_timeout} (the
+    first packet's deadline) and C{limits} (L{ConnectionLimits}) to those of
+    its server factories.
 
     Start it (or add it to an application) before its factories accept
     connections: the cookie keys rotate only while it runs.
@@ -62,6 +64,7 @@ class CurveTunService(MultiService):
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
+        hello_timeout: float | None = DEFAULT_HELLO_TIMEOUT,
     ) -> None:
         super().__init__()
         if clock is None:
@@ -75,6 +78,7 @@ class CurveTunService(MultiService):
         self.cookie_keys = cookie_keys if cookie_keys is not None else CookieKeys(clock=clock)
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
+        self.hello_timeout = hello_timeout
         self.limits = limits
         # Kept for as long as the cookie keys could open a replayed vouch's
         # cookie, counted in key generations rather than by any clock.
@@ -93,6 +97,7 @@ class CurveTunService(MultiService):
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
+        hello_timeout: float | None = DEFAULT_HELLO_TIMEOUT,
     ) -> CurveTunService:
         """
         Load (or, with C{create}, create if missing) the key directory
@@ -123,6 +128,7 @@ class CurveTunService(MultiService):
             handshake_timeout=handshake_timeout,
             idle_timeout=idle_timeout,
             limits=limits,
+            hello_timeout=hello_timeout,
         )
 
     def server_factory(self, application_factory: IProtocolFactory) -> CurveTunServerFactory:
@@ -141,13 +147,14 @@ class CurveTunService(MultiService):
             self.handshake_timeout,
             self.idle_timeout,
             self.limits,
+            hello_timeout=self.hello_timeout,
         )
 
     def client_factory(
         self,
         application_factory: IProtocolFactory,
         server_key: bytes,
-        handshake_timeout: float | None | _Default = _DEFAULT,
+        handshake_timeout: float | _Default | None = _DEFAULT,
     ) -> CurveTunClientFactory:
         """
         A factory for outgoing connections to the server whose long-term

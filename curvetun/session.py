@@ -31,7 +31,7 @@ class Session:
         (1 before the first).
     """
 
-    __slots__ = ("_key", "_send_prefix", "_receive_prefix", "next_send", "last_received")
+    __slots__ = ("_key", "_receive_prefix", "_send_prefix", "last_received", "next_send")
 
     COUNTER_LIMIT = 2**64 - 1
     """No message is sent or accepted with this counter or above (spec 4)."""

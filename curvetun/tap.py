@@ -4,7 +4,8 @@ may be a curvetun endpoint, or echo them.
 
     twist curvetun [--listen ENDPOINT]... [--forward ENDPOINT]
                    [--keydir DIR] [--registry FILE] [--grace SECONDS]
-                   [--handshake-timeout SECONDS] ...
+                   [--handshake-timeout SECONDS] [--send-proxy v1|v2] ...
+    twist curvetun --config FILE
 
 The server end of a tunnel to a local service::
 
@@ -16,60 +17,74 @@ and its client end::
 
 Without C{--forward} each connection is echoed, so that C{twist curvetun}
 alone is a curvetun server to try. The options describe one tunnel, a
-L{TunnelConfig}; L{curvetun.tunnel_service} runs it (and says how it stops
-and with which exit status it fails to start).
+L{TunnelConfig}; C{--config} names a file describing several
+(L{curvetun.config.read_config_file}). L{curvetun.tunnel_service} runs
+them (and says how they stop and with which exit status they fail to
+start).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import DEFAULT_GRACE, DEFAULT_LISTEN, TunnelConfig, parse_count, parse_seconds
-from .keydir import default_keydir
-from .transport import DEFAULT_HANDSHAKE_TIMEOUT, ConnectionLimits
-from .tunnel_service import make_service
+from .admission import ConnectionLimits
+from .config import (
+    DEFAULT_GRACE,
+    LIMITS,
+    NETWORK_PREFIXES,
+    TUNNEL_KEYS,
+    SettingError,
+    TunnelConfig,
+    parse_count,
+    tunnel_config,
+)
+from .factories import DEFAULT_HANDSHAKE_TIMEOUT
+from .tunnel_service import make_service, make_service_from_file
+
 
 MAX_WORKERS = 64
 """The most worker processes C{--workers} takes."""
 
 
+def _default(text: object) -> str:
+    return f" [default: {text}]"
+
+
 class Options(usage.Options):
     """
     The options of C{twist curvetun}. After parsing, C{tunnels} is the list
-    of the tunnels they describe (one); the values are also kept by name:
+    of the tunnels they describe (one), or empty with C{--config}, whose
+    path is then C{self["config"]}; the values are also kept by name:
     C{"listen"} a non-empty list of endpoint strings, C{"forward"} an
     endpoint string or L{None}, C{"keydir"} a path, C{"registry"} a path or
     L{None} (the key directory's), C{"grace"}, C{"handshake-timeout"} and
-    C{"idle-timeout"} floats (the last L{None} for none), and C{"limits"} a
-    L{ConnectionLimits}.
+    C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
+    L{ConnectionLimits}, and C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}.
     """
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ..."
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
+        "\n       twist [options] curvetun --config FILE"
     )
     longdesc = (
         "Forward each connection accepted on a --listen endpoint to a connection "
         "opened through the --forward endpoint, both ways, once the incoming side "
         "is authenticated; either may be a curvetun: endpoint. Without --forward, "
         "echo what is received. The key directory is created, with a fresh key, "
-        "if it does not exist."
+        "if it does not exist. --config FILE runs the tunnels a TOML file describes "
+        "instead (see docs/usage.md)."
     )
 
-    # The limits that have an option, and what each counts.
-    _LIMITS: ClassVar[dict[str, str]] = {
-        "connections": "connections",
-        "connections_per_address": "connections from one IP address",
-        "handshakes": "unfinished handshakes",
-        "handshakes_per_address": "unfinished handshakes from one IP address",
-    }
-
+    # Every tunnel option defaults to None here, so that postOptions can
+    # tell what was given (to refuse it with --config); the defaults are
+    # filled in by tunnel_config, and shown in the help text.
     optParameters: ClassVar[list[list[str | None]]] = [
+        ["config", "c", None, "TOML file describing the tunnels to run (no other option then)."],
         [
             "keydir",
             "k",
@@ -81,44 +96,69 @@ class Options(usage.Options):
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
         [
-            "workers",
-            None,
-            "1",
-            (
-                "Worker processes; with more than one, a supervisor runs them and one vault "
-                "process, the only one that reads the key directory (see docs/deploy.md)."
-            ),
-        ],
-        [
             "grace",
             "g",
-            str(DEFAULT_GRACE),
-            "Seconds open connections may take to finish when stopping; then they are aborted.",
+            None,
+            "Seconds open connections may take to finish when stopping; then they are aborted."
+            + _default(DEFAULT_GRACE),
         ],
         [
             "handshake-timeout",
             None,
-            str(DEFAULT_HANDSHAKE_TIMEOUT),
-            "Seconds a curvetun handshake may take.",
+            None,
+            "Seconds a curvetun handshake may take." + _default(DEFAULT_HANDSHAKE_TIMEOUT),
         ],
         [
             "idle-timeout",
             None,
-            "0",
-            "Close a curvetun connection that receives nothing for this many seconds (0: never).",
+            None,
+            "Close a curvetun connection that receives nothing for this many seconds (0: never)."
+            + _default(0),
         ],
         *(
             [
                 f"max-{name.replace('_', '-')}",
                 None,
-                str(getattr(ConnectionLimits(), name)),
+                None,
                 (
                     f"The most {what} a curvetun listen endpoint takes at once "
                     "(0: no limit); past it, new connections are closed at once."
+                    + _default(getattr(ConnectionLimits(), name))
                 ),
             ]
-            for name, what in _LIMITS.items()
+            for name, what in LIMITS.items()
         ),
+        *(
+            [
+                name.replace("_", "-"),
+                None,
+                None,
+                (
+                    f"The length of the IPv{name[3]} networks the per-network limits count "
+                    f"(0 to {longest})." + _default(getattr(ConnectionLimits(), name))
+                ),
+            ]
+            for name, longest in NETWORK_PREFIXES.items()
+        ),
+        [
+            "workers",
+            None,
+            "1",
+            (
+                "Worker processes; with more than one, a supervisor runs them and one vault "
+                f"process, the only one that reads the key directory (1 to {MAX_WORKERS}; "
+                "see docs/deploy.md)."
+            ),
+        ],
+        [
+            "send-proxy",
+            None,
+            None,
+            (
+                "Start each forward connection with a PROXY protocol header, v1 or v2, "
+                "giving the client's address (v2 also its curvetun key, in TLV 0xE0)."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -153,64 +193,62 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """
-        Check the values, fill in the defaults that depend on others, and
-        build the tunnel.
+        Check the values, fill in the defaults, and build the tunnel; with
+        C{--config}, check that no tunnel option was given.
 
-        @raise usage.UsageError: a value is malformed (a one-line message).
+        @raise usage.UsageError: a value is malformed, or a tunnel option
+            is given with C{--config} (a one-line message).
         """
-        # An empty value is a mistake (an unset shell variable, say), not a
-        # request for the default.
-        if any(not endpoint.strip() for endpoint in self["listen"]):
-            raise usage.UsageError(f"--listen needs an endpoint, e.g. {DEFAULT_LISTEN}")
-        if self["forward"] is not None and not self["forward"].strip():
-            raise usage.UsageError("--forward needs an endpoint, e.g. tcp:127.0.0.1:6379")
-        for option in ("keydir", "registry"):
-            if self[option] is not None and not self[option].strip():
-                raise usage.UsageError(f"--{option} needs a path")
-        if not self["listen"]:
-            self["listen"] = [DEFAULT_LISTEN]
-        if self["keydir"] is None:
-            self["keydir"] = default_keydir()
+        # Only tunnel settings are refused with --config: an option about
+        # the process as a whole (a metrics endpoint, say) is not one of
+        # TUNNEL_KEYS, and goes with --config as it is.
         try:
-            self["grace"] = parse_seconds("--grace", str(self["grace"]), allow_zero=True)
-            self["handshake-timeout"] = parse_seconds(
-                "--handshake-timeout", str(self["handshake-timeout"]), allow_zero=False
-            )
-            self["idle-timeout"] = (
-                parse_seconds("--idle-timeout", str(self["idle-timeout"]), allow_zero=True) or None
-            )
             self["workers"] = parse_count("--workers", str(self["workers"]))
-            if not 1 <= self["workers"] <= MAX_WORKERS:
-                raise ValueError(f"--workers must be from 1 to {MAX_WORKERS}")
-            limits = {}
-            for name in self._LIMITS:
-                option = f"max-{name.replace('_', '-')}"
-                limits[name] = parse_count(f"--{option}", str(self[option])) or None
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
-        self["limits"] = attrs.evolve(ConnectionLimits(), **limits)
-        self.tunnels = [
-            TunnelConfig(
-                keydir=self["keydir"],
-                listen=tuple(self["listen"]),
-                forward=self["forward"],
-                registry=self["registry"],
-                grace=self["grace"],
-                handshake_timeout=self["handshake-timeout"],
-                idle_timeout=self["idle-timeout"],
-                limits=self["limits"],
-            )
-        ]
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
+        given = {
+            key: self[key.replace("_", "-")]
+            for key in TUNNEL_KEYS
+            if key != "name" and self[key.replace("_", "-")] not in (None, [])
+        }
+        if self["config"] is not None:
+            if not self["config"].strip():
+                raise usage.UsageError("--config needs a path")
+            if self["workers"] > 1:
+                raise usage.UsageError("--workers runs one tunnel: give it without --config")
+            mixed = [f"--{key.replace('_', '-')}" for key in given]
+            if mixed:
+                raise usage.UsageError(
+                    f"--config cannot be combined with {', '.join(mixed)}: "
+                    "set it in the config file's [[tunnel]] tables"
+                )
+            return
+        try:
+            [config] = self.tunnels = [tunnel_config(given)]
+        except SettingError as error:
+            raise usage.UsageError(str(error)) from None
+        self["listen"] = list(config.listen)
+        self["keydir"] = config.keydir
+        self["grace"] = config.grace
+        self["handshake-timeout"] = config.handshake_timeout
+        self["idle-timeout"] = config.idle_timeout
+        self["limits"] = config.limits
+        self["send-proxy"] = config.send_proxy
 
 
 def makeService(options: Options) -> IService:
     """
     The L{IServiceMaker} entry point: the service of the tunnels C{options}
     describe (with C{--workers} above 1, a supervisor of worker processes
-    that run it). A configuration error exits with a one-line message.
+    that run the tunnel). A configuration error exits with a one-line
+    message.
     """
     if options["workers"] > 1:
         from .workers import make_supervisor_service
 
         return make_supervisor_service(options.tunnels[0], options["workers"])
+    if options["config"] is not None:
+        return make_service_from_file(options["config"])
     return make_service(options.tunnels)

@@ -10,6 +10,12 @@ protocol of an accepted curvetun connection starts only once the client is
 authenticated, so the forward connection is never opened for a client that
 fails the handshake.
 
+With C{send_proxy}, each forward connection starts with a PROXY protocol
+header (L{curvetun.proxy_header}) giving the accepted connection's peer as
+the source and its local address as the destination; version 2 also
+carries the client's authenticated public key when the accepted side is a
+curvetun connection (a plain TCP client has none, and gets no key TLV).
+
 Flow control is that of Twisted's L{twisted.protocols.portforward}: each
 side's transport is registered as the producer of the other's, so a slow
 reader on one side stops the reading of the other and memory stays
@@ -30,10 +36,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .addresses import format_address
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
-from .transport import format_address
+from .proxy_header import ProxyVersion, proxy_header
 
 log = Logger()
 
@@ -227,6 +234,12 @@ class Forwarder(Protocol):
         self.forward_side = forward_side
         self._open_sides += 1
         accepted, forward = self.transport, forward_side.transport
+        version = self.forwarding.send_proxy
+        if version is not None:
+            # Before any byte of the client's: the reading starts below.
+            forward_side.send(
+                proxy_header(version, accepted.getPeer(), accepted.getHost(), _client_key(accepted))
+            )
         accepted.registerProducer(forward, True)  # type: ignore[attr-defined]
         forward.registerProducer(accepted, True)  # type: ignore[attr-defined]
         accepted.resumeProducing()  # type: ignore[attr-defined]
@@ -321,6 +334,17 @@ class Forwarder(Protocol):
         return transports
 
 
+def _client_key(transport: ITransport) -> bytes | None:
+    """
+    The authenticated public key of the client on C{transport}, if it is a
+    curvetun connection.
+    """
+    if ICurveTunTransport.providedBy(transport) and transport.peer_public_key:
+        key: bytes = transport.peer_public_key
+        return key
+    return None
+
+
 class ForwardedConnection(Protocol):
     """
     The side of a forwarded connection that L{Forwarder} opened.
@@ -398,6 +422,8 @@ class ForwardingFactory(TrackingFactory):
     through C{endpoint}.
 
     @ivar description: the forward endpoint as given (for log messages).
+    @ivar send_proxy: the version of the PROXY header each forward
+        connection starts with, or L{None} for none.
     """
 
     def __init__(
@@ -405,10 +431,12 @@ class ForwardingFactory(TrackingFactory):
         endpoint: IStreamClientEndpoint,
         description: str,
         connections: OpenConnections | None = None,
+        send_proxy: ProxyVersion | None = None,
     ) -> None:
         super().__init__(connections)
         self.endpoint = endpoint
         self.description = description
+        self.send_proxy = send_proxy
 
     def buildProtocol(self, addr: IAddress | None) -> Forwarder | None:
         if not self.connections.accepting:

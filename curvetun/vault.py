@@ -10,6 +10,7 @@ secret key turns core dumps off for the process (L{disable_core_dumps}).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -211,12 +212,10 @@ def disable_core_dumps() -> None:
     """
     if os.environ.get(ALLOW_CORE_DUMPS_VARIABLE, "") not in ("", "0"):
         return
-    try:
+    # Lowering a limit is always allowed; a platform without this limit has
+    # nothing to lower.
+    with contextlib.suppress(OSError, ValueError):
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    except (OSError, ValueError):
-        # Lowering a limit is always allowed; a platform without this limit
-        # has nothing to lower.
-        pass
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)

@@ -2,26 +2,51 @@
 Shared test fixtures: in-memory identities, a fake registry, a recording
 application protocol, and in-memory connections (iosim); key directories
 on disk, log capture and a collecting client for real connections.
+Shared test fixtures: the wire's framing, in-memory identities, a fake
+registry, a recording application protocol, in-memory connections (iosim),
+and a curvetun server and client on the loopback interface.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet.address import IPv4Address
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.protocols.policies import (
+    ProtocolWrapper,
+    WrappingFactory,
+)
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
-from curvetun.endpoints import service_pool
+from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from curvetun.interfaces import IRegistry
 from curvetun.keys import keys_equal
 from curvetun.registry import FileRegistry
@@ -31,6 +56,95 @@ from curvetun.vault import FileVault, MemoryVault
 
 SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 7700)
 CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def tcp_port(port: IListeningPort) -> int:
+    """
+    The TCP port number C{port} listens on (C{getHost()} is only typed as
+    an L{IAddress}, which has no port).
+    """
+    address = port.getHost()
+    assert isinstance(address, IPv4Address | IPv6Address), address
+    return address.port
+
+
+def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
+    """
+    The protocol a curvetun factory built, failing the test if it refused.
+    """
+    assert protocol is not None, "the factory refused the connection"
+    return protocol
+
+
+# -- framing (spec, "Framing") -------------------------------------------------
+
+
+def framed(payload: bytes) -> bytes:
+    """
+    C{payload} as it travels on TCP: a 2-byte big-endian length, then the
+    payload.
+    """
+    return struct.pack(">H", len(payload)) + payload
+
+
+def split_frames(stream: bytes) -> list[bytes]:
+    """
+    Cut a TCP byte stream into its payloads; the stream must end at a frame
+    boundary.
+    """
+    payloads = []
+    offset = 0
+    while offset < len(stream):
+        (length,) = struct.unpack(">H", stream[offset : offset + 2])
+        payloads.append(stream[offset + 2 : offset + 2 + length])
+        offset += 2 + length
+    assert offset == len(stream), "the stream ends inside a frame"
+    return payloads
+
+
+# -- real TCP on the loopback interface ----------------------------------------
+
+
+class LoopbackTestCase(TestCase):
+    """
+    A curvetun server listening on 127.0.0.1 with a fresh identity, and a
+    client identity it admits from 127.0.0.1.
+    """
+
+    async def start(self, admit_client: bool = True) -> None:
+        self.server_vault = MemoryVault.generate()
+        self.client_vault = MemoryVault.generate()
+        allowed = [(self.client_vault.public_key, "127.0.0.1")] if admit_client else []
+        self.server_service = CurveTunService(self.server_vault, AllowList(clients=allowed))
+        self.client_service = CurveTunService(self.client_vault, AllowList())
+        for service in (self.server_service, self.client_service):
+            service.startService()
+            self.addCleanup(service.stopService)
+        self.listener: MessageListener = await listen(
+            CurveTunServerEndpoint(
+                TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), self.server_service
+            )
+        )
+        self.addCleanup(self.listener.close)
+        assert self.listener.port is not None
+        self.port = tcp_port(self.listener.port)
+
+    async def connect(self, server_key: bytes | None = None) -> MessageChannel:
+        channel = await connect(
+            CurveTunClientEndpoint(
+                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+                self.client_service,
+                self.server_vault.public_key if server_key is None else server_key,
+            )
+        )
+        self.addCleanup(channel.close)
+        return channel
+
+    async def pair(self) -> tuple[MessageChannel, MessageChannel]:
+        client = await self.connect()
+        server = await self.listener.accept()
+        self.addCleanup(server.close)
+        return client, server
 
 
 @implementer(IRegistry)
@@ -139,8 +253,8 @@ class Peers:
             self.server_vault.public_key if server_key is None else server_key,
         )
         return connectedServerAndClient(
-            lambda: server_factory.buildProtocol(client_address),
-            lambda: client_factory.buildProtocol(SERVER_ADDRESS),
+            lambda: built(server_factory.buildProtocol(client_address)),
+            lambda: built(client_factory.buildProtocol(SERVER_ADDRESS)),
             clientTransportFactory=lambda p: FakeTransport(
                 p, False, hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS
             ),
@@ -294,20 +408,6 @@ class ManualThreads:
 # -- endpoint strings: key directories, PROXY headers, UNIX sockets, DNS ----------
 #
 # (Used by test_endpoints, test_endpoint_wrapping and test_dns.)
-
-import socket
-import struct
-import tempfile
-
-from twisted.internet.interfaces import (
-    IProtocol,
-    IProtocolFactory,
-    IStreamClientEndpoint,
-)
-from twisted.protocols.policies import (
-    ProtocolWrapper,
-    WrappingFactory,
-)
 
 
 class KeyDirs:
@@ -518,13 +618,8 @@ async def serve_zone(testcase: SynchronousTestCase, origin: str, key_records: li
 # block and other additions stay apart.
 
 import io  # noqa: E402
-import os  # noqa: E402
-import socket  # noqa: E402
-import struct  # noqa: E402
-import sys  # noqa: E402
 
 import attrs  # noqa: E402
-from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.utils import getProcessOutputAndValue  # noqa: E402
 from twisted.trial.unittest import TestCase  # noqa: E402
 
@@ -658,3 +753,182 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+# -- `twist curvetun` as operators start it: processes, their JSON logs, a
+# service manager's notify socket, and fake listen endpoints -------------------
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def twist(*argv: str) -> list[str]:
+    """
+    The command line of C{twist curvetun ARGV}, logging JSON to stdout.
+    """
+    return [sys.executable, "-m", "twisted", "--log-format", "json", "curvetun", *argv]
+
+
+def twist_environ(home: str, **extra: str) -> dict[str, str]:
+    """
+    The environment of a C{twist curvetun} process: the plugin is found
+    from the source tree, installed or not; the default key directory is
+    C{home}.
+    """
+    return {
+        **{k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        "PYTHONPATH": os.pathsep.join([SOURCE_ROOT, os.environ.get("PYTHONPATH", "")]),
+        "CURVETUN_HOME": home,
+        **extra,
+    }
+
+
+def run_twist(home: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run C{twist curvetun ARGV} to its end (for commands that fail at start).
+    """
+    return subprocess.run(
+        twist(*argv),
+        cwd=SOURCE_ROOT,
+        env=twist_environ(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def start_twist(
+    testcase: SynchronousTestCase, home: str, *argv: str, **environ: str
+) -> subprocess.Popen[bytes]:
+    """
+    Start C{twist curvetun ARGV}; it is killed at cleanup if still running.
+    """
+    process = subprocess.Popen(
+        twist(*argv),
+        cwd=SOURCE_ROOT,
+        env=twist_environ(home, **environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+    def reap() -> None:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+    testcase.addCleanup(reap)
+    return process
+
+
+def parse_events(output: bytes) -> list[dict[str, Any]]:
+    """
+    The complete events of twist's JSON log: each record is RS (0x1e),
+    JSON, newline.
+    """
+    records = output.decode("utf-8", "replace").split("\x1e")
+    return [json.loads(record) for record in records if record.endswith("\n")]
+
+
+def read_until(
+    process: subprocess.Popen[bytes], output: bytes, until: str, count: int = 1, timeout: float = 30
+) -> bytes:
+    """
+    Read more of C{process}'s JSON log, after C{output}, until it holds
+    C{count} events whose format begins with C{until}; fail after
+    C{timeout} seconds.
+
+    @return: C{output} and what was read.
+    """
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        events = parse_events(output)
+        if sum(e.get("log_format", "").startswith(until) for e in events) >= count:
+            return output
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or process.poll() is not None:
+            raise AssertionError(f"no {until!r} in time; output so far: {output[-2000:]!r}")
+        ready, _, _ = select.select([process.stdout], [], [], remaining)
+        if ready:
+            output += os.read(process.stdout.fileno(), 65536)
+
+
+def listening_ports(output: bytes) -> list[int]:
+    """
+    The ports of the "Listening on" events of a JSON log, in order.
+    """
+    return [
+        int(event["address"].rpartition(":")[2])
+        for event in parse_events(output)
+        if event.get("log_format", "").startswith("Listening on")
+    ]
+
+
+class NotifySocket:
+    """
+    A service manager's notify socket: a UNIX datagram socket bound in a
+    fresh directory (short enough for a socket path), as systemd binds
+    C{$NOTIFY_SOCKET}.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase) -> None:
+        directory = tempfile.mkdtemp(prefix="ct-notify-")
+        self.path = os.path.join(directory, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        testcase.addCleanup(self.close, directory)
+
+    def close(self, directory: str) -> None:
+        self.sock.close()
+        os.unlink(self.path)
+        os.rmdir(directory)
+
+    def receive(self, timeout: float = 30) -> dict[str, str] | None:
+        """
+        The fields of the next datagram, or L{None} if none comes within
+        C{timeout} seconds.
+        """
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return None
+        data = self.sock.recv(65536).decode()
+        return dict(line.split("=", 1) for line in data.splitlines())
+
+
+@implementer(IListeningPort)
+class FakePort:
+    """
+    A listening port that records being stopped.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        self.stopped += 1
+
+    def getHost(self) -> IPv4Address:
+        return IPv4Address("TCP", "127.0.0.1", 7700)
+
+
+@implementer(IStreamServerEndpoint)
+class PendingServerEndpoint:
+    """
+    A server endpoint whose listens the test completes by hand; it records
+    each factory and each cancellation.
+    """
+
+    def __init__(self) -> None:
+        self.listens: list[tuple[IProtocolFactory, Deferred[IListeningPort]]] = []
+        self.cancelled = 0
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
+        def cancel(d: Deferred[IListeningPort]) -> None:
+            self.cancelled += 1
+
+        d: Deferred[IListeningPort] = Deferred(cancel)
+        self.listens.append((protocolFactory, d))
+        return d

@@ -29,6 +29,7 @@ from curvetun.tunnel_service import TunnelService, build_tunnel
 
 T = TypeVar("T")
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -267,10 +268,10 @@ def tcp_write_buffer(transport: Any) -> int:
 
 def curvetun_read_buffer(protocol: CurveTunProtocol) -> int:
     """
-    The bytes a curvetun connection has read and not yet delivered: the
-    unfinished frame that C{Int16StringReceiver} keeps in C{_unprocessed}.
+    The bytes a curvetun connection has read and not yet delivered (its
+    public C{read_buffer_size}: the unfinished frame it holds).
     """
-    return len(_internal(protocol, "_unprocessed", bytes))
+    return protocol.read_buffer_size
 
 
 def buffered(transport: Any) -> int:

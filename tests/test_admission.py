@@ -544,7 +544,7 @@ class FailureLogTests(SynchronousTestCase):
         [line] = summaries(events)
         self.assertEqual(
             formatEvent(line),
-            "curvetun: 1 handshake failed in the last 10 s: 1 bad packet (last from [2001:db8::1]:7)",
+            "curvetun: 1 handshake failed in the last 10 s: 1 bad packet (last from [2001:db8::1]:7)",  # noqa: E501
         )
 
     def test_a_flood_gives_a_handful_of_lines_with_the_right_counts(self) -> None:

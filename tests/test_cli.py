@@ -13,9 +13,9 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import ITCPTransport
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
@@ -161,7 +161,7 @@ NEWCOMER = """\
 curvetun keygen --keydir ~/.curvetun-client
 curvetun trust 127.0.0.1 "$(curvetun pubkey --keydir ~/.curvetun-client)"
 echo hello | curvetun cat --keydir ~/.curvetun-client "curvetun:127.0.0.1:7700:key=$(curvetun pubkey)"
-"""
+"""  # noqa: E501 (the README's commands, word for word)
 """
 The README's sequence for terminal 2, word for word but for the port.
 """
@@ -203,8 +203,14 @@ class NewcomerTests(CommandTestCase):
         process = reactor.spawnProcess(
             server,
             sys.executable,
-            [sys.executable, "-m", "twisted", "curvetun"]
-            + ["--listen", f"curvetun:{port}:interface=127.0.0.1"],
+            [
+                sys.executable,
+                "-m",
+                "twisted",
+                "curvetun",
+                "--listen",
+                f"curvetun:{port}:interface=127.0.0.1",
+            ],
             env=env,
             path=PROJECT_ROOT,
         )
@@ -240,7 +246,8 @@ async def wait_for_listener(port: int, server: _Recorder, timeout: float = 30.0)
             raise AssertionError(f"the server exited:\n{server.output.decode(errors='replace')}")
         try:
             endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
-            protocol = await endpoint.connect(Factory.forProtocol(Protocol))
+            protocol = Protocol()
+            await connectProtocol(endpoint, protocol)
         except Exception:
             await deferLater(reactor, 0.1, lambda: None)
         else:

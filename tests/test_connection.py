@@ -6,9 +6,16 @@ cookie-key rotation, and the handshake timeout.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.test.iosim import FakeTransport, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from curvetun.errors import (
     BadPacket,
@@ -24,7 +31,13 @@ from curvetun.packets import MAX_MESSAGE
 from curvetun.session import Session
 from curvetun.vault import MemoryVault
 
-from ._support import CLIENT_ADDRESS, Peers
+from ._support import (
+    CLIENT_ADDRESS,
+    SERVER_ADDRESS,
+    Peers,
+    RecordingFactory,
+    RecordingProtocol,
+)
 
 
 class HandshakeTests(SynchronousTestCase):
@@ -45,7 +58,8 @@ class HandshakeTests(SynchronousTestCase):
     def test_each_side_sees_the_others_long_term_key(self) -> None:
         peers = Peers()
         client, server, pump = peers.connect()
-        self.assertTrue(ICurveTunTransport.providedBy(server))
+        self.assertTrue(verifyObject(ICurveTunTransport, server))
+        self.assertTrue(verifyObject(ICurveTunTransport, client))
         self.assertEqual(server.peer_public_key, peers.client_vault.public_key)
         self.assertEqual(client.peer_public_key, peers.server_vault.public_key)
 
@@ -67,7 +81,9 @@ class HandshakeTests(SynchronousTestCase):
         pump.pump()  # <- cookie
         self.assertEqual(len(peers.client_apps.built), 1)
         self.assertEqual(peers.server_apps.built, [])
-        peers.client_apps.built[0].transport.write(b"early")
+        early = peers.client_apps.built[0].transport
+        assert early is not None
+        early.write(b"early")
         pump.flush()
         self.assertEqual(peers.server_apps.built[0].received, [b"early"])
 
@@ -208,17 +224,50 @@ class MessageTests(SynchronousTestCase):
         self.pump.flush()
         self.assertEqual(received, [b"one", b"two", b"three"])
 
+    def test_closing_while_receiving_delivers_nothing_more(self) -> None:
+        """
+        An application that closes its transport from inside dataReceived
+        gets no more of the messages of that read.
+        """
+        received = self.client_app.received
+
+        def close_at_once(data: bytes) -> None:
+            received.append(data)
+            self.client.loseConnection()
+
+        self.client_app.dataReceived = close_at_once  # type: ignore[method-assign]
+        for message in (b"one", b"two", b"three"):
+            self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(received, [b"one"])
+        self.assertEqual(len(self.client_app.lost), 1)
+
+    def test_pausing_while_receiving_holds_the_rest_of_the_read(self) -> None:
+        received = self.client_app.received
+
+        def pause(data: bytes) -> None:
+            received.append(data)
+            self.client.pauseProducing()
+
+        self.client_app.dataReceived = pause  # type: ignore[method-assign]
+        for message in (b"one", b"two"):
+            self.server.write_message(message)
+        self.pump.flush()
+        self.assertEqual(received, [b"one"])
+        self.client.resumeProducing()
+        self.assertEqual(received, [b"one", b"two"])
+
     def test_an_exhausted_send_counter_closes_instead_of_sending(self) -> None:
         """
         Protocol v1.0 has no re-keying: when the message counter would
         reach its limit, the connection closes and nothing more is sent.
         """
-        self.server._send_session.next_send = Session.COUNTER_LIMIT  # type: ignore[union-attr]
-        self.server.transport.getOutBuffer()  # type: ignore[attr-defined]
+        # The first message has counter 2: let 3 be the limit.
+        self.patch(Session, "COUNTER_LIMIT", 3)
+        self.server.write_message(b"the last one")
         self.server.write_message(b"one too many")
-        self.assertFalse(self.server.transport.getOutBuffer())  # type: ignore[attr-defined]
         self.pump.flush()
-        self.assertEqual(self.client_app.received, [])
+        self.assertEqual(self.client_app.received, [b"the last one"])
         [reason] = self.server_app.lost
         reason.trap(CounterExhausted)
 
@@ -374,3 +423,159 @@ class SendBeforeHandshakeTests(SynchronousTestCase):
         peers = Peers()
         client, server, pump = peers.connect(greet=False)
         self.assertRaises(ConnectionClosed, client.write_message, b"too early")
+
+
+@implementer(IHandshakeListener)
+class ListeningProtocol(RecordingProtocol):
+    """
+    An application protocol that wants to hear when the handshake is
+    confirmed; it records, in order, what happened to it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[str] = []
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.events.append("made")
+
+    def handshakeCompleted(self) -> None:
+        self.events.append("handshake completed")
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self.events.append(f"received {data.decode()}")
+
+
+class ListeningFactory(RecordingFactory):
+    def buildProtocol(self, addr: Any) -> ListeningProtocol:
+        protocol = ListeningProtocol()
+        protocol.factory = self
+        self.built.append(protocol)
+        return protocol
+
+
+class HandshakeListenerTests(SynchronousTestCase):
+    """
+    An application protocol that provides IHandshakeListener hears when the
+    peer is confirmed: the server's when the vouch verifies, the client's
+    when the server's first message opens (its connect() fired before,
+    when the vouch was sent).
+    """
+
+    def setUp(self) -> None:
+        self.peers = Peers()
+        self.peers.server_factory.wrappedFactory = ListeningFactory()
+        self.peers.client_apps = ListeningFactory()
+
+    def apps(self) -> tuple[ListeningProtocol, ListeningProtocol]:
+        server_apps = self.peers.server_factory.wrappedFactory
+        assert isinstance(server_apps, ListeningFactory)
+        [server_app] = server_apps.built
+        [client_app] = self.peers.client_apps.built
+        assert isinstance(server_app, ListeningProtocol)
+        assert isinstance(client_app, ListeningProtocol)
+        return client_app, server_app
+
+    def test_the_server_application_hears_at_once(self) -> None:
+        self.peers.connect()
+        client_app, server_app = self.apps()
+        self.assertEqual(server_app.events, ["made", "handshake completed"])
+
+    def test_the_client_application_hears_with_the_servers_first_message(self) -> None:
+        client, server, pump = self.peers.connect()
+        client_app, server_app = self.apps()
+        self.assertEqual(client_app.events, ["made"])
+        server.write_message(b"one")
+        server.write_message(b"two")
+        pump.flush()
+        self.assertEqual(
+            client_app.events, ["made", "handshake completed", "received one", "received two"]
+        )
+
+    def test_a_client_the_server_refuses_never_hears(self) -> None:
+        self.peers.registry.clients.clear()
+        client, server, pump = self.peers.connect()
+        [client_app] = self.peers.client_apps.built
+        assert isinstance(client_app, ListeningProtocol)
+        self.assertEqual(client_app.events, ["made"])
+        [reason] = client_app.lost
+        reason.trap(NotAuthorized)
+
+    def test_an_application_without_the_interface_is_not_asked(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect()
+        server.write_message(b"hello")
+        pump.flush()
+        self.assertEqual(peers.client_apps.built[0].received, [b"hello"])
+
+
+class FigureTests(SynchronousTestCase):
+    """
+    Each established connection's transport tells what it carried and when.
+    """
+
+    def test_bytes_and_times_each_way(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect()
+        self.assertEqual(server.established_at, peers.clock.seconds())
+        self.assertEqual((server.bytes_received, server.last_received_at), (0, None))
+        peers.clock.advance(3)
+        client.write_message(b"12345")
+        pump.flush()
+        peers.clock.advance(4)
+        server.write(b"ab")
+        pump.flush()
+        self.assertEqual((server.bytes_received, server.bytes_sent), (5, 2))
+        self.assertEqual((client.bytes_received, client.bytes_sent), (2, 5))
+        self.assertEqual((server.last_received_at, server.last_sent_at), (3, 7))
+
+    def test_before_the_handshake_there_are_no_figures(self) -> None:
+        peers = Peers()
+        client, server, pump = peers.connect(greet=False)
+        self.assertEqual(
+            (server.established_at, server.bytes_received, server.bytes_sent), (None, 0, 0)
+        )
+
+    def test_a_service_can_follow_live_connections(self) -> None:
+        peers = Peers()
+        live: set[object] = set()
+        peers.server_factory.established_callbacks.append(live.add)
+        peers.server_factory.ended_callbacks.append(lambda protocol, reason: live.discard(protocol))
+        client, server, pump = peers.connect()
+        self.assertEqual(live, {server})
+        client.loseConnection()
+        pump.flush()
+        self.assertEqual(live, set())
+
+
+class ProxiedAddressTests(SynchronousTestCase):
+    """
+    The registry is asked about the peer address the transport reports,
+    which behind a PROXY-protocol wrapper is not the one the factory was
+    given when it built the protocol.
+    """
+
+    def test_the_registry_is_asked_about_the_transports_peer(self) -> None:
+        peers = Peers()
+        proxy = IPv4Address("TCP", "10.9.9.9", 50000)
+        server_factory = peers.server_factory
+        client_factory = peers.client.client_factory(
+            peers.client_apps, peers.server_vault.public_key
+        )
+        connectedServerAndClient(
+            lambda: server_factory.buildProtocol(proxy),
+            lambda: client_factory.buildProtocol(SERVER_ADDRESS),
+            clientTransportFactory=lambda p: FakeTransport(
+                p, False, hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS
+            ),
+            serverTransportFactory=lambda p: FakeTransport(
+                p, True, hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS
+            ),
+            clock=peers.clock,
+        )
+        self.assertEqual(
+            peers.registry.asked, [(peers.client_vault.public_key, CLIENT_ADDRESS.host)]
+        )
+        self.assertEqual(len(peers.server_apps.built), 1)

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -131,21 +132,47 @@ def _forget(keydir: str) -> None:
 
 
 class DiagramTests(SynchronousTestCase):
-    def test_the_state_diagrams_match_the_machines(self) -> None:
-        """
-        docs/*-machine.dot (and the SVGs made from them) are drawn from the
-        Automat machines as they are: regenerate them if this fails.
-        """
+    def load_make_diagrams(self) -> Any:
         spec = importlib.util.spec_from_file_location(
             "make_diagrams", ROOT / "docs" / "make_diagrams.py"
         )
         assert spec is not None and spec.loader is not None
         make_diagrams = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(make_diagrams)
-        from curvetun.connection import ClientMachine, ServerMachine
+        return make_diagrams
 
-        for name, machine in (("server", ServerMachine), ("client", ClientMachine)):
+    def test_the_state_diagrams_match_the_machines(self) -> None:
+        """
+        docs/*-machine.dot (and the SVGs made from them) are drawn from the
+        Automat machines as they are: regenerate them if this fails.
+        """
+        make_diagrams = self.load_make_diagrams()
+        for name, machine in make_diagrams.MACHINES.items():
             drawn = (ROOT / "docs" / f"{name}-machine.dot").read_text()
             self.assertEqual(
                 drawn, make_diagrams.to_dot(f"curvetun {name} connection", machine), name
             )
+
+    def test_the_diagrams_show_the_states_of_the_spec(self) -> None:
+        for name, states in (
+            ("server", ["ready", "accepting", "connected", "closed"]),
+            ("client", ["ready", "initiating", "vouched", "connected", "closed"]),
+        ):
+            drawn = (ROOT / "docs" / f"{name}-machine.dot").read_text()
+            found = re.findall(r"^\t(\w+) \[.*shape=ellipse", drawn, re.MULTILINE)
+            self.assertEqual(sorted(found), sorted(states), name)
+
+    def test_a_change_in_automats_drawing_fails_loudly(self) -> None:
+        """
+        The diagrams are put in order by reading Automat's output: a line
+        of a shape it does not know is an error, never silently dropped.
+        """
+        make_diagrams = self.load_make_diagrams()
+
+        class Changed:
+            def asDigraph(self) -> Any:
+                digraph = make_diagrams.ServerMachine.asDigraph()
+                digraph.body.append("\tsomething -> new [style=odd]\n")
+                return digraph
+
+        self.assertRaises(ValueError, make_diagrams.to_dot, "changed", Changed())

@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.admission import ConnectionLimits
 from curvetun.channel import MessageChannel, connect, listen
 from curvetun.endpoints import (
     CurveTunClientEndpoint,
@@ -53,7 +54,6 @@ from curvetun.endpoints import (
 from curvetun.errors import NotAuthorized, ServerKeyMismatch
 from curvetun.keys import format_public_key
 from curvetun.service import CurveTunService
-from curvetun.transport import ConnectionLimits
 from curvetun.vault import MemoryVault
 
 from ._support import (

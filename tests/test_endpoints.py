@@ -35,7 +35,7 @@ from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
 
-from ._support import KeyDirs
+from ._support import KeyDirs, tcp_port
 
 
 class PluginDiscoveryTests(SynchronousTestCase):
@@ -116,7 +116,7 @@ class ServerStringTests(SynchronousTestCase):
             "curvetun:7700:colour=blue": "unknown keyword 'colour'",
             "curvetun:7700:backlog=-1": "backlog must be a number from 1 to 65535",
             "curvetun:7700:backlog=many": "backlog must be a number from 1 to 65535",
-            "curvetun:7700:keydir=/nonexistent/curvetun": "no curvetun key directory at /nonexistent/curvetun",
+            "curvetun:7700:keydir=/nonexistent/curvetun": "no curvetun key directory at /nonexistent/curvetun",  # noqa: E501
             "curvetun:7700:endpoint=tcp\\:7701": "endpoint= and port exclude each other",
             "curvetun:endpoint=tcp\\:7701:interface=127.0.0.1": "endpoint= and interface exclude",
             "curvetun:endpoint=tcp\\:7701:backlog=5": "endpoint= and backlog exclude each other",
@@ -200,14 +200,16 @@ class ClientStringTests(SynchronousTestCase):
             "curvetun:127.0.0.1:http": "port must be a number",
             "curvetun:127.0.0.1:7700:extra": "too many positional arguments",
             "curvetun:127.0.0.1:7700:size=3": "unknown keyword 'size'",
-            "curvetun:127.0.0.1:7700:key=abc": "key: bad public key 'abc': expected 64 hex digits or 44 base64",
+            "curvetun:127.0.0.1:7700:key=abc": (
+                "key: bad public key 'abc': expected 64 hex digits or 44 base64"
+            ),
             "curvetun:127.0.0.1:7700:timeout=0": "timeout must be a positive number",
             "curvetun:127.0.0.1:7700:timeout=soon": "timeout must be a positive number",
             "curvetun:127.0.0.1:7700:timeout=inf": "timeout must be a positive number",
             "curvetun:other.example:7700": "no key for server other.example",
             "curvetun:127.0.0.1:7700:endpoint=tcp\\:h\\:1": "endpoint= and host exclude each other",
             "curvetun:port=7700:endpoint=tcp\\:h\\:1": "endpoint= and port exclude each other",
-            "curvetun:endpoint=unix\\:path\\=/run/ct.sock": "has no host to look the server's key up by: give key=",
+            "curvetun:endpoint=unix\\:path\\=/run/ct.sock": "has no host to look the server's key up by: give key=",  # noqa: E501
             "curvetun:endpoint=nosuch\\:1:key="
             + "00" * 32: "endpoint='nosuch:1': Unknown endpoint type",
             "curvetun:endpoint=tcp\\:other.example\\:7700": "no key for server other.example",
@@ -266,7 +268,7 @@ class EndToEndStringTests(TestCase):
         assert listener.port is not None
         client_endpoint = clientFromString(
             reactor,
-            f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
+            f"curvetun:127.0.0.1:{tcp_port(listener.port)}:keydir={dirs.client}",
         )
         channel = await connect(client_endpoint)
         self.assertTrue(client_endpoint._service.running)
@@ -289,7 +291,7 @@ class EndToEndStringTests(TestCase):
         channel = await connect(
             clientFromString(
                 reactor,
-                f"curvetun:127.0.0.1:{listener.port.getHost().port}:keydir={dirs.client}",
+                f"curvetun:127.0.0.1:{tcp_port(listener.port)}:keydir={dirs.client}",
             )
         )
         with self.assertRaises(NotAuthorized):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import base64
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import clientFromString, serverFromString
@@ -31,13 +32,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from curvetun import transport as transport_module
 from curvetun.errors import KeyFileError, RegistryError
 from curvetun.keys import _LOW_ORDER_POINTS, format_public_key
-from curvetun.packets import HELLO_MAGIC, parse
+from curvetun.packets import HELLO_MAGIC, HELLO_SIZE, VOUCH_SIZE, parse_as
 from curvetun.registry import FileRegistry, Registry
 from curvetun.vault import FileVault
 
 from ._support import KeyDirs
+from ._vectors import unhex
 from .test_tamper import protocol_of
-from .test_wire_vectors import VectorServer
+from .test_wire_vectors import HELLO, VectorServer
 
 MESSAGE_LIMIT = 500
 """The longest message we accept for any input, however long the input."""
@@ -316,7 +318,7 @@ class RegistryFileTests(OneLineErrorMixin, SynchronousTestCase):
             ("\ufeff127.0.0.1", "bad address"),  # a byte-order mark
             ("host..example", "bad address"),
         ]:
-            self.assert_line_refused(f"# ok\n{address} {A_KEY}\n".encode("utf-8"), 2, fragment)
+            self.assert_line_refused(f"# ok\n{address} {A_KEY}\n".encode(), 2, fragment)
 
     def test_keys_of_the_wrong_length_or_form(self) -> None:
         b64 = base64.b64encode(bytes.fromhex(A_KEY)).decode()
@@ -506,21 +508,55 @@ class NetworkInputTests(SynchronousTestCase):
 
     def test_the_rest_of_a_read_is_not_processed_once_a_connection_is_refused(self) -> None:
         """
-        One 64 KiB read of empty frames: the first is refused and closes the
-        connection; the 32,767 after it must not be parsed one by one (that
-        cost 0.2 to 0.4 s of CPU per read, from an unauthenticated peer).
+        One read of 500 hello-sized frames that are not hellos: the first is
+        refused and closes the connection; the 499 after it must not be
+        parsed one by one (a parse per frame cost 0.2 to 0.4 s of CPU per
+        64 KiB read, from an unauthenticated peer).
         """
         parsed: list[bytes] = []
 
-        def counting_parse(frame: bytes) -> object:
+        def counting_parse_as(frame: bytes, packet_type: Any) -> object:
             parsed.append(frame)
-            return parse(frame)
+            return parse_as(frame, packet_type)
 
-        self.patch(transport_module, "parse", counting_parse)
+        self.patch(transport_module, "parse_as", counting_parse_as)
         server = VectorServer()
-        protocol_of(server).dataReceived(bytes(65536))
+        protocol_of(server).dataReceived((b"\x00\x80" + bytes(128)) * 500)
         self.assertTrue(server.transport.disconnecting)
         self.assertEqual(len(parsed), 1)
+
+    def test_a_first_frame_of_the_wrong_length_is_refused_at_its_length_prefix(self) -> None:
+        """
+        A first frame that announces 65535 bytes (or any length but a
+        hello's) closes the connection as soon as its 2-byte length arrives:
+        nothing of it is buffered, nothing is parsed.
+        """
+        parsed: list[bytes] = []
+
+        def counting_parse_as(frame: bytes, packet_type: Any) -> object:
+            parsed.append(frame)
+            return parse_as(frame, packet_type)
+
+        self.patch(transport_module, "parse_as", counting_parse_as)
+        for length in (0xFFFF, 0, HELLO_SIZE - 1, HELLO_SIZE + 1, VOUCH_SIZE):
+            server = VectorServer()
+            protocol_of(server).dataReceived(length.to_bytes(2, "big"))
+            self.assertTrue(server.transport.disconnecting, length)
+            self.assertEqual(protocol_of(server).read_buffer_size, 0)
+            protocol_of(server).dataReceived(bytes(1000))
+            self.assertEqual(protocol_of(server).read_buffer_size, 0)
+            self.assertEqual(server.transport.value(), b"")
+        self.assertEqual(parsed, [])
+
+    def test_a_vouch_of_the_wrong_length_is_refused_at_its_length_prefix(self) -> None:
+        """
+        After the hello, only a vouch's length is valid.
+        """
+        server = VectorServer()
+        server.receive(unhex(HELLO["payload"]))
+        protocol_of(server).dataReceived(b"\xff\xff")
+        self.assertTrue(server.transport.disconnecting)
+        self.assertEqual(protocol_of(server).read_buffer_size, 0)
 
     def test_a_closing_connection_still_ignores_what_follows(self) -> None:
         """

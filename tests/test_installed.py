@@ -27,7 +27,10 @@ from twisted.internet.interfaces import (
     IStreamServerEndpointStringParser,
 )
 found = [
-    sum(1 for p in getPlugins(IStreamClientEndpointStringParserWithReactor) if p.prefix == "curvetun"),
+    sum(
+        1 for p in getPlugins(IStreamClientEndpointStringParserWithReactor)
+        if p.prefix == "curvetun"
+    ),
     sum(1 for p in getPlugins(IStreamServerEndpointStringParser) if p.prefix == "curvetun"),
     sum(1 for m in getPlugins(IServiceMaker) if m.tapname == "curvetun"),
 ]

@@ -100,7 +100,7 @@ class VectorPacketTests(SynchronousTestCase):
         Every message parses to its counter and box, including the one with
         an empty plaintext (32 bytes, the smallest message).
         """
-        for vector, payload in zip(PACKETS[3:], MESSAGES):
+        for vector, payload in zip(PACKETS[3:], MESSAGES, strict=True):
             message = parse(payload)
             self.assertEqual(message, Message(vector["counter"], unhex(vector["box"])))
             self.assertEqual(message.to_bytes(), payload)

@@ -27,7 +27,8 @@ is tested with the connection's state machine.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -41,15 +42,16 @@ from curvetun.handshake import (
 )
 from curvetun.packets import Cookie, Hello, Message, Vouch, parse_as
 from curvetun.session import Session
-from tests._vectors import load, unhex
-from tests.test_handshake import (
+from tests._vectors import (
     CLIENT_EPHEMERAL,
     TS,
     C,
     FakeCookieSealer,
     S,
     connected_sessions,
+    load,
     server_vault,
+    unhex,
 )
 
 CASES: list[dict[str, Any]] = load("reject.json")["cases"]

@@ -14,7 +14,6 @@ defences at work and not an artefact of the setup.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -27,32 +26,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.cookies import CookieKeys
 from curvetun.errors import BadPacket
+from curvetun.factories import CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.packets import HELLO_MAGIC, MESSAGE_MAGIC, VOUCH_MAGIC
 from curvetun.service import CurveTunService
-from curvetun.transport import CurveTunProtocol, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 
-from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory
+from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, Peers, RecordingFactory, framed, split_frames
 
 MESSAGES = [b"first", b"second: " + bytes(range(256)), b"", b"fourth", b"fifth" * 100]
-
-
-def split_frames(stream: bytes) -> list[bytes]:
-    """
-    Cut a TCP byte stream into its payloads (spec, "Framing").
-    """
-    payloads = []
-    offset = 0
-    while offset < len(stream):
-        (length,) = struct.unpack(">H", stream[offset : offset + 2])
-        payloads.append(stream[offset + 2 : offset + 2 + length])
-        offset += 2 + length
-    assert offset == len(stream), "the stream ends inside a frame"
-    return payloads
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack(">H", len(payload)) + payload
 
 
 @attrs.frozen

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from curvetun.errors import BadPacket, CounterExhausted, MessageTooLong
 from curvetun.packets import MAX_MESSAGE, MAX_PAYLOAD, Message, parse_as
 from curvetun.session import Session
-from tests.test_handshake import connected_sessions
+from tests._vectors import connected_sessions
 
 # Any 32 bytes do as a shared key for these tests.
 KEY = crypto_box_keypair()[1]

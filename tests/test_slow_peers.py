@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import resource
 import sys
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
+import attrs
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, gatherResults
@@ -30,11 +32,11 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, TestCase
 
+from curvetun.admission import ConnectionLimits
 from curvetun.channel import MessageListener, connect, listen
 from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.handshake import EphemeralKeyPair, client_hello
 from curvetun.service import CurveTunService
-from curvetun.transport import ConnectionLimits
 from curvetun.vault import MemoryVault
 
 from ._support import AllowList
@@ -53,9 +55,14 @@ ATTACKERS = {
 }
 FDS_NEEDED = 2 * sum(ATTACKERS.values()) + 100
 
-NO_LIMITS = ConnectionLimits(
-    connections=None, connections_per_address=None, handshakes=None, handshakes_per_address=None
-)
+# Every limit lifted, whichever the admission has (in all, per address, per
+# network).
+_LIFTED: dict[str, Any] = {
+    field.name: None
+    for field in attrs.fields(ConnectionLimits)
+    if field.name.startswith(("connections", "handshakes"))
+}
+NO_LIMITS = attrs.evolve(ConnectionLimits(), **_LIFTED)
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:

@@ -7,19 +7,15 @@ run as a process.
 from __future__ import annotations
 
 import io
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Any
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IServiceCollection
 from twisted.internet import error as internet_error
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -46,12 +42,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from curvetun.admission import ConnectionLimits
 from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
 from curvetun.keys import format_public_key
 from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
-from curvetun.transport import ConnectionLimits
 from curvetun.tunnel import EchoFactory, ForwardingFactory
 from curvetun.tunnel_service import (
     EX_CONFIG,
@@ -65,13 +61,18 @@ from curvetun.vault import FileVault
 
 from ._support import (
     Collector,
+    FakePort,
     Peers,
+    PendingServerEndpoint,
     admit,
     capture_logs,
     events_like,
     forget_keydir,
     make_keydir,
+    parse_events,
+    read_until,
     round_trip,
+    twist,
 )
 from ._tap_support import (
     ROOT,
@@ -274,7 +275,9 @@ class BuildTunnelTests(SynchronousTestCase):
     def test_one_listener_per_listen_endpoint_each_echoing_without_forward(self) -> None:
         keydir, _ = make_keydir(self)
         tunnel = self.make("--keydir", keydir, "--listen", "tcp:0", "--listen", "curvetun:0")
-        self.assertEqual([l.description for l in tunnel.listeners], ["tcp:0", "curvetun:0"])
+        self.assertEqual(
+            [listener.description for listener in tunnel.listeners], ["tcp:0", "curvetun:0"]
+        )
         for listener in tunnel.listeners:
             self.assertIsInstance(listener.factory, EchoFactory)
 
@@ -411,9 +414,9 @@ class MakeServiceTests(TestCase):
             TunnelConfig(keydir=first, listen=(f"tcp:0:{LOCALHOST}",)),
             TunnelConfig(keydir=second, listen=(f"tcp:0:{LOCALHOST}",) * 2, grace=0),
         ]
-        service = make_service(configs, reactor)
-        tunnels = list(IServiceCollection(service))
-        assert all(isinstance(tunnel, TunnelService) for tunnel in tunnels)
+        service = make_service(configs, reactor, environ={})
+        tunnels = service.tunnels
+        self.assertEqual(len(service.identities), 2)
         self.assertEqual([tunnel.config for tunnel in tunnels], configs)
         service.startService()
         for tunnel in tunnels:
@@ -612,45 +615,6 @@ class OpenConnectionsTests(SynchronousTestCase):
         self.assertNoResult(drained)  # until the aborted one has closed
         late.close()
         self.assertEqual(self.successResultOf(drained), 1)
-
-
-@implementer(IListeningPort)
-class FakePort:
-    """
-    A listening port that records being stopped.
-    """
-
-    def __init__(self) -> None:
-        self.stopped = 0
-
-    def startListening(self) -> None:
-        pass
-
-    def stopListening(self) -> None:
-        self.stopped += 1
-
-    def getHost(self) -> IPv4Address:
-        return IPv4Address("TCP", "127.0.0.1", 7700)
-
-
-@implementer(IStreamServerEndpoint)
-class PendingServerEndpoint:
-    """
-    A server endpoint whose listens the test completes by hand; it records
-    each factory and each cancellation.
-    """
-
-    def __init__(self) -> None:
-        self.listens: list[tuple[IProtocolFactory, Deferred[IListeningPort]]] = []
-        self.cancelled = 0
-
-    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
-        def cancel(d: Deferred[IListeningPort]) -> None:
-            self.cancelled += 1
-
-        d: Deferred[IListeningPort] = Deferred(cancel)
-        self.listens.append((protocolFactory, d))
-        return d
 
 
 @implementer(IStreamServerEndpoint)
@@ -897,7 +861,8 @@ class TunnelTests(TestCase):
             self,
             "--listen", f"tcp:0:{LOCALHOST}",
             "--keydir", dir_a,
-            "--forward", f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
+            "--forward",
+            f"curvetun:127.0.0.1:{port_of(b)}:key={format_public_key(key_b)}:keydir={dir_a}",
         )  # fmt: skip
         return a, b
 
@@ -1136,10 +1101,6 @@ class GracefulStopTests(TestCase):
 # -- the command ----------------------------------------------------------------
 
 
-def twist(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "twisted", "--log-format", "json", "curvetun", *argv]
-
-
 class CommandTests(SynchronousTestCase):
     """
     C{twist curvetun} run as a process: errors are one line and a non-zero
@@ -1316,36 +1277,3 @@ class CommandTests(SynchronousTestCase):
         for secret in ("secret.key", "nonce.key"):
             with open(os.path.join(keydir, secret)) as f:
                 self.assertNotIn(f.read().strip().encode(), stdout + stderr)
-
-
-def parse_events(output: bytes) -> list[dict[str, Any]]:
-    """
-    The complete events of twist's JSON log: each record is RS (0x1e),
-    JSON, newline.
-    """
-    records = output.decode("utf-8", "replace").split("\x1e")
-    return [json.loads(record) for record in records if record.endswith("\n")]
-
-
-def read_until(
-    process: subprocess.Popen[bytes], output: bytes, until: str, count: int = 1, timeout: float = 30
-) -> bytes:
-    """
-    Read more of C{process}'s JSON log, after C{output}, until it holds
-    C{count} events whose format begins with C{until}; fail after
-    C{timeout} seconds.
-
-    @return: C{output} and what was read.
-    """
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        events = parse_events(output)
-        if sum(e.get("log_format", "").startswith(until) for e in events) >= count:
-            return output
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or process.poll() is not None:
-            raise AssertionError(f"no {until!r} in time; output so far: {output[-2000:]!r}")
-        ready, _, _ = select.select([process.stdout], [], [], remaining)
-        if ready:
-            output += os.read(process.stdout.fileno(), 65536)

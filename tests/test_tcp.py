@@ -5,69 +5,23 @@ cannot show (frames split by the kernel, real close, real refusal).
 
 from __future__ import annotations
 
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
-from twisted.trial.unittest import TestCase
+from twisted.internet.interfaces import ITCPTransport
 
-from curvetun.channel import MessageChannel, MessageListener, connect, listen
-from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint
 from curvetun.errors import ConnectionClosed, MessageTooLong, NotAuthorized, ServerKeyMismatch
 from curvetun.packets import MAX_MESSAGE
-from curvetun.service import CurveTunService
 from curvetun.vault import MemoryVault
 
-from ._support import AllowList
+from ._support import LoopbackTestCase
 
 T = TypeVar("T")
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
     return Deferred.fromCoroutine(coroutine)
-
-
-class LoopbackTestCase(TestCase):
-    """
-    A curvetun server listening on 127.0.0.1 with a fresh identity, and a
-    client identity it admits from 127.0.0.1.
-    """
-
-    async def start(self, admit_client: bool = True) -> None:
-        self.server_vault = MemoryVault.generate()
-        self.client_vault = MemoryVault.generate()
-        allowed = [(self.client_vault.public_key, "127.0.0.1")] if admit_client else []
-        self.server_service = CurveTunService(self.server_vault, AllowList(clients=allowed))
-        self.client_service = CurveTunService(self.client_vault, AllowList())
-        for service in (self.server_service, self.client_service):
-            service.startService()
-            self.addCleanup(service.stopService)
-        self.listener: MessageListener = await listen(
-            CurveTunServerEndpoint(
-                TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), self.server_service
-            )
-        )
-        self.addCleanup(self.listener.close)
-        assert self.listener.port is not None
-        self.port = self.listener.port.getHost().port
-
-    async def connect(self, server_key: bytes | None = None) -> MessageChannel:
-        channel = await connect(
-            CurveTunClientEndpoint(
-                TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-                self.client_service,
-                self.server_vault.public_key if server_key is None else server_key,
-            )
-        )
-        self.addCleanup(channel.close)
-        return channel
-
-    async def pair(self) -> tuple[MessageChannel, MessageChannel]:
-        client = await self.connect()
-        server = await self.listener.accept()
-        self.addCleanup(server.close)
-        return client, server
 
 
 class LoopbackMessageTests(LoopbackTestCase):
@@ -133,7 +87,7 @@ class LoopbackMessageTests(LoopbackTestCase):
             await self.start()
             client, server = await self.pair()
             for channel in (client, server):
-                self.assertTrue(channel.transport.transport.getTcpNoDelay())
+                self.assertTrue(ITCPTransport(channel.transport.transport).getTcpNoDelay())
 
         return run(go())
 

@@ -8,21 +8,22 @@ original rejects closes the connection without delivering anything.
 
 from __future__ import annotations
 
-import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs
+from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs, ConnectionOwner
 from curvetun.cookies import CookieKeys
+from curvetun.factories import CurveTunClientFactory, CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.replay import ReplayGuard
-from curvetun.transport import CurveTunProtocol, CurveTunClientFactory, CurveTunServerFactory
+from curvetun.transport import CurveTunProtocol
 from curvetun.vault import MemoryVault
-from twisted.internet.task import Clock
 
-from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory
+from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory, framed
 from ._vectors import load, unhex
 
 SESSION = load("handshake.json")
@@ -35,10 +36,6 @@ SERVER_MESSAGES = [p for p in PACKETS[3:] if p["direction"].startswith("server")
 
 def key(name: str) -> bytes:
     return unhex(INPUTS[name])
-
-
-def framed(payload: bytes) -> bytes:
-    return struct.pack(">H", len(payload)) + payload
 
 
 def fixed_random(name: str) -> Callable[[int], bytes]:
@@ -65,7 +62,8 @@ class VectorPeer:
         """
         self.transport.clear()
         self.protocol.dataReceived(framed(payload))
-        return self.transport.value()
+        written: bytes = self.transport.value()
+        return written
 
     @property
     def delivered(self) -> list[bytes]:
@@ -124,7 +122,7 @@ class VectorClient(VectorPeer):
             self.apps, self.vault, key("server_longterm_public_S"), clock
         )
 
-        def make_machine(owner: CurveTunProtocol) -> ConnectionInputs:
+        def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
             return ClientMachine(
                 ClientCore(owner, self.vault, factory.server_key, lambda: ephemeral)
             )

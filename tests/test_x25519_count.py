@@ -6,14 +6,15 @@ is the server's per client key).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nacl.bindings
 from twisted.trial.unittest import SynchronousTestCase
 
 import curvetun.handshake
 import curvetun.vault
-from curvetun.transport import ConnectionLimits
+from curvetun.admission import ConnectionLimits
 
 from ._support import Peers
 
@@ -56,7 +57,11 @@ class X25519CountTests(SynchronousTestCase):
         self.assertEqual(calls, ["crypto_box_beforenm"] * 4 + ["crypto_box_keypair"] * 2)
 
     def test_many_handshakes_do_not_evict_the_long_term_shared_keys(self) -> None:
-        peers = Peers(limits=ConnectionLimits(None, None, None, None))
+        peers = Peers(
+            limits=ConnectionLimits(
+                None, None, None, None, connections_per_network=None, handshakes_per_network=None
+            )
+        )
         for _ in range(curvetun.vault.SHARED_KEY_CACHE_SIZE + 10):
             peers.connect()
         calls = self.handshake(peers)

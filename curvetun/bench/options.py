@@ -149,7 +149,8 @@ class BenchOptions(usage.Options):
     curvetun.bench}).
 
     After L{parseOptions}, C{self["only"]} and C{self["transports"]} are
-    tuples of names (of the tunnel comparison's, with C{--tunnel}), C{self["runs"]}, C{self["duration"]} and
+    tuples of names (of the tunnel comparison's, with C{--tunnel}),
+    C{self["runs"]}, C{self["duration"]} and
     C{self["connections"]} are numbers or C{None} (the default for
     C{--quick} or not: see L{settings_from}).
     """

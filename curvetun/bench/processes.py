@@ -135,7 +135,7 @@ class Children:
                 # Safe here: the tunnel comparison starts its children
                 # before any thread of its own exists (it connects to
                 # IP addresses, with no resolver thread).
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                preexec_fn=_die_with_parent(),
             )
         self.processes.append(process)
         return process

@@ -52,7 +52,7 @@ def render(rows: list[list[str]], left: int = 2) -> list[str]:
     for row in rows:
         cells = [
             cell.ljust(width) if i < left else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(row, widths))
+            for i, (cell, width) in enumerate(zip(row, widths, strict=False))
         ]
         lines.append("  ".join(cells).rstrip())
     return lines

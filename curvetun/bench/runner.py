@@ -412,7 +412,7 @@ def environment() -> dict[str, str]:
         # os.uname, not platform.platform(): that runs "uname -p".
         "platform": "-".join(os.uname()[i] for i in (0, 2, 4)),
         "cpus": str(os.cpu_count()),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if hasattr(os, "getloadavg"):
         # On a shared machine, other work skews the figures: say how busy

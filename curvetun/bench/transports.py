@@ -25,15 +25,17 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
 
+from ..admission import ConnectionLimits
 from ..endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from ..keys import format_public_key
 from ..registry import Registry
 from ..service import CurveTunService
-from ..transport import ConnectionLimits
 from ..vault import FileVault, MemoryVault
 from .figures import LOCALHOST
 
-CURVETUN_LIMITS = attrs.evolve(ConnectionLimits(), connections=None, connections_per_address=None)
+CURVETUN_LIMITS = attrs.evolve(
+    ConnectionLimits(), connections=None, connections_per_address=None, connections_per_network=None
+)
 """
 A curvetun server's connection limits in the benchmark: the memory figure
 holds a thousand connections and more from one address; the handshake
@@ -146,7 +148,7 @@ def make_certificate(directory: str) -> tuple[str, str]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
+    now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
         x509.CertificateBuilder()
         .subject_name(name)

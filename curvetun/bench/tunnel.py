@@ -201,6 +201,7 @@ class Launcher:
                 # The memory figure holds thousands of connections from
                 # 127.0.0.1; the handshake limits stay at their defaults.
                 *("--max-connections", "0", "--max-connections-per-address", "0"),
+                *("--max-connections-per-network", "0"),
                 "--listen",
                 curvetun_server_description(0, keys.server_keydir, keys.server_registry),
                 "--forward",

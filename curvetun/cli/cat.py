@@ -97,7 +97,7 @@ class CatOptions(KeydirOptions):
             wait = float(self["wait"])
         except ValueError:
             wait = -1.0
-        if not (0 <= wait and math.isfinite(wait)):
+        if not (wait >= 0 and math.isfinite(wait)):
             raise usage.UsageError(
                 f"--wait must be a number of seconds, 0 or more, not {quoted(self['wait'])}"
             )

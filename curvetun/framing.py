@@ -1,0 +1,193 @@
+"""
+Framing (spec "Framing"): a byte stream cut into frames, each a 2-byte
+big-endian length and that many bytes of payload.
+
+L{FrameDecoder} is sans-I/O: it is fed bytes and hands each whole payload
+to a receiver, one at a time, until it is paused or stopped. It is safe
+against re-entrance: the receiver may pause, resume, stop or feed it from
+inside a delivery, and each frame is still delivered exactly once, in order.
+
+    decoder = FrameDecoder(receiver.frame_received, receiver.frame_refused)
+    decoder.expect(128)    # only a 128-byte frame is valid next
+    decoder.feed(data)     # from dataReceived
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+LENGTH_SIZE = 2
+"""The size of a frame's length prefix."""
+
+
+class FrameDecoder:
+    """
+    Cuts a byte stream into frames.
+
+    Bytes are buffered only as far as they are needed: a partial frame is
+    kept as the chunks it arrived in and joined once it is whole, so a
+    65535-byte frame that arrives a byte at a time costs linear time.
+
+    When a length is expected (L{expect}), a frame that announces another
+    length is refused as soon as its 2-byte prefix is in: the decoder stops
+    and calls C{refused(length, expected)}, without waiting for the payload.
+
+    @ivar received: how many bytes were fed in all.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_deliver",
+        "_delivering",
+        "_expected",
+        "_paused",
+        "_refused",
+        "_size",
+        "_stopped",
+        "_wanted",
+        "received",
+    )
+
+    def __init__(
+        self, deliver: Callable[[bytes], object], refused: Callable[[int, int], object]
+    ) -> None:
+        """
+        @param deliver: called with each whole payload (without its prefix).
+        @param refused: called with the announced length of a frame that is
+            not of the expected length, and the expected one; the decoder is
+            stopped by then.
+        """
+        self._deliver = deliver
+        self._refused = refused
+        # The unprocessed bytes, in the order they came, and their total.
+        self._chunks: list[bytes] = []
+        self._size = 0
+        # How many unprocessed bytes there must be before anything can be
+        # done: a length prefix, or the whole frame it announces.
+        self._wanted = LENGTH_SIZE
+        self._expected: int | None = None
+        self._paused = False
+        self._stopped = False
+        self._delivering = False
+        self.received = 0
+
+    def deliver_to(self, deliver: Callable[[bytes], object]) -> None:
+        """
+        Hand the frames that follow to C{deliver} instead (from inside a
+        delivery too: the next frame goes to the new receiver).
+        """
+        self._deliver = deliver
+
+    def expect(self, length: int | None) -> None:
+        """
+        From the next frame on, only frames of C{length} bytes are valid
+        (L{None}: any length). Checked as each frame's prefix is read.
+        """
+        self._expected = length
+        if length is not None and not self._delivering:
+            # A prefix already read is checked now, not when its frame ends.
+            self._process()
+
+    @property
+    def buffered(self) -> int:
+        """
+        How many bytes are held: of frames not yet whole, or not yet
+        delivered because delivery is paused.
+        """
+        return self._size
+
+    @property
+    def stopped(self) -> bool:
+        """
+        Whether L{stop} was called: nothing will be delivered any more.
+        """
+        return self._stopped
+
+    def feed(self, data: bytes) -> None:
+        """
+        Add bytes from the stream, and deliver the frames now whole (unless
+        paused, or when called from inside a delivery: the running delivery
+        goes on with them).
+        """
+        if self._stopped:
+            return
+        self.received += len(data)
+        if self._chunks:
+            self._chunks.append(data)
+        elif data:
+            self._chunks = [data]
+        else:
+            return
+        self._size += len(data)
+        if self._size >= self._wanted:
+            self._process()
+
+    def pause(self) -> None:
+        """
+        Deliver nothing more until L{resume}; the frame being delivered, if
+        any, is the last.
+        """
+        self._paused = True
+
+    def resume(self) -> None:
+        """
+        Deliver again: the frames already whole are delivered now (or by the
+        running delivery, when called from inside one).
+        """
+        if self._stopped or not self._paused:
+            return
+        self._paused = False
+        self._process()
+
+    def stop(self) -> None:
+        """
+        Deliver nothing more, ever, and drop what is buffered; later feeds
+        are ignored.
+        """
+        self._stopped = True
+        self._chunks = []
+        self._size = 0
+
+    def _process(self) -> None:
+        if self._delivering or self._paused or self._stopped or not self._chunks:
+            return
+        self._delivering = True
+        try:
+            self._deliver_frames()
+        finally:
+            self._delivering = False
+
+    def _deliver_frames(self) -> None:
+        while True:
+            chunks = self._chunks
+            buffer = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            # Bytes fed by a receiver from inside a delivery collect here.
+            self._chunks = []
+            size = len(buffer)
+            offset = 0
+            wanted = LENGTH_SIZE
+            while not self._paused:
+                if size - offset < LENGTH_SIZE:
+                    break
+                length = (buffer[offset] << 8) | buffer[offset + 1]
+                expected = self._expected
+                if expected is not None and length != expected:
+                    self.stop()
+                    self._refused(length, expected)
+                    return
+                end = offset + LENGTH_SIZE + length
+                if end > size:
+                    wanted = LENGTH_SIZE + length
+                    break
+                frame = buffer[offset + LENGTH_SIZE : end]
+                offset = end
+                self._deliver(frame)
+                if self._stopped:
+                    return
+            rest = buffer[offset:] if offset else buffer
+            fed_meanwhile = self._chunks
+            self._chunks = [rest, *fed_meanwhile] if rest else fed_meanwhile
+            self._size = total = len(rest) + sum(map(len, fed_meanwhile))
+            self._wanted = wanted
+            if self._paused or not fed_meanwhile or total < wanted:
+                return

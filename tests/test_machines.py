@@ -1,0 +1,322 @@
+"""
+The connection machines by themselves, with a fake owner that records what
+each machine asks of it (the pattern of magic-wormhole's test_machines):
+no transport, no frames, no reactor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from curvetun import handshake
+from curvetun.connection import (
+    ClientCore,
+    ClientInputs,
+    ClientMachine,
+    HandshakePacket,
+    ServerCore,
+    ServerInputs,
+    ServerMachine,
+)
+from curvetun.cookies import CookieKeys
+from curvetun.errors import (
+    BadPacket,
+    HandshakeTimeout,
+    NotAuthorized,
+    ReplayedVouch,
+    ServerKeyMismatch,
+)
+from curvetun.handshake import EphemeralKeyPair
+from curvetun.packets import Cookie, Hello, Vouch, parse_as
+from curvetun.session import Session
+from curvetun.vault import MemoryVault
+
+from ._support import AllowList
+
+PEER_HOST = "192.0.2.1"
+
+
+class RecordingOwner:
+    """
+    A L{curvetun.connection.ConnectionOwner} that records each request as
+    a tuple, and keeps the frames sent and the receiver it was last told
+    to give packets to.
+    """
+
+    peer_host = PEER_HOST
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.frames: list[bytes] = []
+        self.receiver: Callable[[Any], None] | None = None
+        self.session: Session | None = None
+        self.message_opened: Callable[[], None] | None = None
+
+    def send_frame(self, payload: bytes) -> None:
+        self.frames.append(payload)
+        self.events.append(("send_frame", payload[:8]))
+
+    def expect_packet(
+        self, packet_type: type[HandshakePacket], receiver: Callable[[HandshakePacket], None]
+    ) -> None:
+        self.receiver = receiver
+        self.events.append(("expect_packet", packet_type))
+
+    def hello_accepted(self) -> None:
+        self.events.append(("hello_accepted",))
+
+    def established(
+        self,
+        session: Session,
+        peer_public_key: bytes,
+        message_opened: Callable[[], None] | None,
+    ) -> None:
+        self.session = session
+        self.message_opened = message_opened
+        self.events.append(("established", peer_public_key, message_opened is not None))
+
+    def handshake_confirmed(self) -> None:
+        self.events.append(("handshake_confirmed",))
+
+    def disconnect(self) -> None:
+        self.events.append(("disconnect",))
+
+    def lost(self, reason: Failure) -> None:
+        self.events.append(("lost", type(reason.value), reason.getErrorMessage()))
+
+    def names(self) -> list[str]:
+        return [event[0] for event in self.events]
+
+    def give(self, packet_type: type[HandshakePacket], payload: bytes) -> None:
+        """
+        Hand the machine the packet it asked for, as the transport does.
+        """
+        assert self.receiver is not None
+        self.receiver(parse_as(payload, packet_type))
+
+
+class Handshake:
+    """
+    A server and a client machine, each with a recording owner, and the
+    identities they use. Frames go from one owner to the other machine only
+    when a test passes them.
+    """
+
+    def __init__(self, registered: bool = True, remember: bool = True) -> None:
+        self.server_vault = MemoryVault.generate()
+        self.client_vault = MemoryVault.generate()
+        self.registry = AllowList(
+            clients=[(self.client_vault.public_key, PEER_HOST)] if registered else []
+        )
+        self.server_owner = RecordingOwner()
+        self.client_owner = RecordingOwner()
+        self.server: ServerInputs = ServerMachine(
+            ServerCore(
+                self.server_owner,
+                self.server_vault,
+                CookieKeys(),
+                self.registry,
+                lambda key: remember,
+            )
+        )
+        self.client: ClientInputs = ClientMachine(
+            ClientCore(self.client_owner, self.client_vault, self.server_vault.public_key)
+        )
+
+    def up_to_vouch(self) -> None:
+        self.server.connection_made()
+        self.client.connection_made()
+        self.server_owner.give(Hello, self.client_owner.frames[-1])
+        self.client_owner.give(Cookie, self.server_owner.frames[-1])
+
+    def complete(self) -> None:
+        self.up_to_vouch()
+        self.server_owner.give(Vouch, self.client_owner.frames[-1])
+
+
+class ServerMachineTests(SynchronousTestCase):
+    def test_it_expects_a_hello_once_connected(self) -> None:
+        peers = Handshake()
+        peers.server.connection_made()
+        self.assertEqual(peers.server_owner.events, [("expect_packet", Hello)])
+
+    def test_a_verified_hello_is_answered_with_a_cookie_and_a_vouch_expected(self) -> None:
+        peers = Handshake()
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        self.assertEqual(
+            peers.server_owner.names(),
+            ["expect_packet", "hello_accepted", "send_frame", "expect_packet"],
+        )
+        self.assertEqual(peers.server_owner.events[-1], ("expect_packet", Vouch))
+
+    def test_a_verified_vouch_establishes_and_confirms_at_once(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        self.assertEqual(
+            peers.server_owner.events[-2:],
+            [
+                ("established", peers.client_vault.public_key, False),
+                ("handshake_confirmed",),
+            ],
+        )
+        self.assertEqual(peers.registry.asked, [(peers.client_vault.public_key, PEER_HOST)])
+
+    def test_the_sessions_of_both_machines_match(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        client_session, server_session = peers.client_owner.session, peers.server_owner.session
+        assert client_session is not None and server_session is not None
+        self.assertEqual(server_session.open_payload(client_session.seal(b"hi")), b"hi")
+        self.assertEqual(client_session.open_payload(server_session.seal(b"ho")), b"ho")
+
+    def test_a_hello_that_does_not_verify_closes_without_an_answer(self) -> None:
+        peers = Handshake()
+        peers.server.connection_made()
+        hello, _ = handshake.client_hello(
+            MemoryVault.generate().public_key, EphemeralKeyPair.generate()
+        )
+        peers.server_owner.give(Hello, hello)
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", BadPacket))
+
+    def test_a_client_the_registry_does_not_know_is_refused(self) -> None:
+        peers = Handshake(registered=False)
+        peers.complete()
+        self.assertNotIn("established", peers.server_owner.names())
+        self.assertEqual(peers.server_owner.names()[-1], "disconnect")
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", NotAuthorized))
+
+    def test_a_replayed_vouch_is_refused(self) -> None:
+        peers = Handshake(remember=False)
+        peers.complete()
+        self.assertNotIn("established", peers.server_owner.names())
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", ReplayedVouch))
+
+    def test_a_bad_packet_closes_from_every_state(self) -> None:
+        for steps in (0, 1, 2):
+            peers = Handshake()
+            peers.server.connection_made()
+            peers.client.connection_made()
+            if steps >= 1:
+                peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+            if steps >= 2:
+                peers.client_owner.give(Cookie, peers.server_owner.frames[-1])
+                peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
+            peers.server.bad_packet(BadPacket("garbage"))
+            self.assertEqual(peers.server_owner.names()[-1], "disconnect", steps)
+            peers.server.connection_lost(Failure(ConnectionDone()))
+            self.assertEqual(peers.server_owner.events[-1], ("lost", BadPacket, "garbage"))
+
+    def test_the_reason_we_closed_for_is_reported_once_tcp_is_gone(self) -> None:
+        peers = Handshake()
+        peers.server.connection_made()
+        peers.server.close(HandshakeTimeout("too slow"))
+        peers.server.close(ConnectionDone("closed locally"))
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        peers.server.connection_lost(Failure(ConnectionLost()))
+        self.assertEqual(peers.server_owner.events[-1], ("lost", HandshakeTimeout, "too slow"))
+
+    def test_tcp_closing_first_reports_tcps_reason(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        peers.server.connection_lost(Failure(ConnectionLost("gone")))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", ConnectionLost))
+        self.assertNotIn("disconnect", peers.server_owner.names())
+
+
+class ClientMachineTests(SynchronousTestCase):
+    def test_it_sends_its_hello_and_expects_a_cookie_once_connected(self) -> None:
+        peers = Handshake()
+        peers.client.connection_made()
+        self.assertEqual(
+            peers.client_owner.events,
+            [("send_frame", peers.client_owner.frames[0][:8]), ("expect_packet", Cookie)],
+        )
+        parse_as(peers.client_owner.frames[0], Hello)
+
+    def test_the_cookie_is_answered_with_the_vouch_and_the_session_starts(self) -> None:
+        peers = Handshake()
+        peers.up_to_vouch()
+        self.assertEqual(
+            peers.client_owner.names(), ["send_frame", "expect_packet", "send_frame", "established"]
+        )
+        parse_as(peers.client_owner.frames[-1], Vouch)
+        # Vouched, not confirmed: the owner is to report the first message.
+        self.assertEqual(
+            peers.client_owner.events[-1], ("established", peers.server_vault.public_key, True)
+        )
+
+    def test_the_first_message_opened_confirms_the_handshake_once(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        message_opened = peers.client_owner.message_opened
+        assert message_opened is not None
+        message_opened()
+        self.assertEqual(peers.client_owner.names()[-1], "handshake_confirmed")
+        peers.client.connection_lost(Failure(ConnectionLost()))
+        self.assertEqual(peers.client_owner.events[-1][:2], ("lost", ConnectionLost))
+
+    def test_a_cookie_from_another_key_says_the_server_key_is_wrong(self) -> None:
+        peers = Handshake()
+        peers.client.connection_made()
+        impostor = MemoryVault.generate()
+        cookie = handshake.server_cookie(
+            parse_as(peers.client_owner.frames[0], Hello).client_ephemeral_key,
+            impostor,
+            CookieKeys(),
+        )
+        peers.client_owner.give(Cookie, cookie)
+        self.assertEqual(peers.client_owner.names()[-1], "disconnect")
+        peers.client.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.client_owner.events[-1][:2], ("lost", ServerKeyMismatch))
+
+    def test_a_close_after_the_hello_says_the_server_key_may_be_wrong(self) -> None:
+        peers = Handshake()
+        peers.client.connection_made()
+        peers.client.connection_lost(Failure(ConnectionDone()))
+        event = peers.client_owner.events[-1]
+        self.assertEqual(event[:2], ("lost", ServerKeyMismatch))
+        self.assertIn("after our hello", event[2])
+
+    def test_a_close_after_the_vouch_says_we_are_probably_not_registered(self) -> None:
+        peers = Handshake()
+        peers.up_to_vouch()
+        peers.client.connection_lost(Failure(ConnectionDone()))
+        event = peers.client_owner.events[-1]
+        self.assertEqual(event[:2], ("lost", NotAuthorized))
+        self.assertIn("registry", event[2])
+
+    def test_a_bad_packet_after_the_vouch_closes(self) -> None:
+        peers = Handshake()
+        peers.up_to_vouch()
+        peers.client.bad_packet(BadPacket("message does not verify"))
+        self.assertEqual(peers.client_owner.names()[-1], "disconnect")
+        peers.client.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.client_owner.events[-1][:2], ("lost", BadPacket))
+
+    def test_a_close_while_vouched_reports_why_we_closed(self) -> None:
+        peers = Handshake()
+        peers.up_to_vouch()
+        peers.client.close(ConnectionDone("closed locally"))
+        peers.client.connection_lost(Failure(ConnectionLost()))
+        event = peers.client_owner.events[-1]
+        self.assertEqual(event[:2], ("lost", ConnectionDone))
+        self.assertIn("closed locally", event[2])
+
+    def test_a_server_key_that_is_not_a_public_key_closes_before_sending(self) -> None:
+        owner = RecordingOwner()
+        client = ClientMachine(ClientCore(owner, MemoryVault.generate(), b"\x00" * 32))
+        client.connection_made()
+        self.assertEqual(owner.names(), ["disconnect"])
+        client.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(owner.events[-1][:2], ("lost", BadPacket))
