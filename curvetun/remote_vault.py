@@ -17,6 +17,7 @@ another question) ever passes.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -78,7 +79,7 @@ class _VaultClient(amp.AMP):
         try:
             super().ampBoxReceived(box)
         except (KeyError, amp.NoEmptyBoxes):
-            self.log.warn("Vault sent a box that answers no question; reconnecting")  # noqa: G010
+            self.log.warn("Vault sent a box that answers no question; reconnecting")
             if self.transport is not None:
                 self.transport.loseConnection()
 
@@ -205,7 +206,7 @@ class RemoteVault:
                     Factory.forProtocol(_VaultClient)
                 )
                 client = await self._wait_on(connecting)
-            except Exception:  # noqa: BLE001 -- every failure to connect means: try again
+            except Exception:
                 client = None
             if client is not None and await self._accept(client):
                 delay = FIRST_RETRY_DELAY
@@ -220,10 +221,8 @@ class RemoteVault:
                 client.transport.loseConnection()
             if not self._running:
                 break
-            try:
+            with contextlib.suppress(CancelledError):
                 await self._wait_on(deferLater(self._clock, delay, lambda: None))
-            except CancelledError:
-                pass
             delay = min(2 * delay, self._max_retry_delay)
 
     def _wait_on(self, pending: Deferred[_T]) -> Deferred[_T]:
@@ -245,7 +244,7 @@ class RemoteVault:
         asking.addTimeout(self.timeout, self._clock)
         try:
             answer = await asking
-        except Exception:  # noqa: BLE001 -- a vault that cannot say its key is not up
+        except Exception:
             return False
         public_key = answer["public_key"]
         if not self.public_key:

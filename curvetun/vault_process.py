@@ -124,7 +124,7 @@ class VaultProtocol(amp.AMP):
                 return failure  # a declared error (BAD_PACKET, ...) or an unknown command
             kind = failure.type.__name__ if failure.type is not None else "error"
             what = f"{kind}: {failure.getErrorMessage()}"[:200]
-            self.log.warn(  # noqa: G010
+            self.log.warn(
                 "Vault: bad {command} request: {what}",
                 command=command.decode("ascii", "replace")[:40],
                 what=what,
@@ -143,9 +143,7 @@ class VaultProtocol(amp.AMP):
         if amp.COMMAND in box:
             super().ampBoxReceived(box)
             return
-        self.log.warn(  # noqa: G010
-            "Vault: a box that is not a command; closing that connection"
-        )
+        self.log.warn("Vault: a box that is not a command; closing that connection")
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -153,9 +151,7 @@ class VaultProtocol(amp.AMP):
         """
         A key longer than AMP allows: the framing is broken.
         """
-        self.log.warn(  # noqa: G010
-            "Vault: an AMP key of {length} bytes; closing that connection", length=length
-        )
+        self.log.warn("Vault: an AMP key of {length} bytes; closing that connection", length=length)
         super().lengthLimitExceeded(length)
 
 
@@ -288,7 +284,9 @@ class Options(usage.Options):
     """
 
     synopsis = "--keydir DIR --socket PATH [--create]"
-    optFlags: ClassVar[list[list[str | None]]] = [["create", None, "Create the key directory if it holds no key yet."]]
+    optFlags: ClassVar[list[list[str | None]]] = [
+        ["create", None, "Create the key directory if it holds no key yet."]
+    ]
     optParameters: ClassVar[list[list[str | None]]] = [
         ["keydir", None, None, "The key directory whose secret key this process holds."],
         ["socket", None, None, "The UNIX socket to answer on (mode 0600, directory 0700)."],

@@ -33,9 +33,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from curvetun.admission import ConnectionLimits
 from curvetun.config import TunnelConfig
 from curvetun.handshake_vault import IHandshakeVault
-from curvetun.transport import ConnectionLimits
 from curvetun.tunnel_service import TunnelService
 
 log = Logger()
@@ -98,7 +98,11 @@ def config_to_json(config: TunnelConfig) -> str:
     """
     The tunnel's configuration, for a worker's command line.
     """
-    return json.dumps(attrs.asdict(config, recurse=True))
+    # Where it was read from (a file, the command line) stays behind: it
+    # only places the supervisor's own error messages.
+    return json.dumps(
+        attrs.asdict(config, recurse=True, filter=lambda field, _: field.name != "source")
+    )
 
 
 def config_from_json(text: str) -> TunnelConfig:
@@ -195,7 +199,7 @@ def build_worker_tunnel(
     if config.forward is not None:
         forward = parse_endpoint("--forward", config.forward, clientFromString, reactor)
     tunnel = TunnelService(config, identity)
-    for (fd, kind), description in zip(adopted, config.listen):
+    for (fd, kind), description in zip(adopted, config.listen, strict=False):
         endpoint: IStreamServerEndpoint = AdoptedPortEndpoint(reactor, fd)
         if kind == "curvetun-proxied":
             endpoint = CurveTunServerEndpoint(proxyEndpoint(endpoint), identity, proxied=True)

@@ -35,6 +35,7 @@ the vault. SIGHUP is passed on to every worker (reload).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -190,7 +191,7 @@ class _Child:
             self.supervisor.give_up(status)
             return
         delay = self.backoff.delay_after(uptime)
-        log.warn(  # noqa: G010
+        log.warn(
             "{name} (pid {pid}) {end} after {uptime:.1f} s; starting it again in {delay:g} s",
             name=self.name,
             pid=pid,
@@ -205,10 +206,8 @@ class _Child:
         Send signal C{number} to the process, if it runs.
         """
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessExitedAlready):
                 self.process.signalProcess(number)
-            except ProcessExitedAlready:
-                pass
 
     def stop(self, timeout: float) -> Deferred[None]:
         """
@@ -234,7 +233,7 @@ class _Child:
         return ended.addCallback(cancel_killer)
 
     def _kill_late(self, timeout: float) -> None:
-        log.warn(  # noqa: G010
+        log.warn(
             "{name} (pid {pid}) still runs {timeout:g} s after SIGTERM: killing it",
             name=self.name,
             pid=self.pid,
@@ -287,7 +286,9 @@ def listens_for(config: TunnelConfig, reactor: Any) -> list[Listen]:
             args, kwargs = split_description(rest)
             parts = parse_server_parts(reactor, *args, **kwargs)
         except ValueError as error:
-            raise StartupError(f"bad --listen endpoint {description[:80]!r}: {error}", EX_USAGE)
+            raise StartupError(
+                f"bad --listen endpoint {description[:80]!r}: {error}", EX_USAGE
+            ) from None
         for option, value, tunnel_value in [
             ("keydir", parts.keydir, config.keydir),
             ("registry", parts.registry, config.registry),
@@ -412,7 +413,7 @@ class Supervisor(Service):
         super().startService()
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
         adopt: list[str] = []
-        for number, (port, listen) in enumerate(zip(self.ports, self.listens)):
+        for number, (port, listen) in enumerate(zip(self.ports, self.listens, strict=False)):
             fd = FIRST_CHILD_FD + number
             child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
             adopt += ["--adopt", f"{fd}:{listen.kind}"]
