@@ -1,8 +1,8 @@
 """
 The handshake state machines of protocol v1.0, built with Automat.
 
-    server: ready -> accepting -> connected
-    client: ready -> initiating -> vouched -> connected
+    server: ready -> answering -> accepting -> verifying -> connected
+    client: ready -> initiating -> vouching -> vouched -> connected
     either: any state -> closed
 
 They do no I/O and no parsing, and they never see a message. The transport
@@ -28,17 +28,21 @@ stays in charge of one fact only it can judge, and of closing:
     calls it once, before delivering that message, and the machine moves
     from C{vouched} to C{connected} and reports the handshake confirmed.
 
-Where an input's outcome depends on a verification, the state loops on the
-public input, does the (pure) verification from L{curvetun.handshake}, and
-calls one private input with the answer: C{_rejected} on failure, otherwise
-the input that carries the answer (the cookie, the vouch, the session) and
-moves on. The frames are sent in those private transitions, never in the
-public ones. A vault that answers later (a separate process, a hardware
-token: L{curvetun.interfaces.IVault} is synchronous today) then changes only
-the looping outputs: they start the question and call the private input when
-the answer arrives. Meanwhile the machine stays in its state, and the owner
-has nothing to deliver: each handshake packet is the only one the peer may
-send before our answer.
+Where an input's outcome depends on a verification, the public input does
+the (pure) checks from L{curvetun.handshake} that need no long-term key,
+asks the vault (L{curvetun.handshake_vault.IHandshakeVault}) the one
+question of the step, and moves to a waiting state (C{answering},
+C{verifying}, C{vouching}); the answer comes as one private input:
+C{_rejected} on failure, otherwise the input that carries the answer (the
+cookie, the vouch, the session), which moves on. The frames are sent in
+those private transitions, never in the public ones.
+
+The vault may answer at once (the in-process vault's Deferreds have fired:
+Automat runs the private input right after the public one's transition) or
+later (a vault process, a hardware token). While the machine waits, the
+peer has no packet to send: a second hello, cookie or vouch before our
+answer is refused. An answer that comes after the connection closed (a
+timeout, the peer left) is dropped by the closed state.
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ from twisted.python.failure import Failure
 from . import handshake
 from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, ServerKeyMismatch
 from .handshake import CookieSealer, EphemeralKeyPair
-from .interfaces import IRegistry, IVault
+from .handshake_vault import (
+    IHandshakeVault,
+    VaultUnavailable,
+    as_handshake_vault,
+    client_vouch_key,
+    client_vouch_packet,
+)
+from .interfaces import IRegistry
 from .keys import fingerprint, keys_equal
 from .packets import Cookie, Hello, Vouch
 from .session import Session
@@ -180,7 +191,11 @@ class ServerCore:
     """
 
     owner: ConnectionOwner
-    vault: IVault
+    vault: IHandshakeVault = attrs.field(converter=as_handshake_vault)
+    """
+    The long-term key's holder (an in-process L{curvetun.interfaces.IVault}
+    is answered through a L{curvetun.handshake_vault.LocalHandshakeVault}).
+    """
     cookie_keys: CookieSealer
     registry: IRegistry
     remember_vouch: Callable[[bytes], bool]
@@ -198,7 +213,10 @@ class ClientCore:
     """
 
     owner: ConnectionOwner
-    vault: IVault
+    vault: IHandshakeVault = attrs.field(converter=as_handshake_vault)
+    """
+    The long-term key's holder, as for L{ServerCore.vault}.
+    """
     server_key: bytes
     make_ephemeral: Callable[[], EphemeralKeyPair] = EphemeralKeyPair.generate
     """
@@ -297,10 +315,36 @@ def _already_closed(
     """
 
 
+def _answer_too_late(
+    inputs: ConnectionInputs, core: ServerCore | ClientCore, *answer: object
+) -> None:
+    """
+    The vault answered (or failed) after the connection closed: nothing is
+    sent, nothing remembered.
+    """
+
+
+def _failed(failure: Failure) -> CurveTunError:
+    """
+    What a vault's failed answer means for the handshake: its own error
+    (L{BadPacket}: the peer's box did not verify; L{VaultUnavailable}), or
+    any other error as the vault being unusable: never a success.
+    """
+    if isinstance(failure.value, CurveTunError):
+        return failure.value
+    return VaultUnavailable(f"the vault failed: {failure.type.__name__ if failure.type else '?'}")
+
+
+def _too_early(kind: str) -> BadPacket:
+    return BadPacket(f"a {kind} packet before our answer to the last one")
+
+
 def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
+    answering = builder.state("answering")
     accepting = builder.state("accepting", _accepting)
+    verifying = builder.state("verifying")
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
 
@@ -308,19 +352,23 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     def await_hello(inputs: ServerInputs, core: ServerCore) -> None:
         core.owner.expect_packet(Hello, inputs.hello_received)
 
-    @pep614(ready.upon(ServerInputs.hello_received).loop())
+    @pep614(ready.upon(ServerInputs.hello_received).to(answering))
     def answer_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
-        try:
-            handshake.server_open_hello(hello, core.vault)
-            cookie = handshake.server_cookie(
-                hello.client_ephemeral_key, core.vault, core.cookie_keys
-            )
-        except CurveTunError as error:  # KeyFileError: the counter could not be stored
-            inputs._rejected(error)
-        else:
-            inputs._hello_answered(hello.client_ephemeral_key, cookie)
+        # One question to the vault: open the hello, make SN, seal the
+        # cookie. A failure includes a counter the vault could not store.
+        asking = core.vault.open_hello_and_seal_cookie(
+            hello, EphemeralKeyPair.generate(), core.cookie_keys
+        )
+        asking.addCallbacks(
+            lambda cookie: inputs._hello_answered(hello.client_ephemeral_key, cookie),
+            lambda failure: inputs._rejected(_failed(failure)),
+        )
 
-    @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
+    @pep614(answering.upon(ServerInputs.hello_received).loop())
+    def second_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
+        inputs._rejected(_too_early("hello"))
+
+    @pep614(answering.upon(ServerInputs._hello_answered).to(accepting))
     def send_cookie(
         inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
     ) -> None:
@@ -328,7 +376,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
         core.owner.send_frame(cookie)
         core.owner.expect_packet(Vouch, inputs.vouch_received)
 
-    @pep614(accepting.upon(ServerInputs.vouch_received).loop())
+    @pep614(accepting.upon(ServerInputs.vouch_received).to(verifying))
     def check_vouch(inputs: ServerInputs, core: ServerCore, state: Accepting, vouch: Vouch) -> None:
         try:
             opened = handshake.server_open_vouch(vouch, core.cookie_keys)
@@ -343,19 +391,28 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
                     f"client key {fingerprint(opened.client_key)} is not allowed "
                     f"from {peer_host} by the registry"
                 )
-            handshake.server_verify_vouch(opened, core.vault)
-            if not core.remember_vouch(opened.client_ephemeral_key):
-                raise ReplayedVouch("replayed vouch: this session was accepted before")
         except CurveTunError as error:
             inputs._rejected(error)
-        else:
-            inputs._vouch_verified(opened.session, opened.client_key)
+            return
 
-    @pep614(accepting.upon(ServerInputs._vouch_verified).to(connected))
+        def verified(_: None) -> None:
+            if core.remember_vouch(opened.client_ephemeral_key):
+                inputs._vouch_verified(opened.session, opened.client_key)
+            else:
+                inputs._rejected(ReplayedVouch("replayed vouch: this session was accepted before"))
+
+        core.vault.open_vouch(opened).addCallbacks(
+            verified, lambda failure: inputs._rejected(_failed(failure))
+        )
+
+    @pep614(verifying.upon(ServerInputs.vouch_received).loop())
+    def second_vouch(inputs: ServerInputs, core: ServerCore, vouch: Vouch) -> None:
+        inputs._rejected(_too_early("vouch"))
+
+    @pep614(verifying.upon(ServerInputs._vouch_verified).to(connected))
     def accepted(
         inputs: ServerInputs,
         core: ServerCore,
-        state: Accepting,
         session: Session,
         client_key: bytes,
     ) -> None:
@@ -366,17 +423,24 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
 
     # Closing, from every state: the plain states' outputs take the input's
     # arguments only; accepting's do not want its data either.
-    for plain in (ready, connected):
+    for plain in (ready, answering, verifying, connected):
         plain.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
         plain.upon(ServerInputs.close).to(closed)(_disconnect)
         plain.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
-    ready.upon(ServerInputs._rejected).to(closed)(_disconnect)
+    for waiting in (ready, answering, verifying):
+        waiting.upon(ServerInputs._rejected).to(closed)(_disconnect)
     accepting.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs._rejected, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ServerInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ServerInputs.connection_lost).loop()(_report_closed)
+    for late in (
+        ServerInputs._hello_answered,
+        ServerInputs._vouch_verified,
+        ServerInputs._rejected,
+    ):
+        closed.upon(late, nodata=True).loop()(_answer_too_late)
     return builder.build()
 
 
@@ -384,6 +448,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
     initiating = builder.state("initiating", _initiating)
+    vouching = builder.state("vouching")
     vouched = builder.state("vouched")
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
@@ -409,7 +474,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
         core.owner.send_frame(hello)
         core.owner.expect_packet(Cookie, inputs.cookie_received)
 
-    @pep614(initiating.upon(ClientInputs.cookie_received).loop())
+    @pep614(initiating.upon(ClientInputs.cookie_received).to(vouching))
     def make_vouch(
         inputs: ClientInputs, core: ClientCore, state: Initiating, cookie: Cookie
     ) -> None:
@@ -424,18 +489,33 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
             )
             return
         try:
-            vouch, session = handshake.client_vouch(
-                cookie_K, server_ephemeral_key, state.ephemeral, core.server_key, core.vault
-            )
+            # X25519 with the peer's ES first: a bad ES must not use up a
+            # safe nonce of the vault.
+            vouch_key = client_vouch_key(server_ephemeral_key, state.ephemeral)
         except BadPacket as error:
             inputs._rejected(error)
-        else:
-            inputs._vouch_made(vouch, session)
+            return
 
-    @pep614(initiating.upon(ClientInputs._vouch_made).to(vouched))
-    def send_vouch(
-        inputs: ClientInputs, core: ClientCore, state: Initiating, vouch: bytes, session: Session
-    ) -> None:
+        def sealed(answer: tuple[bytes, bytes]) -> None:
+            try:
+                vouch, session = client_vouch_packet(
+                    cookie_K, vouch_key, core.vault.public_key, *answer
+                )
+            except BadPacket as error:
+                inputs._rejected(error)
+            else:
+                inputs._vouch_made(vouch, session)
+
+        core.vault.seal_vouch(state.ephemeral.public_key, core.server_key).addCallbacks(
+            sealed, lambda failure: inputs._rejected(_failed(failure))
+        )
+
+    @pep614(vouching.upon(ClientInputs.cookie_received).loop())
+    def second_cookie(inputs: ClientInputs, core: ClientCore, cookie: Cookie) -> None:
+        inputs._rejected(_too_early("cookie"))
+
+    @pep614(vouching.upon(ClientInputs._vouch_made).to(vouched))
+    def send_vouch(inputs: ClientInputs, core: ClientCore, vouch: bytes, session: Session) -> None:
         # The application may send from here: TCP delivers the vouch first,
         # and the server checks it before it reads any message.
         core.owner.send_frame(vouch)
@@ -477,12 +557,17 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     initiating.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs._rejected, nodata=True).to(closed)(_disconnect)
-    for plain in (vouched, connected):
+    for plain in (vouching, vouched, connected):
         plain.upon(ClientInputs.bad_packet).to(closed)(_disconnect)
         plain.upon(ClientInputs.close).to(closed)(_disconnect)
+    vouching.upon(ClientInputs._rejected).to(closed)(_disconnect)
+    # The cookie verified: this is our server, whatever made it close.
+    vouching.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
     connected.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
     closed.upon(ClientInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ClientInputs.connection_lost).loop()(_report_closed)
+    for late in (ClientInputs._vouch_made, ClientInputs._rejected):
+        closed.upon(late, nodata=True).loop()(_answer_too_late)
     return builder.build()
 
 

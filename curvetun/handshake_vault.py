@@ -17,8 +17,8 @@ step, not one per operation:
 The vault makes every safe nonce itself, inside the operation that uses it:
 a caller never holds a nonce it could use twice.
 
-The server keeps its own cookie ("minute") key and gives the current one
-with each hello: the cookie C{K} is sealed under a nonce made from C{SN}
+The server keeps its own cookie ("minute") keys; an in-process vault seals
+with them, a remote one is given the current key with each hello: the cookie C{K} is sealed under a nonce made from C{SN}
 (spec section 2), and only the vault knows C{SN} before the answer. The
 vault is trusted more than the connection's process anyway; it keeps no
 cookie key. The server's ephemeral pair C{(ES, ESs)} is made by the caller
@@ -47,7 +47,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from curvetun import handshake
 from curvetun.errors import BadPacket, CurveTunError
-from curvetun.handshake import EphemeralKeyPair, OpenedVouch
+from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
 from curvetun.interfaces import IVault
 from curvetun.keys import KEY_SIZE
 from curvetun.nonces import (
@@ -95,18 +95,19 @@ class IHandshakeVault(Interface):
     public_key: bytes = Attribute("The 32-byte long-term public key this vault answers for.")
 
     def open_hello_and_seal_cookie(
-        hello: Hello, ephemeral: EphemeralKeyPair, cookie_key: bytes
+        hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
     ) -> Deferred[bytes]:
         """
         Server, hello step (spec sections 1 and 2): check that C{hello}'s
         box from C{EC} holds 64 zero bytes, make a safe nonce C{SN}, and
         make the cookie packet: C{K = SN || secretbox(EC || ESs,
-        "minute-k" || SN, cookie_key)} boxed with C{ES} to C{EC} under
+        "minute-k" || SN, Ts)} boxed with C{ES} to C{EC} under
         C{"CurveCPK" || SN}.
 
         @param ephemeral: C{(ES, ESs)}, the server's fresh pair for this
             connection.
-        @param cookie_key: C{Ts}, the server's current 32-byte cookie key.
+        @param cookie_keys: the server's cookie keys: an in-process vault
+            seals with them, a remote one is sent their current key C{Ts}.
         @return: a Deferred firing with the cookie payload.
         """
 
@@ -145,6 +146,9 @@ class _OneCookieKey:
             raise BadPacket("a cookie key is 32 bytes")
         self._key = key
 
+    def current_key(self) -> bytes:
+        return self._key
+
     def seal(
         self, safe_nonce: bytes, client_ephemeral_key: bytes, server_ephemeral_secret: bytes
     ) -> bytes:
@@ -162,8 +166,18 @@ class _OneCookieKey:
         return "<_OneCookieKey>"
 
 
+def one_cookie_key(key: bytes) -> CookieSealer:
+    """
+    A sealer of cookies under the one cookie key C{key} (it opens none):
+    the vault process seals under the key the server sent with the hello.
+
+    @raise BadPacket: C{key} is not 32 bytes.
+    """
+    return _OneCookieKey(key)
+
+
 def answer_hello(
-    vault: IVault, hello: Hello, ephemeral: EphemeralKeyPair, cookie_key: bytes
+    vault: IVault, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
 ) -> bytes:
     """
     The vault's half of the server's hello step: see
@@ -172,10 +186,9 @@ def answer_hello(
     @raise BadPacket: the hello does not verify, or a key is unusable.
     @raise CurveTunError: the vault could not make a safe nonce.
     """
-    sealer = _OneCookieKey(cookie_key)
     # The hello is opened first: a hello that does not verify uses no nonce.
     handshake.server_open_hello(hello, vault)
-    return handshake.server_cookie(hello.client_ephemeral_key, vault, sealer, ephemeral)
+    return handshake.server_cookie(hello.client_ephemeral_key, vault, cookie_keys, ephemeral)
 
 
 def open_inner_vouch(
@@ -280,13 +293,13 @@ class LocalHandshakeVault:
         self.public_key: bytes = vault.public_key
 
     def open_hello_and_seal_cookie(
-        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_key: bytes
+        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
     ) -> Deferred[bytes]:
         """
         See L{IHandshakeVault.open_hello_and_seal_cookie}.
         """
         try:
-            return succeed(answer_hello(self.vault, hello, ephemeral, cookie_key))
+            return succeed(answer_hello(self.vault, hello, ephemeral, cookie_keys))
         except CurveTunError:
             return fail()
 
@@ -313,3 +326,13 @@ class LocalHandshakeVault:
 
     def __repr__(self) -> str:
         return f"<LocalHandshakeVault {self.vault!r}>"
+
+
+def as_handshake_vault(vault: IVault | IHandshakeVault) -> IHandshakeVault:
+    """
+    C{vault} if it is an L{IHandshakeVault}; an in-process L{IVault}
+    answered through a L{LocalHandshakeVault}.
+    """
+    if IHandshakeVault.providedBy(vault):
+        return vault
+    return LocalHandshakeVault(vault)

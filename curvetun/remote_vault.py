@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from curvetun.errors import BadPacket, CurveTunError
-from curvetun.handshake import EphemeralKeyPair, OpenedVouch
+from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
 from curvetun.handshake_vault import (
     INNER_VOUCH_SIZE,
     SAFE_NONCE_SIZE,
@@ -301,7 +301,7 @@ class RemoteVault:
         return Failure(VaultUnavailable(f"vault {command.commandName.decode()}: {reason}"))
 
     def open_hello_and_seal_cookie(
-        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_key: bytes
+        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
     ) -> Deferred[bytes]:
         """
         See L{IHandshakeVault.open_hello_and_seal_cookie}.
@@ -322,7 +322,7 @@ class RemoteVault:
             hello=hello.to_bytes(),
             ephemeral_public=ephemeral.public_key,
             ephemeral_secret=ephemeral.secret_key,
-            cookie_key=cookie_key,
+            cookie_key=cookie_keys.current_key(),
         )
         return asking.addCallback(cookie)
 

@@ -43,7 +43,12 @@ from twisted.python.failure import Failure
 
 from curvetun.errors import BadPacket, CurveTunError, KeyFileError
 from curvetun.handshake import EphemeralKeyPair
-from curvetun.handshake_vault import answer_hello, open_inner_vouch, seal_inner_vouch
+from curvetun.handshake_vault import (
+    answer_hello,
+    one_cookie_key,
+    open_inner_vouch,
+    seal_inner_vouch,
+)
 from curvetun.interfaces import IVault
 from curvetun.keys import KEY_SIZE
 from curvetun.packets import Hello, parse_as
@@ -93,7 +98,7 @@ class VaultProtocol(amp.AMP):
             self._vault,
             parse_as(hello, Hello),
             EphemeralKeyPair(ephemeral_public, ephemeral_secret),
-            cookie_key,
+            one_cookie_key(cookie_key),
         )
         return {"cookie": cookie}
 

@@ -74,7 +74,7 @@ async def handshakes(vault: object, count: int) -> None:
         ephemeral = EphemeralKeyPair.generate()
         hello, shared = handshake.client_hello(vault.public_key, ephemeral)
         cookie = await vault.open_hello_and_seal_cookie(
-            parse_as(hello, Hello), EphemeralKeyPair.generate(), cookie_key
+            parse_as(hello, Hello), EphemeralKeyPair.generate(), cookie_keys
         )
         server_ephemeral_key, cookie_K = handshake.client_open_cookie(
             parse_as(cookie, Cookie), shared

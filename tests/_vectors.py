@@ -126,6 +126,9 @@ class FakeCookieSealer:
             self._minute_key,
         )
 
+    def current_key(self) -> bytes:
+        return self._minute_key
+
     def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
         try:
             plaintext = crypto_secretbox_open_easy(

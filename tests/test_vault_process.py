@@ -84,7 +84,7 @@ class VaultStepTests(TestCase):
         hello, shared = handshake.client_hello(public_key, ephemeral)
         server_ephemeral = EphemeralKeyPair.generate()
         cookie = await vault.open_hello_and_seal_cookie(
-            parse_as(hello, Hello), server_ephemeral, cookie_key
+            parse_as(hello, Hello), server_ephemeral, cookie_keys
         )
         server_ephemeral_key, cookie_K = handshake.client_open_cookie(
             parse_as(cookie, Cookie), shared
@@ -127,7 +127,7 @@ class VaultStepTests(TestCase):
         tampered = parse_as(hello[:-1] + bytes([hello[-1] ^ 1]), Hello)
         with self.assertRaises(BadPacket):
             await vault.open_hello_and_seal_cookie(
-                tampered, EphemeralKeyPair.generate(), os.urandom(32)
+                tampered, EphemeralKeyPair.generate(), CookieKeys(clock=reactor)
             )
 
     async def test_a_vouch_for_another_ephemeral_key_does_not_verify(self) -> None:
