@@ -156,6 +156,13 @@ class ConnectionOwner(Protocol):
         it to C{receiver}, and anything else to C{bad_packet}.
         """
 
+    def hold_frames(self) -> None:
+        """
+        The machine waits for its vault: hold the frames that arrive (the
+        client's first messages may follow its vouch at once) until
+        L{expect_packet} or L{established} says where they go.
+        """
+
     def hello_accepted(self) -> None:
         "Server: the peer sent a valid hello (it is not a silent socket)."
 
@@ -359,6 +366,8 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
         asking = core.vault.open_hello_and_seal_cookie(
             hello, EphemeralKeyPair.generate(), core.cookie_keys
         )
+        if not asking.called:
+            core.owner.hold_frames()
         asking.addCallbacks(
             lambda cookie: inputs._hello_answered(hello.client_ephemeral_key, cookie),
             lambda failure: inputs._rejected(_failed(failure)),
@@ -401,9 +410,10 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
             else:
                 inputs._rejected(ReplayedVouch("replayed vouch: this session was accepted before"))
 
-        core.vault.open_vouch(opened).addCallbacks(
-            verified, lambda failure: inputs._rejected(_failed(failure))
-        )
+        asking = core.vault.open_vouch(opened)
+        if not asking.called:
+            core.owner.hold_frames()
+        asking.addCallbacks(verified, lambda failure: inputs._rejected(_failed(failure)))
 
     @pep614(verifying.upon(ServerInputs.vouch_received).loop())
     def second_vouch(inputs: ServerInputs, core: ServerCore, vouch: Vouch) -> None:
@@ -506,9 +516,10 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
             else:
                 inputs._vouch_made(vouch, session)
 
-        core.vault.seal_vouch(state.ephemeral.public_key, core.server_key).addCallbacks(
-            sealed, lambda failure: inputs._rejected(_failed(failure))
-        )
+        asking = core.vault.seal_vouch(state.ephemeral.public_key, core.server_key)
+        if not asking.called:
+            core.owner.hold_frames()
+        asking.addCallbacks(sealed, lambda failure: inputs._rejected(_failed(failure)))
 
     @pep614(vouching.upon(ClientInputs.cookie_received).loop())
     def second_cookie(inputs: ClientInputs, core: ClientCore, cookie: Cookie) -> None:

@@ -72,6 +72,9 @@ class RecordingOwner:
         self.receiver = receiver
         self.events.append(("expect_packet", packet_type))
 
+    def hold_frames(self) -> None:
+        self.events.append(("hold_frames",))
+
     def hello_accepted(self) -> None:
         self.events.append(("hello_accepted",))
 
@@ -400,13 +403,20 @@ class LateVaultTests(SynchronousTestCase):
         peers.server.connection_made()
         peers.client.connection_made()
         peers.server_owner.give(Hello, peers.client_owner.frames[-1])
-        self.assertEqual(peers.server_owner.names(), ["expect_packet"])
+        # Frames that come meanwhile wait for the answer.
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames"])
         self.assertEqual(len(peers.late_server.pending), 1)
         peers.late_server.answer()
         self.assertEqual(
             peers.server_owner.names(),
-            ["expect_packet", "hello_accepted", "send_frame", "expect_packet"],
+            ["expect_packet", "hold_frames", "hello_accepted", "send_frame", "expect_packet"],
         )
+
+    def test_an_in_process_vault_holds_no_frames(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        self.assertNotIn("hold_frames", peers.server_owner.names())
+        self.assertNotIn("hold_frames", peers.client_owner.names())
 
     def test_the_server_establishes_when_the_vault_has_opened_the_vouch(self) -> None:
         peers = Handshake(late_server=True)
@@ -417,6 +427,7 @@ class LateVaultTests(SynchronousTestCase):
         peers.client_owner.give(Cookie, peers.server_owner.frames[-1])
         peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
         self.assertNotIn("established", peers.server_owner.names())
+        self.assertEqual(peers.server_owner.names()[-1], "hold_frames")
         peers.late_server.answer()
         self.assertEqual(
             peers.server_owner.events[-2:],
@@ -430,10 +441,10 @@ class LateVaultTests(SynchronousTestCase):
         hello = peers.client_owner.frames[-1]
         peers.server_owner.give(Hello, hello)
         peers.server_owner.give(Hello, hello)
-        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
         # The vault's answer to the first comes too late: nothing is sent.
         peers.late_server.answer()
-        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
         peers.server.connection_lost(Failure(ConnectionDone()))
         self.assertEqual(peers.server_owner.events[-1][:2], ("lost", BadPacket))
 
@@ -458,7 +469,7 @@ class LateVaultTests(SynchronousTestCase):
         peers.server_owner.give(Hello, peers.client_owner.frames[-1])
         peers.server.close(HandshakeTimeout("the handshake took too long"))
         peers.late_server.answer()
-        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
         self.assertEqual(peers.server_owner.frames, [])
         peers.server.connection_lost(Failure(ConnectionDone()))
         self.assertEqual(peers.server_owner.events[-1][:2], ("lost", HandshakeTimeout))
@@ -469,7 +480,7 @@ class LateVaultTests(SynchronousTestCase):
         peers.client.connection_made()
         peers.server_owner.give(Hello, peers.client_owner.frames[-1])
         peers.late_server.fail(VaultUnavailable("no answer within 5 seconds"))
-        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
         peers.server.connection_lost(Failure(ConnectionDone()))
         self.assertEqual(peers.server_owner.events[-1][:2], ("lost", VaultUnavailable))
 
@@ -489,11 +500,11 @@ class LateVaultTests(SynchronousTestCase):
     def test_the_client_sends_its_vouch_when_its_vault_answers(self) -> None:
         peers = Handshake(late_client=True)
         peers.up_to_vouch()
-        self.assertEqual(peers.client_owner.names(), ["send_frame", "expect_packet"])
+        self.assertEqual(peers.client_owner.names(), ["send_frame", "expect_packet", "hold_frames"])
         peers.late_client.answer()
         self.assertEqual(
             peers.client_owner.names(),
-            ["send_frame", "expect_packet", "send_frame", "established"],
+            ["send_frame", "expect_packet", "hold_frames", "send_frame", "established"],
         )
         peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
         self.assertIn("established", peers.server_owner.names())
@@ -502,5 +513,7 @@ class LateVaultTests(SynchronousTestCase):
         peers = Handshake(late_client=True)
         peers.up_to_vouch()
         peers.late_client.fail(VaultUnavailable("gone"))
-        self.assertEqual(peers.client_owner.names(), ["send_frame", "expect_packet", "disconnect"])
+        self.assertEqual(
+            peers.client_owner.names(), ["send_frame", "expect_packet", "hold_frames", "disconnect"]
+        )
         self.assertEqual(len(peers.client_owner.frames), 1)
