@@ -44,7 +44,6 @@ from .config import (
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .tunnel_service import make_service, make_service_from_file
 
-
 MAX_WORKERS = 64
 """The most worker processes C{--workers} takes."""
 
