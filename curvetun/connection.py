@@ -1,8 +1,8 @@
 """
 The handshake state machines of protocol v1.0, built with Automat.
 
-    server: ready -> answering -> accepting -> verifying -> connected
-    client: ready -> initiating -> vouching -> vouched -> connected
+    server: ready -> accepting -> connected
+    client: ready -> initiating -> vouched -> connected
     either: any state -> closed
 
 They do no I/O and no parsing, and they never see a message. The transport
@@ -28,21 +28,23 @@ stays in charge of one fact only it can judge, and of closing:
     calls it once, before delivering that message, and the machine moves
     from C{vouched} to C{connected} and reports the handshake confirmed.
 
-Where an input's outcome depends on a verification, the public input does
-the (pure) checks from L{curvetun.handshake} that need no long-term key,
-asks the vault (L{curvetun.handshake_vault.IHandshakeVault}) the one
-question of the step, and moves to a waiting state (C{answering},
-C{verifying}, C{vouching}); the answer comes as one private input:
+Where an input's outcome depends on a verification, the state loops on the
+public input, does the (pure) checks from L{curvetun.handshake} that need no
+long-term key, asks the vault (L{curvetun.handshake_vault.IHandshakeVault})
+the one question of the step, and calls one private input with the answer:
 C{_rejected} on failure, otherwise the input that carries the answer (the
-cookie, the vouch, the session), which moves on. The frames are sent in
-those private transitions, never in the public ones.
+cookie, the vouch, the session) and moves on. The frames are sent in those
+private transitions, never in the public ones.
 
-The vault may answer at once (the in-process vault's Deferreds have fired:
-Automat runs the private input right after the public one's transition) or
-later (a vault process, a hardware token). While the machine waits, the
-peer has no packet to send: a second hello, cookie or vouch before our
-answer is refused. An answer that comes after the connection closed (a
-timeout, the peer left) is dropped by the closed state.
+The in-process vault answers at once (its Deferreds have fired: Automat
+runs the private input right after the public one's transition); a vault
+process answers later. Meanwhile the machine stays in its state, the
+question is kept in the core (L{ServerCore.asking}), and the owner holds the
+frames that arrive (L{ConnectionOwner.hold_frames}): the client may send its
+first messages right after its vouch. Closing cancels a question still
+asked, so that an answer never arrives in the closed state. (Waiting states
+of their own would say the same, but Automat finds each transition by a
+scan of them all: every transition added costs every input.)
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from typing import Protocol, TypeVar
 
 import attrs
 from automat import TypeMachine, TypeMachineBuilder, pep614
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from . import handshake
@@ -60,7 +63,6 @@ from .handshake import CookieSealer, EphemeralKeyPair
 from .handshake_vault import (
     IHandshakeVault,
     VaultUnavailable,
-    as_handshake_vault,
     client_vouch_key,
     client_vouch_packet,
 )
@@ -70,6 +72,7 @@ from .packets import Cookie, Hello, Vouch
 from .session import Session
 
 HandshakePacket = TypeVar("HandshakePacket", Hello, Cookie, Vouch)
+_Answer = TypeVar("_Answer")
 
 
 class ConnectionInputs(Protocol):
@@ -198,10 +201,10 @@ class ServerCore:
     """
 
     owner: ConnectionOwner
-    vault: IHandshakeVault = attrs.field(converter=as_handshake_vault)
+    vault: IHandshakeVault
     """
-    The long-term key's holder (an in-process L{curvetun.interfaces.IVault}
-    is answered through a L{curvetun.handshake_vault.LocalHandshakeVault}).
+    The long-term key's holder (for an in-process L{curvetun.interfaces.IVault},
+    a L{curvetun.handshake_vault.LocalHandshakeVault}).
     """
     cookie_keys: CookieSealer
     registry: IRegistry
@@ -209,6 +212,10 @@ class ServerCore:
     """
     Called with the client ephemeral key of each vouch that verified;
     returns False if that key was seen before (a replayed session).
+    """
+    asking: Deferred[None] | None = None
+    """
+    The question the vault has not answered yet, if any.
     """
 
 
@@ -220,7 +227,7 @@ class ClientCore:
     """
 
     owner: ConnectionOwner
-    vault: IHandshakeVault = attrs.field(converter=as_handshake_vault)
+    vault: IHandshakeVault
     """
     The long-term key's holder, as for L{ServerCore.vault}.
     """
@@ -229,6 +236,10 @@ class ClientCore:
     """
     Makes the connection's ephemeral key pair (replaced only by
     known-answer tests).
+    """
+    asking: Deferred[None] | None = None
+    """
+    The question the vault has not answered yet, if any.
     """
 
 
@@ -295,6 +306,7 @@ def _disconnect(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason:
     Close TCP; nothing more is read or delivered. (C{reason} is the closed
     state's data.)
     """
+    _forget_question(core)
     core.owner.disconnect()
 
 
@@ -302,6 +314,7 @@ def _report_lost(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason
     """
     TCP closed before we did: tell the owner TCP's reason.
     """
+    _forget_question(core)
     core.owner.lost(reason)
 
 
@@ -322,36 +335,60 @@ def _already_closed(
     """
 
 
-def _answer_too_late(
-    inputs: ConnectionInputs, core: ServerCore | ClientCore, *answer: object
+def _ask(
+    inputs: ConnectionInputs,
+    core: ServerCore | ClientCore,
+    question: Deferred[_Answer],
+    answered: Callable[[_Answer], None],
 ) -> None:
     """
-    The vault answered (or failed) after the connection closed: nothing is
-    sent, nothing remembered.
+    Call C{answered} with the vault's answer to C{question}, or C{_rejected}
+    with why it failed: now if the vault has answered already (the
+    in-process vault), later otherwise, holding the frames meanwhile.
     """
 
+    def failed(failure: Failure) -> None:
+        if core.asking is not None:
+            core.asking = None
+        if failure.check(CancelledError):
+            return  # closed meanwhile: the machine asked for nothing more
+        reason = failure.value
+        if not isinstance(reason, CurveTunError):
+            # Never a success: anything else means the vault is unusable.
+            reason = VaultUnavailable(f"the vault failed: {type(failure.value).__name__}")
+        inputs._rejected(reason)
 
-def _failed(failure: Failure) -> CurveTunError:
+    if question.called:
+        # The in-process vault: the answer is here, nothing to remember.
+        question.addCallbacks(answered, failed)
+        return
+
+    def succeeded(answer: _Answer) -> None:
+        core.asking = None
+        answered(answer)
+
+    core.owner.hold_frames()
+    core.asking = question.addCallbacks(succeeded, failed)
+
+
+def _forget_question(core: ServerCore | ClientCore) -> None:
     """
-    What a vault's failed answer means for the handshake: its own error
-    (L{BadPacket}: the peer's box did not verify; L{VaultUnavailable}), or
-    any other error as the vault being unusable: never a success.
+    Closing: cancel the question the vault has not answered.
     """
-    if isinstance(failure.value, CurveTunError):
-        return failure.value
-    return VaultUnavailable(f"the vault failed: {failure.type.__name__ if failure.type else '?'}")
+    asking = core.asking
+    if asking is not None:
+        core.asking = None
+        asking.cancel()
 
 
-def _too_early(kind: str) -> BadPacket:
-    return BadPacket(f"a {kind} packet before our answer to the last one")
+def _second_packet(kind: str) -> BadPacket:
+    return BadPacket(f"a second {kind} before our answer to the first")
 
 
 def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
-    answering = builder.state("answering")
     accepting = builder.state("accepting", _accepting)
-    verifying = builder.state("verifying")
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
 
@@ -359,25 +396,24 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     def await_hello(inputs: ServerInputs, core: ServerCore) -> None:
         core.owner.expect_packet(Hello, inputs.hello_received)
 
-    @pep614(ready.upon(ServerInputs.hello_received).to(answering))
+    @pep614(ready.upon(ServerInputs.hello_received).loop())
     def answer_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
-        # One question to the vault: open the hello, make SN, seal the
-        # cookie. A failure includes a counter the vault could not store.
-        asking = core.vault.open_hello_and_seal_cookie(
-            hello, EphemeralKeyPair.generate(), core.cookie_keys
-        )
-        if not asking.called:
-            core.owner.hold_frames()
-        asking.addCallbacks(
+        if core.asking is not None:
+            # An owner that holds frames while we wait never gets here.
+            inputs._rejected(_second_packet("hello"))
+            return
+        # One question: open the hello, make SN, seal the cookie. A failure
+        # includes a nonce counter the vault could not store.
+        _ask(
+            inputs,
+            core,
+            core.vault.open_hello_and_seal_cookie(
+                hello, EphemeralKeyPair.generate(), core.cookie_keys
+            ),
             lambda cookie: inputs._hello_answered(hello.client_ephemeral_key, cookie),
-            lambda failure: inputs._rejected(_failed(failure)),
         )
 
-    @pep614(answering.upon(ServerInputs.hello_received).loop())
-    def second_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
-        inputs._rejected(_too_early("hello"))
-
-    @pep614(answering.upon(ServerInputs._hello_answered).to(accepting))
+    @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
     def send_cookie(
         inputs: ServerInputs, core: ServerCore, client_ephemeral_key: bytes, cookie: bytes
     ) -> None:
@@ -385,8 +421,11 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
         core.owner.send_frame(cookie)
         core.owner.expect_packet(Vouch, inputs.vouch_received)
 
-    @pep614(accepting.upon(ServerInputs.vouch_received).to(verifying))
+    @pep614(accepting.upon(ServerInputs.vouch_received).loop())
     def check_vouch(inputs: ServerInputs, core: ServerCore, state: Accepting, vouch: Vouch) -> None:
+        if core.asking is not None:
+            inputs._rejected(_second_packet("vouch"))
+            return
         try:
             opened = handshake.server_open_vouch(vouch, core.cookie_keys)
             # The wire format does not bind the cookie to this connection's
@@ -410,19 +449,14 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
             else:
                 inputs._rejected(ReplayedVouch("replayed vouch: this session was accepted before"))
 
-        asking = core.vault.open_vouch(opened)
-        if not asking.called:
-            core.owner.hold_frames()
-        asking.addCallbacks(verified, lambda failure: inputs._rejected(_failed(failure)))
+        # One question: does the inner box V from C hold EC?
+        _ask(inputs, core, core.vault.open_vouch(opened), verified)
 
-    @pep614(verifying.upon(ServerInputs.vouch_received).loop())
-    def second_vouch(inputs: ServerInputs, core: ServerCore, vouch: Vouch) -> None:
-        inputs._rejected(_too_early("vouch"))
-
-    @pep614(verifying.upon(ServerInputs._vouch_verified).to(connected))
+    @pep614(accepting.upon(ServerInputs._vouch_verified).to(connected))
     def accepted(
         inputs: ServerInputs,
         core: ServerCore,
+        state: Accepting,
         session: Session,
         client_key: bytes,
     ) -> None:
@@ -433,24 +467,17 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
 
     # Closing, from every state: the plain states' outputs take the input's
     # arguments only; accepting's do not want its data either.
-    for plain in (ready, answering, verifying, connected):
+    for plain in (ready, connected):
         plain.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
         plain.upon(ServerInputs.close).to(closed)(_disconnect)
         plain.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
-    for waiting in (ready, answering, verifying):
-        waiting.upon(ServerInputs._rejected).to(closed)(_disconnect)
+    ready.upon(ServerInputs._rejected).to(closed)(_disconnect)
     accepting.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs._rejected, nodata=True).to(closed)(_disconnect)
     accepting.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ServerInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ServerInputs.connection_lost).loop()(_report_closed)
-    for late in (
-        ServerInputs._hello_answered,
-        ServerInputs._vouch_verified,
-        ServerInputs._rejected,
-    ):
-        closed.upon(late, nodata=True).loop()(_answer_too_late)
     return builder.build()
 
 
@@ -458,7 +485,6 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
     initiating = builder.state("initiating", _initiating)
-    vouching = builder.state("vouching")
     vouched = builder.state("vouched")
     connected = builder.state("connected")
     closed = builder.state("closed", _closed_for)
@@ -484,7 +510,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
         core.owner.send_frame(hello)
         core.owner.expect_packet(Cookie, inputs.cookie_received)
 
-    @pep614(initiating.upon(ClientInputs.cookie_received).to(vouching))
+    @pep614(initiating.upon(ClientInputs.cookie_received).loop())
     def make_vouch(
         inputs: ClientInputs, core: ClientCore, state: Initiating, cookie: Cookie
     ) -> None:
@@ -497,6 +523,9 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
                     f"the server's key is not {fingerprint(core.server_key)}"
                 )
             )
+            return
+        if core.asking is not None:
+            inputs._rejected(_second_packet("cookie"))
             return
         try:
             # X25519 with the peer's ES first: a bad ES must not use up a
@@ -516,17 +545,15 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
             else:
                 inputs._vouch_made(vouch, session)
 
-        asking = core.vault.seal_vouch(state.ephemeral.public_key, core.server_key)
-        if not asking.called:
-            core.owner.hold_frames()
-        asking.addCallbacks(sealed, lambda failure: inputs._rejected(_failed(failure)))
+        # One question: make VN and box EC to the server under it.
+        _ask(
+            inputs, core, core.vault.seal_vouch(state.ephemeral.public_key, core.server_key), sealed
+        )
 
-    @pep614(vouching.upon(ClientInputs.cookie_received).loop())
-    def second_cookie(inputs: ClientInputs, core: ClientCore, cookie: Cookie) -> None:
-        inputs._rejected(_too_early("cookie"))
-
-    @pep614(vouching.upon(ClientInputs._vouch_made).to(vouched))
-    def send_vouch(inputs: ClientInputs, core: ClientCore, vouch: bytes, session: Session) -> None:
+    @pep614(initiating.upon(ClientInputs._vouch_made).to(vouched))
+    def send_vouch(
+        inputs: ClientInputs, core: ClientCore, state: Initiating, vouch: bytes, session: Session
+    ) -> None:
         # The application may send from here: TCP delivers the vouch first,
         # and the server checks it before it reads any message.
         core.owner.send_frame(vouch)
@@ -538,6 +565,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
 
     @pep614(initiating.upon(ClientInputs.connection_lost, nodata=True).to(closed))
     def closed_after_hello(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
+        _forget_question(core)
         core.owner.lost(
             Failure(
                 ServerKeyMismatch(
@@ -568,17 +596,12 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     initiating.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs._rejected, nodata=True).to(closed)(_disconnect)
-    for plain in (vouching, vouched, connected):
+    for plain in (vouched, connected):
         plain.upon(ClientInputs.bad_packet).to(closed)(_disconnect)
         plain.upon(ClientInputs.close).to(closed)(_disconnect)
-    vouching.upon(ClientInputs._rejected).to(closed)(_disconnect)
-    # The cookie verified: this is our server, whatever made it close.
-    vouching.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
     connected.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
     closed.upon(ClientInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ClientInputs.connection_lost).loop()(_report_closed)
-    for late in (ClientInputs._vouch_made, ClientInputs._rejected):
-        closed.upon(late, nodata=True).loop()(_answer_too_late)
     return builder.build()
 
 

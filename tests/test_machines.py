@@ -182,7 +182,7 @@ class Handshake:
         self.server: ServerInputs = ServerMachine(
             ServerCore(
                 self.server_owner,
-                self.late_server if late_server else self.server_vault,
+                self.late_server if late_server else LocalHandshakeVault(self.server_vault),
                 CookieKeys(),
                 self.registry,
                 lambda key: remember,
@@ -191,7 +191,7 @@ class Handshake:
         self.client: ClientInputs = ClientMachine(
             ClientCore(
                 self.client_owner,
-                self.late_client if late_client else self.client_vault,
+                self.late_client if late_client else LocalHandshakeVault(self.client_vault),
                 self.server_vault.public_key,
             )
         )
@@ -383,7 +383,9 @@ class ClientMachineTests(SynchronousTestCase):
 
     def test_a_server_key_that_is_not_a_public_key_closes_before_sending(self) -> None:
         owner = RecordingOwner()
-        client = ClientMachine(ClientCore(owner, MemoryVault.generate(), b"\x00" * 32))
+        client = ClientMachine(
+            ClientCore(owner, LocalHandshakeVault(MemoryVault.generate()), b"\x00" * 32)
+        )
         client.connection_made()
         self.assertEqual(owner.names(), ["disconnect"])
         client.connection_lost(Failure(ConnectionDone()))

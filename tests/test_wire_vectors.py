@@ -124,7 +124,7 @@ class VectorClient(VectorPeer):
 
         def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
             return ClientMachine(
-                ClientCore(owner, self.vault, factory.server_key, lambda: ephemeral)
+                ClientCore(owner, factory.handshake_vault, factory.server_key, lambda: ephemeral)
             )
 
         self.protocol = CurveTunProtocol(factory, make_machine)
