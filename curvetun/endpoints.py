@@ -954,6 +954,42 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
     @raise ValueError: the string is malformed, names an unknown keyword, or
         a missing or unusable key directory or registry.
     """
+    parts = parse_server_parts(reactor, *args, **kwargs)
+    lease = service_pool.lease(parts.keydir, parts.registry, parts.statedir, parts.instance)
+    return CurveTunServerEndpoint(parts.wrapped, lease.service, lease, proxied=parts.proxied)
+
+
+@attrs.frozen
+class ServerEndpointParts:
+    """
+    What a C{curvetun:} server string says, before any identity is loaded.
+
+    @ivar wrapped: the endpoint to listen on, under curvetun.
+    @ivar proxied: C{wrapped} reads a PROXY header first (C{haproxy:}).
+    @ivar keydir: the C{keydir=} option, or L{None}.
+    @ivar registry: the C{registry=} option, or L{None}.
+    @ivar statedir: the C{statedir=} option, or L{None}.
+    @ivar instance: the C{instance=} option, or L{None}.
+    """
+
+    wrapped: IStreamServerEndpoint
+    proxied: bool
+    keydir: str | None
+    registry: str | None
+    statedir: str | None = None
+    instance: int | None = None
+
+
+def parse_server_parts(reactor: Any, *args: str, **kwargs: str) -> ServerEndpointParts:
+    """
+    Parse the parts of a C{curvetun:} server string (see
+    L{parse_server_endpoint}) without loading its key directory: a
+    supervisor of worker processes binds C{wrapped} itself and must never
+    read a key.
+
+    @raise ValueError: as for L{parse_server_endpoint}, but the key
+        directory and registry are not opened.
+    """
     _refuse_brackets("server", args, kwargs)
     options = _collect("server", ("port",), _SERVER_KEYWORDS, args, kwargs)
     if options.get("registry") == DNS_REGISTRY:
@@ -968,8 +1004,9 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
         inner_args, _ = split_description(inner)
         proxied = bool(inner_args) and inner_args[0].lower() == "haproxy"
         endpoint = _inner_endpoint("server", reactor, inner)
-        lease = service_pool.lease(*_paths("server", options), *_state("server", options))
-        return CurveTunServerEndpoint(endpoint, lease.service, lease, proxied=proxied)
+        return ServerEndpointParts(
+            endpoint, proxied, *_paths("server", options), *_state("server", options)
+        )
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
     if interface and not _is_ip_address(interface):
@@ -980,10 +1017,10 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
             "server",
             f"backlog must be a number from 1 to {_MAX_BACKLOG}, not {quoted(options['backlog'])}",
         )
-    lease = service_pool.lease(*_paths("server", options), *_state("server", options))
+    paths = (*_paths("server", options), *_state("server", options))
     wrapped: IStreamServerEndpoint
     if ":" in interface:
         wrapped = TCP6ServerEndpoint(reactor, port, backlog, interface)
     else:
         wrapped = TCP4ServerEndpoint(reactor, port, backlog, interface)
-    return CurveTunServerEndpoint(wrapped, lease.service, lease)
+    return ServerEndpointParts(wrapped, False, *paths)

@@ -93,6 +93,12 @@ class CookieSealer(Protocol):
         under the current minute key (without the leading C{SN}).
         """
 
+    def current_key(self) -> bytes:
+        """
+        The current minute key C{Ts}, for a vault in another process that
+        seals the cookie itself (L{curvetun.handshake_vault}).
+        """
+
     def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
         """
         Open a 96-byte C{K = SN || secretbox} with the current minute key,

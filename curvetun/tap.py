@@ -40,10 +40,14 @@ from .config import (
     TUNNEL_KEYS,
     SettingError,
     TunnelConfig,
+    parse_count,
     tunnel_config,
 )
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .tunnel_service import make_service, make_service_from_file
+
+MAX_WORKERS = 64
+"""The most worker processes C{--workers} takes."""
 
 
 def _default(text: object) -> str:
@@ -162,6 +166,16 @@ class Options(usage.Options):
             for name, longest in NETWORK_PREFIXES.items()
         ),
         [
+            "workers",
+            None,
+            "1",
+            (
+                "Worker processes; with more than one, a supervisor runs them and one vault "
+                f"process, the only one that reads the key directory (1 to {MAX_WORKERS}; "
+                "see docs/deploy.md)."
+            ),
+        ],
+        [
             "send-proxy",
             None,
             None,
@@ -242,6 +256,12 @@ class Options(usage.Options):
         # and goes with --config as it is.
         if self["metrics"] is not None and not self["metrics"].strip():
             raise usage.UsageError("--metrics needs an endpoint, e.g. tcp:9100:interface=127.0.0.1")
+        try:
+            self["workers"] = parse_count("--workers", str(self["workers"]))
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -250,6 +270,8 @@ class Options(usage.Options):
         if self["config"] is not None:
             if not self["config"].strip():
                 raise usage.UsageError("--config needs a path")
+            if self["workers"] > 1:
+                raise usage.UsageError("--workers runs one tunnel: give it without --config")
             mixed = [f"--{key.replace('_', '-')}" for key in given]
             if mixed:
                 raise usage.UsageError(
@@ -279,8 +301,14 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """
     The L{IServiceMaker} entry point: the service of the tunnels C{options}
-    describe. A configuration error exits with a one-line message.
+    describe (with C{--workers} above 1, a supervisor of worker processes
+    that run the tunnel). A configuration error exits with a one-line
+    message.
     """
+    if options["workers"] > 1:
+        from .workers import make_supervisor_service
+
+        return make_supervisor_service(options.tunnels[0], options["workers"])
     if options["config"] is not None:
         return make_service_from_file(
             options["config"],
