@@ -8,7 +8,10 @@ sealed to either key until the rollover is finished.
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import clientFromString, connectProtocol
@@ -284,6 +287,55 @@ class RolloverServerTests(TestCase):
             ),
             ServerKeyMismatch,
         )
+
+    async def test_an_operator_rolls_a_running_server_over_with_rotate_and_sighup(
+        self,
+    ) -> None:
+        """
+        The documented procedure on a real C{twist curvetun}: C{curvetun
+        rotate}, SIGHUP (both keys answer), C{curvetun rotate --finish},
+        SIGHUP (only the new key answers); the process stays up throughout.
+        """
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        server_dir, old_key = make_keydir(self)
+        forget_keydir(server_dir)
+        client_dir, client_key = make_keydir(self)
+        admit(server_dir, client_key)
+        process = start_twist(
+            self, home, "--keydir", server_dir, "--listen", f"curvetun:0:{LOCALHOST}"
+        )
+        output = read_until(process, b"", "Listening on")
+        [port] = listening_ports(output)
+
+        def curvetun_command(*argv: str) -> str:
+            done = subprocess.run(
+                [sys.executable, "-m", "curvetun", *argv],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "HOME": home},
+                check=True,
+            )
+            return done.stdout.strip()
+
+        new_key = bytes.fromhex(curvetun_command("rotate", "--keydir", server_dir))
+        self.assertNotEqual(new_key, old_key)
+        process.send_signal(signal.SIGHUP)
+        output = read_until(process, output, "curvetun reloaded")
+        self.assertEqual(await echoes(port, new_key, client_dir), b"which key?")
+        self.assertEqual(await echoes(port, old_key, client_dir), b"which key?")
+
+        curvetun_command("rotate", "--finish", "--keydir", server_dir)
+        process.send_signal(signal.SIGHUP)
+        read_until(process, output, "curvetun reloaded", count=2)
+        self.assertEqual(await echoes(port, new_key, client_dir), b"which key?")
+        await self.assertFailure(
+            connectProtocol(
+                clientFromString(reactor, client_string(port, old_key, client_dir)), Protocol()
+            ),
+            ServerKeyMismatch,
+        )
+        self.assertIsNone(process.poll())
 
 
 @implementer(IVault)
