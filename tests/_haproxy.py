@@ -1,0 +1,179 @@
+"""
+A real HAProxy for tests: a configuration written into the test's
+temporary directory, C{haproxy -f CFG -db} started on a free port, waited
+for until it listens, asked for its servers' states over its stats socket,
+and stopped at cleanup.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Sequence
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase
+
+from ._support import closed_port, short_socket_dir
+
+HAPROXY = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
+"""The haproxy program (Debian puts it in /usr/sbin, often off a user's PATH), or L{None}."""
+
+NO_HAPROXY = (
+    None
+    if HAPROXY is not None
+    else "haproxy is not installed (the Debian package haproxy; .ci/run installs it)"
+)
+"""A test case's C{skip}: why the tests of a real HAProxy cannot run here, or L{None}."""
+
+
+def haproxy_config(
+    frontend_port: int, stats_socket: str, servers: Sequence[tuple[str, int]], server_options: str
+) -> str:
+    """
+    An HAProxy configuration: TCP mode, one frontend on 127.0.0.1 at
+    C{frontend_port}, balanced round robin over C{servers} (name and port
+    on 127.0.0.1), each given C{server_options}; the stats socket (at
+    C{stats_socket}) answers C{show stat}.
+    """
+    lines = [
+        "global",
+        f"    stats socket {stats_socket} mode 600 level admin",
+        "defaults",
+        "    mode tcp",
+        "    timeout connect 2s",
+        "    timeout client 30s",
+        "    timeout server 30s",
+        # A connection refused by a stopped server goes to another one.
+        "    retries 2",
+        "    option redispatch",
+        "frontend curvetun",
+        f"    bind 127.0.0.1:{frontend_port}",
+        "    default_backend instances",
+        "backend instances",
+        "    balance roundrobin",
+        *(f"    server {name} 127.0.0.1:{port} {server_options}" for name, port in servers),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@attrs.define
+class HAProxy:
+    """
+    A running HAProxy: C{port} is its frontend's; C{log} the file that
+    holds what it writes (its server state changes, with C{-db}).
+    """
+
+    process: subprocess.Popen[bytes]
+    port: int
+    stats_socket: str
+    log: str
+
+    def output(self) -> str:
+        """
+        What HAProxy has written so far.
+        """
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        """
+        The backend's servers by name, each the row C{show stat} gives for
+        it (C{status}: C{UP}, C{DOWN}...; C{check_status}: C{L4OK}...).
+        """
+        with socket.socket(socket.AF_UNIX) as stats:
+            stats.settimeout(5)
+            stats.connect(self.stats_socket)
+            stats.sendall(b"show stat\n")
+            answer = b""
+            while chunk := stats.recv(65536):
+                answer += chunk
+        rows = csv.DictReader(answer.decode("ascii").lstrip("# ").splitlines())
+        return {
+            row["svname"]: row
+            for row in rows
+            if row["pxname"] == "instances" and row["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def stop(self) -> None:
+        """
+        Stop HAProxy (SIGTERM stops it at once), killing it if it lingers.
+        """
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+async def eventually(
+    condition: Callable[[], bool], what: Callable[[], str], timeout: float = 15
+) -> None:
+    """
+    Wait until C{condition()} holds, checking every 50 ms without blocking
+    the reactor; fail after C{timeout} seconds with C{what()}.
+    """
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    while not condition():
+        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            raise AssertionError(f"not in {timeout} s: {what()}")
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+async def start_haproxy(
+    testcase: SynchronousTestCase, servers: Sequence[tuple[str, int]], server_options: str
+) -> HAProxy:
+    """
+    Start HAProxy in front of C{servers} (see L{haproxy_config}); it has
+    answered on its stats socket, so it listens (it binds every socket
+    before it serves any), and it is stopped at the test's cleanup.
+    """
+    assert HAPROXY is not None, NO_HAPROXY
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    stats_socket = os.path.join(short_socket_dir(testcase), "stats")
+    # The free port may be taken before HAProxy binds it: then try another.
+    for attempt in range(3):
+        port = closed_port()
+        config = os.path.join(directory, f"haproxy-{attempt}.cfg")
+        log = os.path.join(directory, f"haproxy-{attempt}.log")
+        with open(config, "w") as f:
+            f.write(haproxy_config(port, stats_socket, servers, server_options))
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                [HAPROXY, "-f", config, "-db"],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        haproxy = HAProxy(process, port, stats_socket, log)
+        testcase.addCleanup(haproxy.stop)
+        await eventually(
+            lambda: process.poll() is not None or _answers(stats_socket),
+            lambda: f"haproxy did not start: {haproxy.output()}",
+        )
+        if process.poll() is None:
+            return haproxy
+        if "cannot bind" not in haproxy.output():
+            break
+    raise AssertionError(f"haproxy exited with status {process.returncode}: {haproxy.output()}")
+
+
+def _answers(stats_socket: str) -> bool:
+    """
+    Whether a stats socket accepts a connection.
+    """
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(stats_socket)
+        except OSError:
+            return False
+    return True

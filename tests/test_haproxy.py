@@ -1,0 +1,323 @@
+"""
+A fleet behind a real HAProxy: two C{twist curvetun} instances of one
+identity, balanced round robin by HAProxy in TCP mode with PROXY headers
+(version 1 and version 2), its health checks on.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+
+from curvetun.channel import MessageChannel, connect
+from curvetun.errors import NotAuthorized
+from curvetun.keydir import COUNTER_FILE, LOCK_FILE
+from curvetun.keys import format_public_key
+from curvetun.registry import FileRegistry
+from curvetun.vault import FileVault
+
+from ._haproxy import NO_HAPROXY, HAProxy, eventually, start_haproxy
+from ._support import (
+    SOURCE_ROOT,
+    forget_keydir,
+    listening_ports,
+    parse_events,
+    tcp_port,
+    twist_environ,
+)
+
+ADMITTED = "127.0.0.2"
+"""The source address the registry admits the client's key from."""
+
+REFUSED = "127.0.0.3"
+"""Another source address, with the same key: the registry admits nothing from it."""
+
+CONNECTIONS = 4
+"""New connections from each source address while both instances run."""
+
+
+class _Tag(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(self.factory.tag)  # type: ignore[attr-defined]
+
+
+class TagFactory(Factory):
+    """
+    A backend that answers anything with C{tag}: which instance forwarded
+    the connection.
+    """
+
+    protocol = _Tag
+
+    def __init__(self, tag: bytes) -> None:
+        self.tag = tag
+
+
+@attrs.define
+class Instance:
+    """
+    One running C{twist curvetun} server: its process, the file of its
+    JSON log (at debug level) and the port it listens on.
+    """
+
+    process: subprocess.Popen[bytes]
+    log: str
+    port: int = 0
+
+    def events(self) -> list[dict[str, Any]]:
+        """
+        The events logged so far (none before twist opens its log).
+        """
+        try:
+            with open(self.log, "rb") as f:
+                return parse_events(f.read())
+        except FileNotFoundError:
+            return []
+
+    def events_like(self, format_start: str) -> list[dict[str, Any]]:
+        """
+        The events so far whose format begins with C{format_start}.
+        """
+        return [e for e in self.events() if e.get("log_format", "").startswith(format_start)]
+
+    def stop(self) -> None:
+        """
+        Kill the process if it still runs, and reap it.
+        """
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+def host(address: str) -> str:
+    """
+    The host of a logged C{host:port}.
+    """
+    return address.rpartition(":")[0]
+
+
+class FleetBehindHAProxyTests(TestCase):
+    """
+    Two instances of one identity behind HAProxy, as docs/deploy.md
+    ("Fleets") runs them:
+
+      - the registry decides by the client address HAProxy reports in its
+        PROXY header, never by HAProxy's own: a client key admitted from
+        127.0.0.2 is served from there, and refused (L{NotAuthorized})
+        from 127.0.0.3;
+      - HAProxy balances both clients across both instances;
+      - HAProxy's health checks (C{check-send-proxy}: a PROXY header, then
+        a close) are never logged as failed handshakes;
+      - when one instance is stopped (SIGTERM), its open connection is
+        drained, the other instance's connection carries on, and every new
+        connection is served by the instance left.
+    """
+
+    skip = NO_HAPROXY
+
+    async def test_two_instances_behind_send_proxy_v1(self) -> None:
+        await self.fleet("send-proxy")
+
+    async def test_two_instances_behind_send_proxy_v2(self) -> None:
+        await self.fleet("send-proxy-v2")
+
+    async def fleet(self, send_proxy: str) -> None:
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        keydirs, client_key = self.identities(base)
+        registry = os.path.join(base, "registry")
+        FileRegistry(registry).add(ADMITTED, client_key, "the admitted client")
+        tags = [b"instance1", b"instance2"]
+        instances = []
+        for name, keydir, tag in zip(("instance1", "instance2"), keydirs, tags, strict=True):
+            backend = await self.backend(tag)
+            instances.append(self.start_instance(base, name, keydir, registry, backend))
+        for instance in instances:
+            await eventually(
+                lambda: instance.process.poll() is not None
+                or bool(instance.events_like("Listening on")),
+                lambda: f"the instance did not listen: {instance.events()}",
+            )
+            [instance.port] = listening_ports(open(instance.log, "rb").read())
+        first, second = instances
+
+        haproxy = await start_haproxy(
+            self,
+            [("instance1", first.port), ("instance2", second.port)],
+            # Checks every 200 ms, each one a PROXY header and a close; two
+            # failed checks take a server out.
+            f"{send_proxy} check check-send-proxy inter 200ms fall 2 rise 1",
+        )
+        await eventually(
+            lambda: all(s["check_status"] == "L4OK" for s in haproxy.servers().values()),
+            lambda: f"the checks did not pass: {haproxy.servers()}",
+        )
+
+        served = [await self.exchange(haproxy, ADMITTED) for _ in range(CONNECTIONS)]
+        self.assertEqual(set(served), set(tags), "both instances serve the admitted client")
+        for _ in range(CONNECTIONS):
+            channel = await self.connect(haproxy, REFUSED)
+            with self.assertRaises(NotAuthorized):
+                await channel.recv()
+
+        # One open connection on each instance, then the second is stopped.
+        kept = {}
+        while len(kept) < 2:
+            channel = await self.connect(haproxy, ADMITTED)
+            await channel.send(b"which?")
+            kept.setdefault(await channel.recv(), channel)
+        second.process.send_signal(signal.SIGTERM)
+        await eventually(
+            lambda: bool(second.events_like("Stopped listening")),
+            lambda: f"the instance did not stop listening: {second.events()}",
+        )
+        # Its open connection is drained, not cut; once closed, it exits.
+        await kept[b"instance2"].send(b"still there?")
+        self.assertEqual(await kept[b"instance2"].recv(), b"instance2")
+        await kept[b"instance2"].close()
+        await eventually(
+            lambda: second.process.poll() is not None,
+            lambda: f"the instance did not exit: {second.events()[-5:]}",
+        )
+        self.assertEqual(second.process.returncode, -signal.SIGTERM)
+
+        # The other instance's connection carries on, and new connections
+        # all go to it: refused by the stopped one at first (HAProxy then
+        # sends them on), and once HAProxy's checks have marked it down.
+        await kept[b"instance1"].send(b"still there?")
+        self.assertEqual(await kept[b"instance1"].recv(), b"instance1")
+        after = [await self.exchange(haproxy, ADMITTED) for _ in range(CONNECTIONS)]
+        await eventually(
+            lambda: haproxy.servers()["instance2"]["status"].startswith("DOWN"),
+            lambda: f"HAProxy did not mark the stopped instance down: {haproxy.output()}",
+        )
+        after += [await self.exchange(haproxy, ADMITTED) for _ in range(CONNECTIONS)]
+        self.assertEqual(set(after), {b"instance1"})
+        await kept[b"instance1"].close()
+
+        for instance in instances:
+            self.assertServedOnlyByReportedAddresses(instance)
+
+    def assertServedOnlyByReportedAddresses(self, instance: Instance) -> None:
+        """
+        C{instance} forwarded connections from the admitted address and no
+        other, refused the other address, and logged no other failed
+        handshake; HAProxy's health checks reached it.
+        """
+        forwarded = instance.events_like("Connection from {peer}")
+        self.assertTrue(forwarded, instance.log)
+        self.assertEqual({host(e["peer"]) for e in forwarded}, {ADMITTED})
+        failed = instance.events_like("curvetun handshake with {peer} failed")
+        self.assertTrue(failed, instance.log)
+        self.assertEqual({(host(e["peer"]), e["result"]) for e in failed}, {(REFUSED, "not_authorized")})
+        checks = instance.events_like("curvetun: connection from {peer} closed before any byte")
+        self.assertTrue(checks, instance.log)
+
+    def identities(self, base: str) -> tuple[list[str], bytes]:
+        """
+        Two copies of one server key directory, and a client key directory;
+        the client's public key.
+        """
+        identity = os.path.join(base, "identity")
+        server = FileVault.create(identity)
+        server.close()
+        self.server_key = format_public_key(server.public_key)
+        copies = []
+        for name in ("instance1", "instance2"):
+            # A key directory serves one process at a time (its lock): each
+            # instance has a copy of its own.
+            copy = os.path.join(base, name, "keys")
+            shutil.copytree(identity, copy, ignore=shutil.ignore_patterns(LOCK_FILE))
+            copies.append(copy)
+        # Copies that start from one nonce counter would use the same
+        # nonces: in production each copy is given its own --instance ID,
+        # a part of the counter space of its own. Here the second copy's
+        # counter is moved far ahead instead (a counter may always move
+        # forward), so that the two never meet.
+        counter = os.path.join(copies[1], COUNTER_FILE)
+        with open(counter) as f:
+            value = int(f.read())
+        with open(counter, "w") as f:
+            f.write(f"{value + 2**40}\n")
+        client = os.path.join(base, "client")
+        vault = FileVault.create(client)
+        vault.close()
+        self.addCleanup(forget_keydir, client)
+        self.client_keydir = client
+        return copies, vault.public_key
+
+    async def backend(self, tag: bytes) -> int:
+        """
+        Listen for an instance's forwarded connections; answer with C{tag}.
+        """
+        port: IListeningPort = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            TagFactory(tag)
+        )
+        self.addCleanup(port.stopListening)
+        return tcp_port(port)
+
+    def start_instance(
+        self, base: str, name: str, keydir: str, registry: str, backend: int
+    ) -> Instance:
+        """
+        Start C{twist curvetun} on the key directory C{keydir}, behind a
+        PROXY header on a free port, forwarding to C{backend}.
+        """
+        log = os.path.join(base, name, "log.json")
+        argv = [
+            sys.executable, "-m", "twisted",
+            "--log-format", "json", "--log-level", "debug", "--log-file", log,
+            "curvetun",
+            "--keydir", keydir,
+            "--registry", registry,
+            "--listen", "curvetun:endpoint=haproxy\\:tcp\\:0\\:interface\\=127.0.0.1",
+            "--forward", f"tcp:127.0.0.1:{backend}",
+        ]  # fmt: skip
+        with open(os.path.join(base, name, "output"), "wb") as output:
+            process = subprocess.Popen(
+                argv,
+                cwd=SOURCE_ROOT,
+                env=twist_environ(os.path.join(base, name)),
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        instance = Instance(process, log)
+        self.addCleanup(instance.stop)
+        return instance
+
+    async def connect(self, haproxy: HAProxy, source: str) -> MessageChannel:
+        """
+        A curvetun connection through HAProxy, from the address C{source}.
+        """
+        endpoint = clientFromString(
+            reactor,
+            f"curvetun:endpoint=tcp\\:127.0.0.1\\:{haproxy.port}\\:bindAddress\\={source}"
+            f":key={self.server_key}:keydir={self.client_keydir}",
+        )
+        channel = await connect(endpoint)
+        self.addCleanup(channel.close)
+        return channel
+
+    async def exchange(self, haproxy: HAProxy, source: str) -> bytes:
+        """
+        Connect from C{source}, send a message and close: the tag of the
+        instance that answered.
+        """
+        channel = await self.connect(haproxy, source)
+        await channel.send(b"which?")
+        tag = await channel.recv()
+        await channel.close()
+        return tag
