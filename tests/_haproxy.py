@@ -121,9 +121,9 @@ async def eventually(
     Wait until C{condition()} holds, checking every 50 ms without blocking
     the reactor; fail after C{timeout} seconds with C{what()}.
     """
-    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+    deadline = reactor.seconds() + timeout
     while not condition():
-        if reactor.seconds() > deadline:  # type: ignore[attr-defined]
+        if reactor.seconds() > deadline:
             raise AssertionError(f"not in {timeout} s: {what()}")
         await deferLater(reactor, 0.05, lambda: None)
 
@@ -142,29 +142,46 @@ async def start_haproxy(
     stats_socket = os.path.join(short_socket_dir(testcase), "stats")
     # The free port may be taken before HAProxy binds it: then try another.
     for attempt in range(3):
-        port = closed_port()
-        config = os.path.join(directory, f"haproxy-{attempt}.cfg")
-        log = os.path.join(directory, f"haproxy-{attempt}.log")
-        with open(config, "w") as f:
-            f.write(haproxy_config(port, stats_socket, servers, server_options))
-        with open(log, "wb") as output:
-            process = subprocess.Popen(
-                [HAPROXY, "-f", config, "-db"],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        haproxy = HAProxy(process, port, stats_socket, log)
-        testcase.addCleanup(haproxy.stop)
-        await eventually(
-            lambda: process.poll() is not None or _answers(stats_socket),
-            lambda: f"haproxy did not start: {haproxy.output()}",
-        )
-        if process.poll() is None:
+        prefix = os.path.join(directory, f"haproxy-{attempt}")
+        haproxy = await _start(testcase, prefix, stats_socket, servers, server_options)
+        status = haproxy.process.poll()
+        if status is None:
             return haproxy
         if "cannot bind" not in haproxy.output():
             break
-    raise AssertionError(f"haproxy exited with status {process.returncode}: {haproxy.output()}")
+    raise AssertionError(f"haproxy exited with status {status}: {haproxy.output()}")
+
+
+async def _start(
+    testcase: SynchronousTestCase,
+    prefix: str,
+    stats_socket: str,
+    servers: Sequence[tuple[str, int]],
+    server_options: str,
+) -> HAProxy:
+    """
+    Start HAProxy with its configuration in C{PREFIX.cfg}, its output in
+    C{PREFIX.log}; wait until it answers, or exits.
+    """
+    assert HAPROXY is not None, NO_HAPROXY
+    port = closed_port()
+    config, log = prefix + ".cfg", prefix + ".log"
+    with open(config, "w") as f:
+        f.write(haproxy_config(port, stats_socket, servers, server_options))
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [HAPROXY, "-f", config, "-db"],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    haproxy = HAProxy(process, port, stats_socket, log)
+    testcase.addCleanup(haproxy.stop)
+    await eventually(
+        lambda: process.poll() is not None or _answers(stats_socket),
+        lambda: f"haproxy did not start: {haproxy.output()}",
+    )
+    return haproxy
 
 
 def _answers(stats_socket: str) -> bool:

@@ -50,7 +50,7 @@ CONNECTIONS = 4
 class _Tag(Protocol):
     def dataReceived(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(self.factory.tag)  # type: ignore[attr-defined]
+        self.transport.write(self.factory.tag)
 
 
 class TagFactory(Factory):
@@ -76,21 +76,42 @@ class Instance:
     log: str
     port: int = 0
 
-    def events(self) -> list[dict[str, Any]]:
+    def logged(self) -> bytes:
         """
-        The events logged so far (none before twist opens its log).
+        The log so far (nothing before twist opens it).
         """
         try:
             with open(self.log, "rb") as f:
-                return parse_events(f.read())
+                return f.read()
         except FileNotFoundError:
-            return []
+            return b""
+
+    def events(self) -> list[dict[str, Any]]:
+        """
+        The events logged so far.
+        """
+        return parse_events(self.logged())
 
     def events_like(self, format_start: str) -> list[dict[str, Any]]:
         """
         The events so far whose format begins with C{format_start}.
         """
         return [e for e in self.events() if e.get("log_format", "").startswith(format_start)]
+
+    async def listening(self) -> None:
+        """
+        Wait until the instance listens, and learn its port.
+        """
+        await eventually(
+            lambda: self.process.poll() is not None or bool(self.events_like("Listening on")),
+            lambda: f"the instance did not listen: {self.events()}",
+        )
+        self.assertRunning()
+        [self.port] = listening_ports(self.logged())
+
+    def assertRunning(self) -> None:
+        status = self.process.poll()
+        assert status is None, f"the instance exited with status {status}: {self.logged()!r}"
 
     def stop(self) -> None:
         """
@@ -145,12 +166,7 @@ class FleetBehindHAProxyTests(TestCase):
             backend = await self.backend(tag)
             instances.append(self.start_instance(base, name, keydir, registry, backend))
         for instance in instances:
-            await eventually(
-                lambda: instance.process.poll() is not None
-                or bool(instance.events_like("Listening on")),
-                lambda: f"the instance did not listen: {instance.events()}",
-            )
-            [instance.port] = listening_ports(open(instance.log, "rb").read())
+            await instance.listening()
         first, second = instances
 
         haproxy = await start_haproxy(
@@ -173,11 +189,15 @@ class FleetBehindHAProxyTests(TestCase):
                 await channel.recv()
 
         # One open connection on each instance, then the second is stopped.
-        kept = {}
+        kept: dict[bytes, MessageChannel] = {}
         while len(kept) < 2:
             channel = await self.connect(haproxy, ADMITTED)
             await channel.send(b"which?")
-            kept.setdefault(await channel.recv(), channel)
+            tag = await channel.recv()
+            if tag in kept:
+                await channel.close()  # an open one would hold up the drain
+            else:
+                kept[tag] = channel
         second.process.send_signal(signal.SIGTERM)
         await eventually(
             lambda: bool(second.events_like("Stopped listening")),
@@ -217,13 +237,18 @@ class FleetBehindHAProxyTests(TestCase):
         handshake; HAProxy's health checks reached it.
         """
         forwarded = instance.events_like("Connection from {peer}")
-        self.assertTrue(forwarded, instance.log)
-        self.assertEqual({host(e["peer"]) for e in forwarded}, {ADMITTED})
+        self.assertEqual(
+            {host(e["peer"]) for e in forwarded}, {ADMITTED}, f"forwarded: {instance.log}"
+        )
         failed = instance.events_like("curvetun handshake with {peer} failed")
-        self.assertTrue(failed, instance.log)
-        self.assertEqual({(host(e["peer"]), e["result"]) for e in failed}, {(REFUSED, "not_authorized")})
+        self.assertEqual(
+            {(host(e["peer"]), e["result"]) for e in failed},
+            {(REFUSED, "not_authorized")},
+            f"failed handshakes: {instance.log}",
+        )
+        # The checks did reach it (so that the line above means something).
         checks = instance.events_like("curvetun: connection from {peer} closed before any byte")
-        self.assertTrue(checks, instance.log)
+        self.assertTrue(checks, f"no health check seen: {instance.log}")
 
     def identities(self, base: str) -> tuple[list[str], bytes]:
         """
