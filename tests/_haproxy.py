@@ -33,14 +33,15 @@ NO_HAPROXY = (
 """A test case's C{skip}: why the tests of a real HAProxy cannot run here, or L{None}."""
 
 
-def haproxy_config(
-    frontend_port: int, stats_socket: str, servers: Sequence[tuple[str, int]], server_options: str
-) -> str:
+Server = tuple[str, int, str]
+"""A backend server: its name, its port on 127.0.0.1, and its options (C{send-proxy check...})."""
+
+
+def haproxy_config(frontend_port: int, stats_socket: str, servers: Sequence[Server]) -> str:
     """
     An HAProxy configuration: TCP mode, one frontend on 127.0.0.1 at
-    C{frontend_port}, balanced round robin over C{servers} (name and port
-    on 127.0.0.1), each given C{server_options}; the stats socket (at
-    C{stats_socket}) answers C{show stat}.
+    C{frontend_port}, balanced round robin over C{servers}; the stats
+    socket (at C{stats_socket}) answers C{show stat}.
     """
     lines = [
         "global",
@@ -58,7 +59,7 @@ def haproxy_config(
         "    default_backend instances",
         "backend instances",
         "    balance roundrobin",
-        *(f"    server {name} 127.0.0.1:{port} {server_options}" for name, port in servers),
+        *(f"    server {name} 127.0.0.1:{port} {options}" for name, port, options in servers),
     ]
     return "\n".join(lines) + "\n"
 
@@ -128,9 +129,7 @@ async def eventually(
         await deferLater(reactor, 0.05, lambda: None)
 
 
-async def start_haproxy(
-    testcase: SynchronousTestCase, servers: Sequence[tuple[str, int]], server_options: str
-) -> HAProxy:
+async def start_haproxy(testcase: SynchronousTestCase, servers: Sequence[Server]) -> HAProxy:
     """
     Start HAProxy in front of C{servers} (see L{haproxy_config}); it has
     answered on its stats socket, so it listens (it binds every socket
@@ -143,7 +142,7 @@ async def start_haproxy(
     # The free port may be taken before HAProxy binds it: then try another.
     for attempt in range(3):
         prefix = os.path.join(directory, f"haproxy-{attempt}")
-        haproxy = await _start(testcase, prefix, stats_socket, servers, server_options)
+        haproxy = await _start(testcase, prefix, stats_socket, servers)
         status = haproxy.process.poll()
         if status is None:
             return haproxy
@@ -156,8 +155,7 @@ async def _start(
     testcase: SynchronousTestCase,
     prefix: str,
     stats_socket: str,
-    servers: Sequence[tuple[str, int]],
-    server_options: str,
+    servers: Sequence[Server],
 ) -> HAProxy:
     """
     Start HAProxy with its configuration in C{PREFIX.cfg}, its output in
@@ -167,7 +165,7 @@ async def _start(
     port = closed_port()
     config, log = prefix + ".cfg", prefix + ".log"
     with open(config, "w") as f:
-        f.write(haproxy_config(port, stats_socket, servers, server_options))
+        f.write(haproxy_config(port, stats_socket, servers))
     with open(log, "wb") as output:
         process = subprocess.Popen(
             [HAPROXY, "-f", config, "-db"],

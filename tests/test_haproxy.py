@@ -139,8 +139,9 @@ class FleetBehindHAProxyTests(TestCase):
         127.0.0.2 is served from there, and refused (L{NotAuthorized})
         from 127.0.0.3;
       - HAProxy balances both clients across both instances;
-      - HAProxy's health checks (C{check-send-proxy}: a PROXY header, then
-        a close) are never logged as failed handshakes;
+      - HAProxy's health checks, plain TCP ones (a close before any
+        byte) and C{check-send-proxy} ones (a PROXY header, then a close),
+        are never logged as failed handshakes;
       - when one instance is stopped (SIGTERM), its open connection is
         drained, the other instance's connection carries on, and every new
         connection is served by the instance left.
@@ -169,12 +170,18 @@ class FleetBehindHAProxyTests(TestCase):
             await instance.listening()
         first, second = instances
 
+        # Health checks every 200 ms; two failed ones take a server out.
+        # The first instance has plain TCP checks (a connection closed
+        # before any byte); the second has check-send-proxy (a PROXY header
+        # and a close: in version 2 a LOCAL one, in version 1 the check's
+        # own addresses).
+        checks = "check inter 200ms fall 2 rise 1"
         haproxy = await start_haproxy(
             self,
-            [("instance1", first.port), ("instance2", second.port)],
-            # Checks every 200 ms, each one a PROXY header and a close; two
-            # failed checks take a server out.
-            f"{send_proxy} check check-send-proxy inter 200ms fall 2 rise 1",
+            [
+                ("instance1", first.port, f"{send_proxy} {checks}"),
+                ("instance2", second.port, f"{send_proxy} {checks} check-send-proxy"),
+            ],
         )
         await eventually(
             lambda: all(s["check_status"] == "L4OK" for s in haproxy.servers().values()),
