@@ -7,10 +7,12 @@ identity, balanced round robin by HAProxy in TCP mode with PROXY headers
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from typing import Any
 
 import attrs
@@ -18,7 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint, clientFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.channel import MessageChannel, connect
 from curvetun.errors import NotAuthorized
@@ -27,7 +29,7 @@ from curvetun.keys import format_public_key
 from curvetun.registry import FileRegistry
 from curvetun.vault import FileVault
 
-from ._haproxy import NO_HAPROXY, HAProxy, eventually, start_haproxy
+from ._haproxy import HAPROXY, NO_HAPROXY, HAProxy, eventually, start_haproxy
 from ._support import (
     SOURCE_ROOT,
     forget_keydir,
@@ -353,3 +355,45 @@ class FleetBehindHAProxyTests(TestCase):
         tag = await channel.recv()
         await channel.close()
         return tag
+
+
+DEPLOY = os.path.join(SOURCE_ROOT, "docs", "deploy.md")
+
+
+class DeployGuideConfigTests(SynchronousTestCase):
+    """
+    The HAProxy configuration docs/deploy.md gives for a fleet is one
+    HAProxy accepts, without a warning.
+    """
+
+    skip = NO_HAPROXY
+
+    def configs(self) -> list[str]:
+        """
+        The guide's C{haproxy} blocks as whole configurations: a block that
+        is only a backend takes the place of the first block's backend.
+        """
+        with open(DEPLOY) as f:
+            blocks = re.findall(r"^ *```haproxy\n(.*?)^ *```", f.read(), re.DOTALL | re.MULTILINE)
+        blocks = [textwrap.dedent(block) for block in blocks]
+        full = blocks[0]
+        backend = re.search(r"(?m)^backend ", full)
+        assert backend is not None, full
+        head = full[: backend.start()]
+        return [full] + [head + block for block in blocks[1:] if block.startswith("backend ")]
+
+    def test_the_guides_haproxy_configurations_are_valid(self) -> None:
+        configs = self.configs()
+        self.assertEqual(len(configs), 2, "a whole configuration and a health-endpoint backend")
+        for number, config in enumerate(configs):
+            path = os.path.abspath(self.mktemp())
+            with open(path, "w") as f:
+                f.write(config)
+            assert HAPROXY is not None
+            checked = subprocess.run(
+                [HAPROXY, "-c", "-f", path], capture_output=True, text=True, timeout=30, check=False
+            )
+            output = checked.stdout + checked.stderr
+            self.assertEqual(checked.returncode, 0, f"block {number}: {output}")
+            self.assertNotIn("[WARNING]", output, f"block {number}: {output}")
+            self.assertNotIn("[ALERT]", output, f"block {number}: {output}")
