@@ -223,8 +223,9 @@ class FleetBehindHAProxyTests(TestCase):
         self.assertEqual(second.process.returncode, -signal.SIGTERM)
 
         # The other instance's connection carries on, and new connections
-        # all go to it: refused by the stopped one at first (HAProxy then
-        # sends them on), and once HAProxy's checks have marked it down.
+        # all go to it: before HAProxy's checks mark the stopped one down
+        # (those that HAProxy sends there are refused, and it sends them on:
+        # option redispatch), and after.
         await kept[b"instance1"].send(b"still there?")
         self.assertEqual(await kept[b"instance1"].recv(), b"instance1")
         after = [await self.exchange(haproxy, ADMITTED) for _ in range(CONNECTIONS)]
