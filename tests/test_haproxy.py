@@ -107,6 +107,8 @@ class Instance:
         await eventually(
             lambda: self.process.poll() is not None or bool(self.events_like("Listening on")),
             lambda: f"the instance did not listen: {self.events()}",
+            # A loaded machine can take long to start a Python process.
+            timeout=60,
         )
         self.assertRunning()
         [self.port] = listening_ports(self.logged())
@@ -172,12 +174,13 @@ class FleetBehindHAProxyTests(TestCase):
             await instance.listening()
         first, second = instances
 
-        # Health checks every 200 ms; two failed ones take a server out.
+        # Health checks every 500 ms (also the time a check may take to
+        # connect); two failed ones take a server out.
         # The first instance has plain TCP checks (a connection closed
         # before any byte); the second has check-send-proxy (a PROXY header
         # and a close: in version 2 a LOCAL one, in version 1 the check's
         # own addresses).
-        checks = "check inter 200ms fall 2 rise 1"
+        checks = "check inter 500ms fall 2 rise 1"
         haproxy = await start_haproxy(
             self,
             [
