@@ -110,10 +110,10 @@ class Instance:
             # A loaded machine can take long to start a Python process.
             timeout=60,
         )
-        self.assertRunning()
+        self.check_running()
         [self.port] = listening_ports(self.logged())
 
-    def assertRunning(self) -> None:
+    def check_running(self) -> None:
         status = self.process.poll()
         assert status is None, f"the instance exited with status {status}: {self.logged()!r}"
 
