@@ -33,6 +33,19 @@ NO_HAPROXY = (
 """A test case's C{skip}: why the tests of a real HAProxy cannot run here, or L{None}."""
 
 
+SETPRIV = shutil.which("setpriv")
+
+
+def dying_with_us(argv: list[str]) -> list[str]:
+    """
+    C{argv}, run so that Linux stops it (SIGTERM) if this process dies
+    first (util-linux's C{setpriv --pdeathsig}): a test run that is killed
+    leaves no server behind. Where there is no C{setpriv}, C{argv} itself;
+    the cleanup still stops the process.
+    """
+    return [SETPRIV, "--pdeathsig", "TERM", *argv] if SETPRIV is not None else argv
+
+
 Server = tuple[str, int, str]
 """A backend server: its name, its port on 127.0.0.1, and its options (C{send-proxy check...})."""
 
@@ -168,7 +181,7 @@ async def _start(
         f.write(haproxy_config(port, stats_socket, servers))
     with open(log, "wb") as output:
         process = subprocess.Popen(
-            [HAPROXY, "-f", config, "-db"],
+            dying_with_us([HAPROXY, "-f", config, "-db"]),
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=subprocess.STDOUT,

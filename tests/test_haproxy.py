@@ -29,7 +29,7 @@ from curvetun.keys import format_public_key
 from curvetun.registry import FileRegistry
 from curvetun.vault import FileVault
 
-from ._haproxy import HAPROXY, NO_HAPROXY, HAProxy, eventually, start_haproxy
+from ._haproxy import HAPROXY, NO_HAPROXY, HAProxy, dying_with_us, eventually, start_haproxy
 from ._support import (
     SOURCE_ROOT,
     forget_keydir,
@@ -325,7 +325,7 @@ class FleetBehindHAProxyTests(TestCase):
         ]  # fmt: skip
         with open(os.path.join(base, name, "output"), "wb") as output:
             process = subprocess.Popen(
-                argv,
+                dying_with_us(argv),
                 cwd=SOURCE_ROOT,
                 env=twist_environ(os.path.join(base, name)),
                 stdin=subprocess.DEVNULL,
