@@ -24,9 +24,9 @@ The file::
 
 Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
-the line and the key. Settings not built yet (a metrics endpoint, a state
-directory, revocation policy) are refused like any unknown key until they
-are added to those tuples and to L{tunnel_config}.
+the line and the key. Settings not built yet (a state directory) are
+refused like any unknown key until they are added to those tuples and to
+L{tunnel_config}. The top level may also hold C{metrics} (L{read_config}).
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ The values of C{send_proxy}.
 _SECONDS = {"grace": True, "handshake_timeout": False, "idle_timeout": True}
 _COUNTS = tuple(f"max_{name}" for name in LIMITS)
 _PATHS = ("keydir", "registry")
+_FLAGS = ("keep_sessions_on_revoke",)
 
 TUNNEL_KEYS: tuple[str, ...] = (
     "name",
@@ -112,16 +113,18 @@ TUNNEL_KEYS: tuple[str, ...] = (
     *_COUNTS,
     *NETWORK_PREFIXES,
     "send_proxy",
+    *_FLAGS,
 )
 """
 The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
 the command line (C{handshake_timeout} is C{--handshake-timeout}).
 """
 
-TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel",)
+TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel", "metrics")
 """
-The keys of the file's top level. (A process-wide setting, such as a
-metrics endpoint, goes here when it is built.)
+The keys of the file's top level: the C{[[tunnel]]} tables, and the
+process-wide settings (C{metrics}: the server endpoint string of the
+monitoring endpoint, as C{--metrics}).
 """
 
 
@@ -202,6 +205,9 @@ class TunnelConfig:
     @ivar limits: how many connections the curvetun listen endpoints take.
     @ivar send_proxy: the PROXY header version each forward connection
         starts with, or L{None} for none.
+    @ivar keep_sessions_on_revoke: whether an established connection stays
+        open when the registry stops admitting its key (by default it is
+        closed: L{curvetun.revocation}).
     @ivar name: what the log calls the tunnel, or L{None}.
     @ivar source: where the settings were written (for messages).
     """
@@ -215,6 +221,7 @@ class TunnelConfig:
     idle_timeout: float | None = None
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     send_proxy: ProxyVersion | None = None
+    keep_sessions_on_revoke: bool = False
     name: str | None = None
     source: Source = attrs.field(default=COMMAND_LINE, eq=False, repr=False)
 
@@ -307,6 +314,11 @@ def tunnel_config(
             f"{source.option('send_proxy')} needs {source.option('forward')}: "
             "an echo has no backend to send the header to",
         )
+    flags = {}
+    for key in _FLAGS:
+        given = text(key)
+        if given is not None:
+            flags[key] = _checked(key, parse_flag, source.option(key), given)
     name = text("name")
     if name is not None and (not name.strip() or not name.isprintable() or len(name) > 64):
         raise SettingError("name", "name must be printable text of 1 to 64 characters")
@@ -320,6 +332,7 @@ def tunnel_config(
         idle_timeout=seconds.get("idle_timeout") or None,
         limits=attrs.evolve(ConnectionLimits(), **limits),
         send_proxy=send_proxy,
+        keep_sessions_on_revoke=flags.get("keep_sessions_on_revoke", False),
         name=name,
         source=source,
     )
@@ -381,6 +394,18 @@ def parse_count(name: str, text: str) -> int:
     return int(text)
 
 
+def parse_flag(name: str, text: str) -> bool:
+    """
+    Parse a setting that is on or off, given for C{name}: C{true} or
+    C{false} (as TOML writes them).
+
+    @raise ValueError: it is neither (a one-line message naming C{name}).
+    """
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{name} must be true or false, not {_quoted(text)}")
+
+
 def parse_proxy_version(name: str, text: str) -> ProxyVersion:
     """
     Parse the PROXY header version given for C{name}: C{v1} or C{v2}.
@@ -417,6 +442,24 @@ _STRING_KEYS = ("name", "forward", *_PATHS, "send_proxy")
 _NUMBER_KEYS = (*_SECONDS, *_COUNTS)
 
 
+@attrs.frozen
+class ProcessConfig:
+    """
+    What a config file describes: its tunnels, and the settings of the
+    process as a whole.
+
+    @ivar tunnels: one L{TunnelConfig} per C{[[tunnel]]} table, in order.
+    @ivar metrics: the monitoring endpoint's server endpoint string, or
+        L{None}.
+    @ivar metrics_where: what a message about C{metrics} starts with
+        (C{"FILE:LINE: "}).
+    """
+
+    tunnels: list[TunnelConfig]
+    metrics: str | None = None
+    metrics_where: str = ""
+
+
 def read_config_file(path: str) -> list[TunnelConfig]:
     """
     The tunnels the TOML file at C{path} describes, one per C{[[tunnel]]}
@@ -425,6 +468,17 @@ def read_config_file(path: str) -> list[TunnelConfig]:
 
     @raise ConfigFileError: the file cannot be read, is not TOML, has an
         unknown key or a malformed value, or describes no tunnel.
+    """
+    return read_config(path).tunnels
+
+
+def read_config(path: str) -> ProcessConfig:
+    """
+    The tunnels (as L{read_config_file}) and the process-wide settings of
+    the TOML file at C{path}.
+
+    @raise ConfigFileError: as L{read_config_file}; also for a C{metrics}
+        that is not a non-empty string.
     """
     try:
         with open(path, "rb") as f:
@@ -467,7 +521,13 @@ def read_config_file(path: str) -> list[TunnelConfig]:
         configs.append(config)
     if not configs:
         raise ConfigFileError(f"{path}: no [[tunnel]] table: describe at least one tunnel")
-    return configs
+    metrics = document.get("metrics")
+    where = f"{path}:{top.get('metrics', 1)}: "
+    if metrics is not None and (not isinstance(metrics, str) or not metrics.strip()):
+        raise ConfigFileError(
+            f'{where}metrics must be a server endpoint string, e.g. "tcp:9100:interface=127.0.0.1"'
+        )
+    return ProcessConfig(configs, metrics, where)
 
 
 def _decode(path: str, text: str) -> dict[str, object]:
@@ -515,6 +575,10 @@ def _tunnel(table: Mapping[str, object], source: FileTunnel, base: str) -> Tunne
             if not isinstance(endpoints, list) or not all(isinstance(e, str) for e in endpoints):
                 raise error(key, "listen must be an endpoint string or a list of them")
             settings[key] = cast("list[str]", endpoints)
+        elif key in _FLAGS:
+            if not isinstance(value, bool):
+                raise error(key, f"{key} must be true or false, not {_toml_type(value)}")
+            settings[key] = "true" if value else "false"
         elif key in _STRING_KEYS:
             if not isinstance(value, str):
                 raise error(key, f"{key} must be a string, not {_toml_type(value)}")

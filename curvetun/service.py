@@ -1,19 +1,27 @@
 """
 L{CurveTunService}: one long-term identity (vault), its cookie keys, its
 registry and its replay memory, as one Twisted service, which makes the
-factories (L{curvetun.factories}) that run curvetun connections with them.
+factories (L{curvetun.factories}) that run curvetun connections with them,
+closes the connections its registry stops admitting
+(L{curvetun.revocation}), and reloads its registry and keys
+(L{CurveTunService.reload}).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import attrs
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.logger import Logger
 
 from .admission import ConnectionLimits
 from .cookies import CookieKeys
+from .errors import KeyFileError, RegistryError
 from .factories import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_HELLO_TIMEOUT,
@@ -21,7 +29,10 @@ from .factories import (
     CurveTunServerFactory,
 )
 from .interfaces import IRegistry, IVault
+from .keys import fingerprint, keys_equal
+from .registry import FileRegistry
 from .replay import ReplayGuard
+from .revocation import POLL_INTERVAL, Revocation
 
 if TYPE_CHECKING:
     from twisted.python.filepath import FilePath
@@ -32,6 +43,8 @@ class _Default(enum.Enum):
 
 
 _DEFAULT = _Default.token
+
+log = Logger()
 
 
 class CurveTunService(MultiService):
@@ -51,8 +64,18 @@ class CurveTunService(MultiService):
     first packet's deadline) and C{limits} (L{ConnectionLimits}) to those of
     its server factories.
 
+    With C{revoke_sessions} (the default), a change of the registry that no
+    longer admits an established connection's client key from its address
+    closes that connection (a L{Revocation}, C{revocation}; L{None}
+    without); C{revocation_poll} is how often it examines a registry file
+    for an edit no handshake has noticed.
+
     Start it (or add it to an application) before its factories accept
     connections: the cookie keys rotate only while it runs.
+
+    @ivar server_factory_callbacks: called with each server factory it
+        makes (L{server_factory}), before the factory is used: a service
+        that follows the connections (metrics, a status page) appends here.
     """
 
     def __init__(
@@ -65,6 +88,8 @@ class CurveTunService(MultiService):
         idle_timeout: float | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
         hello_timeout: float | None = DEFAULT_HELLO_TIMEOUT,
+        revoke_sessions: bool = True,
+        revocation_poll: float | None = POLL_INTERVAL,
     ) -> None:
         super().__init__()
         if clock is None:
@@ -83,7 +108,9 @@ class CurveTunService(MultiService):
         # Kept for as long as the cookie keys could open a replayed vouch's
         # cookie, counted in key generations rather than by any clock.
         self.replay_guard = ReplayGuard(self.cookie_keys)
-        for part in (vault, self.cookie_keys, registry):
+        self.server_factory_callbacks: list[Callable[[CurveTunServerFactory], None]] = []
+        self.revocation = Revocation(registry, clock, revocation_poll) if revoke_sessions else None
+        for part in (vault, self.cookie_keys, registry, self.revocation):
             if IService.providedBy(part):
                 IService(part).setServiceParent(self)
 
@@ -98,6 +125,7 @@ class CurveTunService(MultiService):
         idle_timeout: float | None = None,
         limits: ConnectionLimits = ConnectionLimits(),
         hello_timeout: float | None = DEFAULT_HELLO_TIMEOUT,
+        revoke_sessions: bool = True,
     ) -> CurveTunService:
         """
         Load (or, with C{create}, create if missing) the key directory
@@ -129,15 +157,17 @@ class CurveTunService(MultiService):
             idle_timeout=idle_timeout,
             limits=limits,
             hello_timeout=hello_timeout,
+            revoke_sessions=revoke_sessions,
         )
 
     def server_factory(self, application_factory: IProtocolFactory) -> CurveTunServerFactory:
         """
         A factory for a listening port: it runs curvetun's server side and,
         on each authenticated connection, a protocol of
-        C{application_factory}.
+        C{application_factory}. Its connections are subject to
+        revocation (unless the service was made without).
         """
-        return CurveTunServerFactory(
+        factory = CurveTunServerFactory(
             application_factory,
             self.vault,
             self.cookie_keys,
@@ -149,6 +179,11 @@ class CurveTunService(MultiService):
             self.limits,
             hello_timeout=self.hello_timeout,
         )
+        for callback in self.server_factory_callbacks:
+            callback(factory)
+        if self.revocation is not None:
+            self.revocation.track(factory)
+        return factory
 
     def client_factory(
         self,
@@ -171,3 +206,113 @@ class CurveTunService(MultiService):
             else handshake_timeout,
             self.idle_timeout,
         )
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> Deferred[Reloaded]:
+        """
+        Read the registry and the key directory again (for SIGHUP), keeping
+        every established connection, except those the new registry no
+        longer admits (see C{revoke_sessions}).
+
+        A registry that cannot be read or is malformed keeps the entries
+        read before (the registry logs the error); a key directory that
+        cannot be applied keeps the keys in use (logged here, one line).
+
+        @return: fires with what changed; never fails for a bad file.
+        """
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> Reloaded:
+        registry = await self._reload_registry()
+        try:
+            keys = self.reload_keys()
+        except KeyFileError as error:
+            log.error(
+                "curvetun did not reload the keys: {error}; still using the key {key}",
+                error=str(error),
+                key=fingerprint(self.vault.public_key),
+            )
+            keys = "keys not reloaded (see the error above)"
+        return Reloaded(registry, keys)
+
+    async def _reload_registry(self) -> str | None:
+        registry = self.registry
+        if not isinstance(registry, FileRegistry):
+            return None  # nothing to read again
+        revocation = self.revocation
+        closed_before = 0 if revocation is None else revocation.closed
+        try:
+            change = await registry.reload()
+        except RegistryError:
+            # Logged by the registry, once, with the file's line.
+            return (
+                f"registry {registry.path.path}: not reloaded (see the error above), "
+                f"still the {_count(len(registry.current.entries), 'entry', 'entries')} "
+                "read before"
+            )
+        if not change.added and not change.removed:
+            what = "unchanged"
+        else:
+            added = _count(len(change.added), "entry", "entries")
+            what = f"{added} added, {len(change.removed)} removed"
+        closed = 0 if revocation is None else revocation.closed - closed_before
+        if closed:
+            what += f", {_count(closed, 'connection', 'connections')} closed"
+        return f"registry {registry.path.path}: {what}"
+
+    def reload_keys(self) -> str:
+        """
+        Read the key directory again and apply what changed to the keys
+        this identity answers with (part of L{reload}).
+
+        One key serves for the life of the process: this checks that the
+        key directory still holds it (a vault of no directory has nothing
+        to read again).
+
+        @return: what changed, as a phrase for the reload's log line
+            (C{"keys unchanged"}).
+        @raise KeyFileError: the key directory cannot be applied (a key
+            file is unreadable, damaged or unsafe, or the directory holds
+            another key); the keys in use are kept. The message is one
+            line.
+        """
+        keydir = getattr(self.vault, "keydir", None)
+        if keydir is None:
+            return "keys unchanged"
+        from .vault import read_public_key
+
+        stored = read_public_key(keydir)
+        if not keys_equal(stored, self.vault.public_key):
+            raise KeyFileError(
+                f"{keydir.path} now holds another key ({fingerprint(stored)}), "
+                "which takes a restart to use"
+            )
+        return "keys unchanged"
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
+@attrs.frozen
+class Reloaded:
+    """
+    What a reload of one identity changed, as phrases for the log line.
+
+    @ivar registry: C{"registry PATH: 2 entries added, 1 removed"}, or
+        L{None} for a registry that is not a file.
+    @ivar keys: C{"keys unchanged"}, or what L{CurveTunService.reload_keys}
+        said.
+    """
+
+    registry: str | None
+    keys: str
+
+    def phrases(self, keydir: str | None = None) -> list[str]:
+        """
+        The phrases, the keys' prefixed with C{keydir} when given (when a
+        process has several identities).
+        """
+        keys = self.keys if keydir is None else f"{keydir}: {self.keys}"
+        return [*([] if self.registry is None else [self.registry]), keys]

@@ -10,7 +10,7 @@ The document (JSON)::
       "now": 1764620000.5,                 # the server's clock, epoch seconds
       "tunnels": [
         {
-          "name": "curvetun:7700",          # the tunnel's first listen endpoint
+          "name": "curvetun:7700",          # its config-file name, else its first listen endpoint
           "listen": ["curvetun:7700"],
           "forward": "tcp:127.0.0.1:6379",  # null: echo
           "server_keys": [{"key": "<64 hex>", "role": "current"},
@@ -22,14 +22,18 @@ The document (JSON)::
               "started": 1764619990.0,      # when the handshake completed
               "bytes_received": 1024,       # application bytes from the peer
               "bytes_sent": 2048,           # application bytes to the peer
-              "last_message": 1764619999.0  # null: none yet
+              "last_message": 1764619999.0, # the later of the two below; null: none yet
+              "last_received": 1764619999.0,# the last message from the peer; null: none yet
+              "last_sent": 1764619998.0     # the last message to the peer; null: none yet
             }
           ]
         }
       ]
     }
 
-Times are epoch seconds of the server's clock; the rendering measures ages
+Readers ignore keys they do not know, so that keys can be added without
+breaking them; C{last_received} and C{last_sent} were added so. Times are
+epoch seconds of the server's clock; the rendering measures ages
 against the document's C{now}, so a skew between the two hosts' clocks does
 not show.
 """

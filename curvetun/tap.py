@@ -5,7 +5,7 @@ may be a curvetun endpoint, or echo them.
     twist curvetun [--listen ENDPOINT]... [--forward ENDPOINT]
                    [--keydir DIR] [--registry FILE] [--grace SECONDS]
                    [--handshake-timeout SECONDS] [--send-proxy v1|v2] ...
-    twist curvetun --config FILE
+    twist curvetun --config FILE [--metrics ENDPOINT]
 
 The server end of a tunnel to a local service::
 
@@ -25,6 +25,7 @@ start).
 
 from __future__ import annotations
 
+import signal
 from typing import ClassVar
 
 from twisted.application.service import IService
@@ -57,14 +58,17 @@ class Options(usage.Options):
     endpoint string or L{None}, C{"keydir"} a path, C{"registry"} a path or
     L{None} (the key directory's), C{"grace"}, C{"handshake-timeout"} and
     C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
-    L{ConnectionLimits}, and C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}.
+    L{ConnectionLimits}, C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}, and
+    C{"metrics"} (also with C{--config}) an endpoint string or L{None}.
+    C{"keep-sessions-on-revoke"} a bool.
     """
 
     synopsis = (
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
-        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2]"
-        "\n       twist [options] curvetun --config FILE"
+        "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
+        "[--keep-sessions-on-revoke] [--metrics ENDPOINT]"
+        "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
     )
     longdesc = (
         "Forward each connection accepted on a --listen endpoint to a connection "
@@ -79,7 +83,7 @@ class Options(usage.Options):
     # tell what was given (to refuse it with --config); the defaults are
     # filled in by tunnel_config, and shown in the help text.
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["config", "c", None, "TOML file describing the tunnels to run (no other option then)."],
+        ["config", "c", None, "TOML file describing the tunnels to run (only --metrics besides)."],
         [
             "keydir",
             "k",
@@ -144,12 +148,23 @@ class Options(usage.Options):
                 "giving the client's address (v2 also its curvetun key, in TLV 0xE0)."
             ),
         ],
+        [
+            "metrics",
+            None,
+            None,
+            (
+                "Server endpoint string to serve /metrics (Prometheus), /status (JSON) and "
+                "/healthz on over HTTP, e.g. tcp:9100:interface=127.0.0.1; allowed with "
+                "--config, where it overrides the file's metrics."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["forward"] = None
+        self["keep-sessions-on-revoke"] = None
         self.tunnels: list[TunnelConfig] = []
 
     def opt_listen(self, endpoint: str) -> None:
@@ -176,6 +191,11 @@ class Options(usage.Options):
 
     opt_f = opt_forward
 
+    def opt_keep_sessions_on_revoke(self) -> None:
+        # One line: usage.Options shows a flag's docstring as it is written.
+        """Keep connections the registry no longer admits [default: close them]."""
+        self["keep-sessions-on-revoke"] = "true"
+
     def postOptions(self) -> None:
         """
         Check the values, fill in the defaults, and build the tunnel; with
@@ -185,8 +205,10 @@ class Options(usage.Options):
             is given with C{--config} (a one-line message).
         """
         # Only tunnel settings are refused with --config: an option about
-        # the process as a whole (a metrics endpoint, say) is not one of
-        # TUNNEL_KEYS, and goes with --config as it is.
+        # the process as a whole (--metrics) is not one of TUNNEL_KEYS,
+        # and goes with --config as it is.
+        if self["metrics"] is not None and not self["metrics"].strip():
+            raise usage.UsageError("--metrics needs an endpoint, e.g. tcp:9100:interface=127.0.0.1")
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -213,6 +235,7 @@ class Options(usage.Options):
         self["idle-timeout"] = config.idle_timeout
         self["limits"] = config.limits
         self["send-proxy"] = config.send_proxy
+        self["keep-sessions-on-revoke"] = config.keep_sessions_on_revoke
 
 
 def makeService(options: Options) -> IService:
@@ -221,5 +244,7 @@ def makeService(options: Options) -> IService:
     describe. A configuration error exits with a one-line message.
     """
     if options["config"] is not None:
-        return make_service_from_file(options["config"])
-    return make_service(options.tunnels)
+        return make_service_from_file(
+            options["config"], metrics=options["metrics"], reload_signal=signal.SIGHUP
+        )
+    return make_service(options.tunnels, metrics=options["metrics"], reload_signal=signal.SIGHUP)

@@ -361,6 +361,16 @@ class CurveTunProtocol(Protocol):
         self._machine.close(ConnectionDone("connection closed locally"))
         self.transport.abortConnection()
 
+    def abort_with(self, reason: Exception) -> None:
+        """
+        Close at once, as L{abortConnection} does, for C{reason}: the log
+        line of the connection's end and the application's
+        C{connectionLost} give C{reason}.
+        """
+        self.disconnecting = True
+        self._machine.close(reason)
+        self.transport.abortConnection()
+
     def getPeer(self) -> IAddress:
         return self.transport.getPeer()
 

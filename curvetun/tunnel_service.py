@@ -10,7 +10,13 @@ or endpoint string, 78 (C{EX_CONFIG}) for an unusable key directory or
 registry, 69 (C{EX_UNAVAILABLE}) when a listen endpoint cannot listen.
 
 A service manager is told (L{curvetun.notify}) when every listener of
-every tunnel is up (C{READY=1}) and when the drain begins (C{STOPPING=1}).
+every tunnel is up (C{READY=1}), when a reload begins and ends
+(C{RELOADING=1}, then C{READY=1}) and when the drain begins
+(C{STOPPING=1}).
+
+SIGHUP (under C{twist curvetun}) reloads every identity's registry and key
+directory (L{Tunnels.reload}), keeps the process and its connections, and
+logs one line saying what changed.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ from twisted.logger import Logger
 
 from . import notify
 from .addresses import format_address
-from .config import ConfigFileError, TunnelConfig, read_config_file
+from .config import ConfigFileError, TunnelConfig, read_config
 from .endpoints import service_pool
 from .errors import CurveTunError, KeyFileError, RegistryError
 from .keydir import REGISTRY_FILE, SECRET_KEY_FILE
 from .keys import format_public_key
 from .listeners import CannotListen, OpenConnections, TunnelListener
-from .service import CurveTunService
+from .reloading import Coalescing, ReloadOnSignal
+from .service import CurveTunService, Reloaded
 from .tunnel import EchoFactory, ForwardingFactory, TrackingFactory
 
 # sysexits.h values (the os module has them only on Unix).
@@ -286,6 +293,7 @@ def load_identity(config: TunnelConfig, reactor: Any) -> Identity:
             handshake_timeout=config.handshake_timeout,
             idle_timeout=config.idle_timeout,
             limits=config.limits,
+            revoke_sessions=not config.keep_sessions_on_revoke,
         )
     except KeyFileError as error:
         raise StartupError(config.source.where("keydir") + str(error), EX_CONFIG) from error
@@ -428,6 +436,7 @@ def _identity_settings(config: TunnelConfig) -> dict[str, object]:
     settings: dict[str, object] = {
         "handshake_timeout": config.handshake_timeout,
         "idle_timeout": config.idle_timeout,
+        "keep_sessions_on_revoke": config.keep_sessions_on_revoke,
     }
     for name, value in attrs.asdict(config.limits).items():
         settings[f"max_{name}"] = value
@@ -450,7 +459,7 @@ def check_shared_identities(configs: Sequence[TunnelConfig]) -> list[int]:
         identity.
     @raise StartupError: two tunnels name one key directory with different
         registries, or disagree on a setting that belongs to the identity
-        (timeouts, limits); status C{EX_USAGE}.
+        (timeouts, limits, revocation); status C{EX_USAGE}.
     """
     first: dict[tuple[str, str], int] = {}
     by_keydir: dict[str, int] = {}
@@ -484,6 +493,9 @@ def make_service(
     configs: Sequence[TunnelConfig],
     reactor: Any = None,
     environ: Mapping[str, str] | None = None,
+    metrics: str | None = None,
+    metrics_where: str = "",
+    reload_signal: int | None = None,
 ) -> Tunnels:
     """
     The service of C{twist curvetun}: one identity per key directory and
@@ -495,6 +507,11 @@ def make_service(
     C{curvetun:} endpoint strings that name no key directory.
 
     @param environ: where to find C{NOTIFY_SOCKET} (default: the process's).
+    @param metrics: the server endpoint string of the monitoring endpoint
+        (L{curvetun.monitoring}), or L{None} for none; C{metrics_where}
+        starts a message about it (the file and line).
+    @param reload_signal: the signal that reloads (L{Tunnels.reload}) while
+        the reactor runs (C{twist curvetun}: SIGHUP), or L{None} for none.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -502,7 +519,12 @@ def make_service(
         reactor = default_reactor
     identities: dict[int, Identity] = {}
     built: list[TunnelService] = []
+    metrics_endpoint = None
     try:
+        if metrics is not None:
+            metrics_endpoint = parse_endpoint(
+                "--metrics", metrics, serverFromString, reactor, metrics_where
+            )
         owners = check_shared_identities(configs)
         for index, config in enumerate(configs):
             owner = owners[index]
@@ -515,23 +537,47 @@ def make_service(
         _exit(error)
     if configs:
         identities[0].adopt(default=True)
-    return Tunnels(list(identities.values()), built, reactor, environ)
+    tunnels = Tunnels(list(identities.values()), built, reactor, environ)
+    if metrics_endpoint is not None and metrics is not None:
+        from .metrics import Observer
+        from .monitoring import MonitoringListener
+
+        observer = Observer(tunnels, reactor)
+        tunnels.add_monitor(
+            MonitoringListener(metrics_endpoint, metrics, observer, reactor, metrics_where)
+        )
+    if reload_signal is not None:
+        ReloadOnSignal(tunnels.reload, reactor, reload_signal).setServiceParent(tunnels)
+    return tunnels
 
 
 def make_service_from_file(
-    path: str, reactor: Any = None, environ: Mapping[str, str] | None = None
+    path: str,
+    reactor: Any = None,
+    environ: Mapping[str, str] | None = None,
+    metrics: str | None = None,
+    reload_signal: int | None = None,
 ) -> Tunnels:
     """
     L{make_service} for the tunnels of a config file
-    (L{curvetun.config.read_config_file}); a file that cannot be used
-    exits with status C{EX_USAGE} and one line naming the file, the line
-    and the key.
+    (L{curvetun.config.read_config}); a file that cannot be used exits
+    with status C{EX_USAGE} and one line naming the file, the line and the
+    key. C{metrics} (C{--metrics}) overrides the file's C{metrics}.
     """
     try:
-        configs = read_config_file(path)
+        process = read_config(path)
     except ConfigFileError as error:
         _exit(StartupError(str(error), EX_USAGE))
-    return make_service(configs, reactor, environ)
+    if metrics is None:
+        return make_service(
+            process.tunnels,
+            reactor,
+            environ,
+            process.metrics,
+            process.metrics_where,
+            reload_signal=reload_signal,
+        )
+    return make_service(process.tunnels, reactor, environ, metrics, reload_signal=reload_signal)
 
 
 class Tunnels(MultiService):
@@ -546,10 +592,10 @@ class Tunnels(MultiService):
     Stopping tells the manager C{STOPPING=1}, drains every tunnel at once,
     then stops the identities and releases their key directories.
 
-    A reload (on SIGHUP, say) tells the manager with
-    C{notify.reloading(tunnels.environ)} before it begins and, once done,
-    C{notify.ready(tunnels.status_line(), tunnels.environ)} again
-    (L{curvetun.notify}).
+    A reload (L{reload}; on SIGHUP under C{twist curvetun}) reads every
+    identity's registry and key directory again, keeping the listeners and
+    the connections, and logs one line saying what changed; the manager is
+    told C{RELOADING=1} before and C{READY=1} after.
 
     @ivar identities: the L{Identity}s, each run once whatever the number
         of tunnels using it.
@@ -558,6 +604,8 @@ class Tunnels(MultiService):
         tunnels are ready; never if a listener fails to listen.
     @ivar environ: where C{NOTIFY_SOCKET} is found (L{None}: the process's
         environment).
+    @ivar monitors: services that report on the tunnels (the metrics
+        endpoint): started after them, stopped once they have drained.
     """
 
     def __init__(
@@ -573,11 +621,20 @@ class Tunnels(MultiService):
         self.reactor = reactor
         self.environ = environ
         self.ready: Deferred[None] = Deferred()
+        self.monitors: list[IService] = []
         self._released = False
+        self._reloads: Coalescing[str] = Coalescing(lambda: Deferred.fromCoroutine(self._reload()))
         for identity in identities:
             identity.service.setServiceParent(self)
         for tunnel in tunnels:
             tunnel.setServiceParent(self)
+
+    def add_monitor(self, monitor: IService) -> None:
+        """
+        Run C{monitor} with the tunnels (see L{monitors}).
+        """
+        self.monitors.append(monitor)
+        monitor.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         try:
@@ -620,6 +677,41 @@ class Tunnels(MultiService):
         count = len(self.tunnels)
         return f"{count} tunnel{'s' if count != 1 else ''} listening on {', '.join(addresses)}"
 
+    def reload(self) -> Deferred[str]:
+        """
+        Reload every identity's registry and key directory
+        (L{CurveTunService.reload}), tell the manager (C{RELOADING=1}, then
+        C{READY=1}), and log one line saying what changed::
+
+            curvetun reloaded: registry /etc/curvetun/registry: 2 entries
+            added, 1 removed; keys unchanged
+
+        A request made while a reload runs is served by one more reload
+        after it, shared by all made meanwhile (L{Coalescing}).
+
+        @return: fires with the line logged.
+        """
+        return self._reloads.request()
+
+    async def _reload(self) -> str:
+        # Before the first READY=1 the manager is still waiting for the
+        # start: a reload then must not tell it the service is ready.
+        tell = self.ready.called
+        if tell:
+            notify.reloading(self.environ)
+        try:
+            several = len(self.identities) > 1
+            phrases: list[str] = []
+            for identity in self.identities:
+                reloaded: Reloaded = await identity.service.reload()
+                phrases += reloaded.phrases(identity.keydir if several else None)
+            changes = "; ".join(phrases)
+            log.info("curvetun reloaded: {changes}", changes=changes)
+            return f"curvetun reloaded: {changes}"
+        finally:
+            if tell and self.running:
+                notify.ready(self.status_line(), self.environ)
+
     def stopService(self) -> Deferred[None]:
         """
         Tell the manager, drain every tunnel, then stop the identities and
@@ -633,9 +725,21 @@ class Tunnels(MultiService):
 
     async def _stop(self) -> None:
         await _stop_all(self.tunnels, "Stopping a tunnel failed")
+        # The drain can be watched to its end.
+        await _stop_all(self.monitors, "Stopping the metrics endpoint failed")
         await _stop_all([i.service for i in self.identities], "Stopping an identity failed")
+        # The rest (the reload signal's handler): kept through the drain,
+        # so that a SIGHUP then reloads rather than ends the process.
+        await _stop_all(self._others(), "Stopping a service failed")
         self.release()
         log.info("curvetun stopped")
+
+    def _others(self) -> list[IService]:
+        """
+        The running children that are neither a tunnel nor an identity.
+        """
+        mine = {id(s) for s in [*self.tunnels, *(i.service for i in self.identities)]}
+        return [s for s in self if id(s) not in mine and s.running]
 
     def _abandon(self) -> None:
         """
@@ -643,7 +747,7 @@ class Tunnels(MultiService):
         nothing waits) and release the key directories.
         """
         Service.stopService(self)
-        for service in [*self.tunnels, *(i.service for i in self.identities)]:
+        for service in [*self.tunnels, *(i.service for i in self.identities), *self._others()]:
             if service.running:
                 service.stopService()
         self.release()

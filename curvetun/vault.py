@@ -360,6 +360,18 @@ class FileVault(Service):
     def __repr__(self) -> str:
         return f"<FileVault {fingerprint(self.public_key)} in {self.keydir.path}>"
 
+    def check_counter(self) -> None:
+        """
+        Check that the safe-nonce counter can still be stored, as the next
+        handshakes may need: read it and store the same value again. That
+        never moves it back: this vault holds the directory's lock, so it
+        is the only writer, and the file holds what it last stored.
+
+        @raise KeyFileError: it cannot be read or stored (the message says
+            which file and why).
+        """
+        layout.write_counter(self.keydir, layout.read_counter(self.keydir.child(COUNTER_FILE)))
+
 
 def read_public_key(keydir: str | FilePath[str]) -> bytes:
     """

@@ -932,3 +932,43 @@ class PendingServerEndpoint:
         d: Deferred[IListeningPort] = Deferred(cancel)
         self.listens.append((protocolFactory, d))
         return d
+
+
+# -- the monitoring endpoint (twist curvetun --metrics) ---------------------------
+
+
+@attrs.frozen
+class Page:
+    """
+    What an HTTP server answered: status, content type and body.
+    """
+
+    code: int
+    content_type: str
+    body: bytes
+
+
+async def http_get(url: str) -> Page:
+    """
+    GET C{url} with Twisted's HTTP client, on the trial reactor.
+    """
+    from twisted.web.client import Agent, readBody
+
+    response = await Agent(reactor).request(b"GET", url.encode("ascii"))
+    body: bytes = await readBody(response)
+    [content_type] = response.headers.getRawHeaders(b"content-type", [b""])
+    return Page(response.code, content_type.decode("ascii"), body)
+
+
+def metrics_port(output: bytes) -> int:
+    """
+    The port of the monitoring endpoint in a JSON log (its "Listening on"
+    event says what it serves).
+    """
+    [port] = [
+        int(event["address"].rpartition(":")[2])
+        for event in parse_events(output)
+        if event.get("log_format", "").startswith("Listening on")
+        and event.get("what", "").startswith("metrics")
+    ]
+    return port

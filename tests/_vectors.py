@@ -5,12 +5,15 @@ stand-ins for the vault and the cookie keys that reproduce its session
 byte for byte.
 
 L{FakeVault} and L{FakeCookieSealer} stand in for the real vault and cookie
-keys, with fixed keys and safe nonces.
+keys, with fixed keys and safe nonces. L{VectorServer} and L{VectorClient}
+are whole connections (machine and transport, on a StringTransport) that
+hold the session's keys and so put its packets on the wire byte for byte.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +25,24 @@ from nacl.bindings import (
     crypto_secretbox_open_easy,
 )
 from nacl.exceptions import CryptoError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
+from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs, ConnectionOwner
+from curvetun.cookies import CookieKeys
 from curvetun.errors import BadPacket
+from curvetun.factories import CurveTunClientFactory, CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair, OpenedVouch, client_vouch, server_open_vouch
 from curvetun.interfaces import IVault
 from curvetun.nonces import MINUTE_KEY_PREFIX
 from curvetun.packets import Vouch, parse_as
+from curvetun.replay import ReplayGuard
 from curvetun.session import Session
+from curvetun.transport import CurveTunProtocol
+from curvetun.vault import MemoryVault
+
+from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory, framed
 
 
 def load(name: str) -> dict[str, Any]:
@@ -164,3 +177,107 @@ def open_vouch() -> OpenedVouch:
     The vouch of handshake.json, opened by its server.
     """
     return server_open_vouch(VOUCH, FakeCookieSealer(TS))
+
+
+# -- whole connections of handshake.json ---------------------------------------
+
+
+def fixed_random(name: str) -> Callable[[int], bytes]:
+    """
+    The 8 random bytes the vectors' safe nonce C{name} was made with.
+    """
+    value = INPUTS[name]
+    return lambda n: value[:n]
+
+
+class VectorPeer:
+    """
+    One end of the vectors' session: a curvetun protocol on a
+    StringTransport, and the application protocols it started.
+    """
+
+    protocol: CurveTunProtocol
+    transport: StringTransport
+    apps: RecordingFactory
+
+    def receive(self, payload: bytes) -> bytes:
+        """
+        Feed one framed payload; return what was written in answer.
+        """
+        self.transport.clear()
+        self.protocol.dataReceived(framed(payload))
+        written: bytes = self.transport.value()
+        return written
+
+    @property
+    def delivered(self) -> list[bytes]:
+        """
+        Every message the applications received, in order.
+        """
+        return [m for app in self.apps.built for m in app.received]
+
+
+class VectorServer(VectorPeer):
+    """
+    A server protocol holding the vectors' server key and cookie key, on a
+    StringTransport, admitting the vectors' client from 127.0.0.1 (or the
+    key C{registry_key} instead).
+    """
+
+    def __init__(self, registry_key: bytes | None = None) -> None:
+        clock = Clock()
+        self.vault = MemoryVault(
+            SS,
+            INPUTS["server_safe_nonce_scramble_key"],
+            random_bytes=fixed_random("server_safe_nonce_random8"),
+        )
+        allowed = C if registry_key is None else registry_key
+        self.apps = RecordingFactory()
+        cookie_keys = CookieKeys(clock=clock, initial_key=TS)
+        factory = CurveTunServerFactory(
+            self.apps,
+            self.vault,
+            cookie_keys,
+            AllowList(clients=[(allowed, CLIENT_ADDRESS.host)]),
+            ReplayGuard(cookie_keys).remember,
+            clock,
+        )
+        protocol = factory.buildProtocol(CLIENT_ADDRESS)
+        assert protocol is not None
+        self.protocol = protocol
+        self.transport = StringTransport(hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS)
+        self.protocol.makeConnection(self.transport)
+
+
+class VectorClient(VectorPeer):
+    """
+    A client protocol holding the vectors' client key and ephemeral key,
+    on a StringTransport, expecting the vectors' server key.
+    """
+
+    def __init__(self) -> None:
+        clock = Clock()
+        self.vault = MemoryVault(
+            CS,
+            INPUTS["client_safe_nonce_scramble_key"],
+            random_bytes=fixed_random("client_safe_nonce_random8"),
+        )
+        self.apps = RecordingFactory()
+        factory = CurveTunClientFactory(self.apps, self.vault, S, clock)
+
+        def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
+            return ClientMachine(
+                ClientCore(owner, self.vault, factory.server_key, lambda: CLIENT_EPHEMERAL)
+            )
+
+        self.protocol = CurveTunProtocol(factory, make_machine)
+        self.transport = StringTransport(hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS)
+        self.protocol.makeConnection(self.transport)
+
+
+def protocol_of(peer: VectorPeer) -> CurveTunProtocol:
+    """
+    The peer's connection (its factory has no limits that could refuse it).
+    """
+    assert peer.protocol is not None
+    return peer.protocol

@@ -37,9 +37,7 @@ from curvetun.registry import FileRegistry, Registry
 from curvetun.vault import FileVault
 
 from ._support import KeyDirs
-from ._vectors import unhex
-from .test_tamper import protocol_of
-from .test_wire_vectors import HELLO, VectorServer
+from ._vectors import HELLO_V, VectorServer, protocol_of, unhex
 
 MESSAGE_LIMIT = 500
 """The longest message we accept for any input, however long the input."""
@@ -553,7 +551,7 @@ class NetworkInputTests(SynchronousTestCase):
         After the hello, only a vouch's length is valid.
         """
         server = VectorServer()
-        server.receive(unhex(HELLO["payload"]))
+        server.receive(unhex(HELLO_V["payload"]))
         protocol_of(server).dataReceived(b"\xff\xff")
         self.assertTrue(server.transport.disconnecting)
         self.assertEqual(protocol_of(server).read_buffer_size, 0)

@@ -7,6 +7,7 @@ and the wheel what an installation needs.
 
 from __future__ import annotations
 
+import ast
 import configparser
 import importlib.util
 import os
@@ -93,7 +94,7 @@ class DeclaredVersionsTests(SynchronousTestCase):
         dependency is exactly one C{>=} bound on a full version.
         """
         requirements = listed(setup_cfg()["options"]["install_requires"])
-        self.assertEqual(len(requirements), 5, requirements)
+        self.assertEqual(len(requirements), 6, requirements)
         for requirement in requirements:
             # An environment marker may follow (tomli, on Pythons without tomllib).
             self.assertRegex(
@@ -161,6 +162,49 @@ class StaticCheckTests(SynchronousTestCase):
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
         formatted = run_tool("ruff", "format", "--check", "--no-cache", ".")
         self.assertEqual(formatted.returncode, 0, formatted.stdout + formatted.stderr)
+
+
+def imports_of_test_modules(path: Path) -> list[str]:
+    """
+    Every import in the module at C{path} that reads a test module
+    (C{tests/test_*.py}), each as its file, line and statement.
+    """
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom):
+            package = "." * node.level + (node.module or "")
+            if package in (".", "tests"):
+                # from . import test_x, from tests import test_x
+                modules = [alias.name for alias in node.names]
+            else:
+                modules = [package.removeprefix("tests.").lstrip(".")]
+            names = ", ".join(alias.name for alias in node.names)
+            statement = f"from {package} import {names}"
+        elif isinstance(node, ast.Import):
+            modules = [alias.name.removeprefix("tests.") for alias in node.names]
+            statement = "import " + ", ".join(alias.name for alias in node.names)
+        else:
+            continue
+        if any(module.startswith("test_") for module in modules):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {statement}")
+    return found
+
+
+class TestLayoutTests(SynchronousTestCase):
+    """
+    The tests share their helpers through the support modules
+    (C{tests/_support.py}, C{tests/_vectors.py}), never through another
+    test module: importing one runs its test classes' definitions and ties
+    two specifications together.
+    """
+
+    def test_no_test_module_imports_from_another(self) -> None:
+        modules = sorted((ROOT / "tests").glob("test_*.py"))
+        # Never pass at zero: this module itself must have been read.
+        self.assertIn(Path(__file__).resolve().with_suffix(".py"), modules)
+        offending = [line for path in modules for line in imports_of_test_modules(path)]
+        if offending:
+            self.fail("\n".join(["imports from a test module:", *offending]))
 
 
 # -- what the distributions hold ----------------------------------------------

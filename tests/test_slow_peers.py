@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import resource
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from twisted.internet import reactor
@@ -41,8 +40,6 @@ from curvetun.vault import MemoryVault
 
 from ._support import AllowList
 
-T = TypeVar("T")
-
 HANDSHAKE_TIMEOUT = 1.0
 SLACK = 4.0
 """How late after the timeout a close may come on a busy machine."""
@@ -63,10 +60,6 @@ _LIFTED: dict[str, Any] = {
     if field.name.startswith(("connections", "handshakes"))
 }
 NO_LIMITS = attrs.evolve(ConnectionLimits(), **_LIFTED)
-
-
-def run(coroutine: Coroutine[Any, Any, T]) -> Deferred[T]:
-    return Deferred.fromCoroutine(coroutine)
 
 
 def now() -> float:
@@ -220,55 +213,49 @@ class SilentPeerTests(TestCase):
         everyone_closed.addTimeout(HANDSHAKE_TIMEOUT + SLACK, reactor)
         await everyone_closed
 
-    def test_silent_and_slow_peers_are_closed_by_the_timeout_while_a_client_gets_through(
+    async def test_silent_and_slow_peers_are_closed_by_the_timeout_while_a_client_gets_through(
         self,
-    ) -> Deferred[None]:
-        async def go() -> None:
-            await self.start_server(NO_LIMITS)
-            attackers, all_connected = await self.attack()
+    ) -> None:
+        await self.start_server(NO_LIMITS)
+        attackers, all_connected = await self.attack()
 
-            await self.exchange_messages()
-            exchanged = now()
-            early = [a.kind for a in attackers if a.closed_at is not None]
-            self.assertEqual(early, [], "attackers were closed before the client got through")
-            self.assertLess(exchanged - all_connected, HANDSHAKE_TIMEOUT)
+        await self.exchange_messages()
+        exchanged = now()
+        early = [a.kind for a in attackers if a.closed_at is not None]
+        self.assertEqual(early, [], "attackers were closed before the client got through")
+        self.assertLess(exchanged - all_connected, HANDSHAKE_TIMEOUT)
 
-            await self.all_closed(attackers)
-            for attacker in attackers:
-                assert attacker.closed_at is not None and attacker.reason is not None
-                lifetime = attacker.closed_at - attacker.connected_at
-                self.assertLess(lifetime, HANDSHAKE_TIMEOUT + SLACK, attacker.kind)
-                # The server closed it, cleanly, when the time was up.
-                self.assertGreater(lifetime, HANDSHAKE_TIMEOUT * 0.9, attacker.kind)
-                self.assertTrue(attacker.reason.check(ConnectionDone), attacker.reason)
-            # Each valid hello was answered with a cookie, and only those.
-            answers = {a.kind: len(a.received) for a in attackers}
-            self.assertEqual(
-                answers,
-                {"silent": 0, "hello then silent": 170, "half a frame": 0, "trickle": 0},
-            )
+        await self.all_closed(attackers)
+        for attacker in attackers:
+            assert attacker.closed_at is not None and attacker.reason is not None
+            lifetime = attacker.closed_at - attacker.connected_at
+            self.assertLess(lifetime, HANDSHAKE_TIMEOUT + SLACK, attacker.kind)
+            # The server closed it, cleanly, when the time was up.
+            self.assertGreater(lifetime, HANDSHAKE_TIMEOUT * 0.9, attacker.kind)
+            self.assertTrue(attacker.reason.check(ConnectionDone), attacker.reason)
+        # Each valid hello was answered with a cookie, and only those.
+        answers = {a.kind: len(a.received) for a in attackers}
+        self.assertEqual(
+            answers,
+            {"silent": 0, "hello then silent": 170, "half a frame": 0, "trickle": 0},
+        )
 
-        return run(go())
-
-    def test_with_the_default_limits_a_flood_does_not_keep_a_client_out(
+    async def test_with_the_default_limits_a_flood_does_not_keep_a_client_out(
         self,
-    ) -> Deferred[None]:
-        async def go() -> None:
-            limits = ConnectionLimits()
-            await self.start_server(limits)
-            attackers, all_connected = await self.attack()
-            await self.exchange_messages()
-            self.assertLess(now() - all_connected, HANDSHAKE_TIMEOUT)
-            await self.all_closed(attackers)
-            # Those past the limit were refused at once; the others were
-            # held no longer than the handshake timeout.
-            held = [
-                a
-                for a in attackers
-                if a.closed_at is not None and a.closed_at - a.connected_at > HANDSHAKE_TIMEOUT / 2
-            ]
-            assert limits.handshakes_per_address is not None
-            self.assertLessEqual(len(held), limits.handshakes_per_address)
-            self.assertGreater(len(held), 0)
-
-        return run(go())
+    ) -> None:
+        limits = ConnectionLimits()
+        await self.start_server(limits)
+        attackers, all_connected = await self.attack()
+        await self.exchange_messages()
+        self.assertLess(now() - all_connected, HANDSHAKE_TIMEOUT)
+        await self.all_closed(attackers)
+        # Those past the limit were refused at once; the others were
+        # held no longer than the handshake timeout.
+        held = [
+            a
+            for a in attackers
+            if a.closed_at is not None and a.closed_at - a.connected_at > HANDSHAKE_TIMEOUT / 2
+        ]
+        assert limits.handshakes_per_address is not None
+        self.assertLessEqual(len(held), limits.handshakes_per_address)
+        self.assertGreater(len(held), 0)

@@ -39,18 +39,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun.errors import CurveTunError
 from curvetun.packets import COOKIE_MAGIC, HELLO_MAGIC, MAX_PAYLOAD, MESSAGE_MAGIC, VOUCH_MAGIC
-from curvetun.transport import CurveTunProtocol
 
 from ._support import framed
-from ._vectors import unhex
-from .test_wire_vectors import (
-    CLIENT_MESSAGES,
-    COOKIE,
-    HELLO,
-    SERVER_MESSAGES,
-    VOUCH,
+from ._vectors import (
+    C2S,
+    COOKIE_V,
+    HELLO_V,
+    S2C,
+    VOUCH_V,
     VectorClient,
     VectorServer,
+    protocol_of,
+    unhex,
 )
 
 Peer = VectorServer | VectorClient
@@ -71,21 +71,13 @@ def todo(bug: str) -> Callable[[F], F]:
     return mark
 
 
-HELLO_PAYLOAD = unhex(HELLO["payload"])
-COOKIE_PAYLOAD = unhex(COOKIE["payload"])
-VOUCH_PAYLOAD = unhex(VOUCH["payload"])
-CLIENT_PAYLOADS = [unhex(p["payload"]) for p in CLIENT_MESSAGES]
-CLIENT_PLAINTEXTS = [unhex(p["plaintext"]) for p in CLIENT_MESSAGES]
-SERVER_PAYLOADS = [unhex(p["payload"]) for p in SERVER_MESSAGES]
-SERVER_PLAINTEXTS = [unhex(p["plaintext"]) for p in SERVER_MESSAGES]
-
-
-def protocol_of(peer: Peer) -> CurveTunProtocol:
-    """
-    The peer's connection (its factory has no limits that could refuse it).
-    """
-    assert peer.protocol is not None
-    return peer.protocol
+HELLO_PAYLOAD = unhex(HELLO_V["payload"])
+COOKIE_PAYLOAD = unhex(COOKIE_V["payload"])
+VOUCH_PAYLOAD = unhex(VOUCH_V["payload"])
+CLIENT_PAYLOADS = [unhex(p["payload"]) for p in C2S]
+CLIENT_PLAINTEXTS = [unhex(p["plaintext"]) for p in C2S]
+SERVER_PAYLOADS = [unhex(p["payload"]) for p in S2C]
+SERVER_PLAINTEXTS = [unhex(p["plaintext"]) for p in S2C]
 
 
 MAGICS = {

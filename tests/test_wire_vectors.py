@@ -11,125 +11,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from curvetun.connection import ClientCore, ClientMachine, ConnectionInputs, ConnectionOwner
-from curvetun.cookies import CookieKeys
-from curvetun.factories import CurveTunClientFactory, CurveTunServerFactory
 from curvetun.handshake import EphemeralKeyPair
-from curvetun.replay import ReplayGuard
-from curvetun.transport import CurveTunProtocol
-from curvetun.vault import MemoryVault
 
-from ._support import CLIENT_ADDRESS, SERVER_ADDRESS, AllowList, RecordingFactory, framed
-from ._vectors import load, unhex
-
-SESSION = load("handshake.json")
-INPUTS = {name: value for name, value in SESSION["inputs"].items()}
-PACKETS = SESSION["packets"]
-HELLO, COOKIE, VOUCH = PACKETS[0], PACKETS[1], PACKETS[2]
-CLIENT_MESSAGES = [p for p in PACKETS[3:] if p["direction"].startswith("client")]
-SERVER_MESSAGES = [p for p in PACKETS[3:] if p["direction"].startswith("server")]
-
-
-def key(name: str) -> bytes:
-    return unhex(INPUTS[name])
-
-
-def fixed_random(name: str) -> Callable[[int], bytes]:
-    """
-    The 8 random bytes the vectors' safe nonce was made with.
-    """
-    value = key(name)
-    return lambda n: value[:n]
-
-
-class VectorPeer:
-    """
-    One end of the vectors' session: a curvetun protocol on a
-    StringTransport, and the application protocols it started.
-    """
-
-    protocol: CurveTunProtocol
-    transport: StringTransport
-    apps: RecordingFactory
-
-    def receive(self, payload: bytes) -> bytes:
-        """
-        Feed one framed payload; return what was written in answer.
-        """
-        self.transport.clear()
-        self.protocol.dataReceived(framed(payload))
-        written: bytes = self.transport.value()
-        return written
-
-    @property
-    def delivered(self) -> list[bytes]:
-        return [m for app in self.apps.built for m in app.received]
-
-
-class VectorServer(VectorPeer):
-    """
-    A server protocol holding the vectors' server key and cookie key, on a
-    StringTransport, admitting the vectors' client from 127.0.0.1.
-    """
-
-    def __init__(self, registry_key: bytes | None = None) -> None:
-        clock = Clock()
-        self.vault = MemoryVault(
-            key("server_longterm_secret_Ss"),
-            key("server_safe_nonce_scramble_key"),
-            random_bytes=fixed_random("server_safe_nonce_random8"),
-        )
-        allowed = key("client_longterm_public_C") if registry_key is None else registry_key
-        self.apps = RecordingFactory()
-        cookie_keys = CookieKeys(clock=clock, initial_key=key("cookie_minute_key_Ts"))
-        factory = CurveTunServerFactory(
-            self.apps,
-            self.vault,
-            cookie_keys,
-            AllowList(clients=[(allowed, CLIENT_ADDRESS.host)]),
-            ReplayGuard(cookie_keys).remember,
-            clock,
-        )
-        protocol = factory.buildProtocol(CLIENT_ADDRESS)
-        assert protocol is not None
-        self.protocol = protocol
-        self.transport = StringTransport(hostAddress=SERVER_ADDRESS, peerAddress=CLIENT_ADDRESS)
-        self.protocol.makeConnection(self.transport)
-
-
-class VectorClient(VectorPeer):
-    """
-    A client protocol holding the vectors' client key and ephemeral key,
-    on a StringTransport, expecting the vectors' server key.
-    """
-
-    def __init__(self) -> None:
-        clock = Clock()
-        self.vault = MemoryVault(
-            key("client_longterm_secret_Cs"),
-            key("client_safe_nonce_scramble_key"),
-            random_bytes=fixed_random("client_safe_nonce_random8"),
-        )
-        self.apps = RecordingFactory()
-        ephemeral = EphemeralKeyPair(
-            key("client_ephemeral_public_EC"), key("client_ephemeral_secret_ECs")
-        )
-        factory = CurveTunClientFactory(
-            self.apps, self.vault, key("server_longterm_public_S"), clock
-        )
-
-        def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
-            return ClientMachine(
-                ClientCore(owner, self.vault, factory.server_key, lambda: ephemeral)
-            )
-
-        self.protocol = CurveTunProtocol(factory, make_machine)
-        self.transport = StringTransport(hostAddress=CLIENT_ADDRESS, peerAddress=SERVER_ADDRESS)
-        self.protocol.makeConnection(self.transport)
+from ._support import framed
+from ._vectors import (
+    C2S,
+    COOKIE_V,
+    HELLO_V,
+    S2C,
+    SERVER_EPHEMERAL,
+    VOUCH_V,
+    C,
+    VectorClient,
+    VectorPeer,
+    VectorServer,
+    load,
+    unhex,
+)
 
 
 class KnownAnswerSessionTests(SynchronousTestCase):
@@ -139,50 +39,47 @@ class KnownAnswerSessionTests(SynchronousTestCase):
 
     def test_the_client_sends_the_vector_hello(self) -> None:
         client = VectorClient()
-        self.assertEqual(client.transport.value(), unhex(HELLO["framed"]))
+        self.assertEqual(client.transport.value(), unhex(HELLO_V["framed"]))
 
     def test_the_server_answers_the_vector_hello_with_the_vector_cookie(self) -> None:
         server = VectorServer()
         # The server's ephemeral key is random in real life: pin it.
-        server_ephemeral = EphemeralKeyPair(
-            key("server_ephemeral_public_ES"), key("server_ephemeral_secret_ESs")
-        )
-        self.patch(EphemeralKeyPair, "generate", classmethod(lambda cls: server_ephemeral))
-        self.assertEqual(server.receive(unhex(HELLO["payload"])), unhex(COOKIE["framed"]))
+        self.patch(EphemeralKeyPair, "generate", classmethod(lambda cls: SERVER_EPHEMERAL))
+        self.assertEqual(server.receive(unhex(HELLO_V["payload"])), unhex(COOKIE_V["framed"]))
 
     def test_the_client_answers_the_vector_cookie_with_the_vector_vouch(self) -> None:
         client = VectorClient()
-        self.assertEqual(client.receive(unhex(COOKIE["payload"])), unhex(VOUCH["framed"]))
+        self.assertEqual(client.receive(unhex(COOKIE_V["payload"])), unhex(VOUCH_V["framed"]))
 
     def test_the_server_accepts_the_vouch_and_delivers_the_client_messages(self) -> None:
         server = VectorServer()
-        server.receive(unhex(HELLO["payload"]))
-        self.assertEqual(server.receive(unhex(VOUCH["payload"])), b"")
+        server.receive(unhex(HELLO_V["payload"]))
+        self.assertEqual(server.receive(unhex(VOUCH_V["payload"])), b"")
         [app] = server.apps.built
-        self.assertEqual(server.protocol.peer_public_key, key("client_longterm_public_C"))
-        for packet in CLIENT_MESSAGES:
+        self.assertEqual(server.protocol.peer_public_key, C)
+        for packet in C2S:
             server.receive(unhex(packet["payload"]))
-        self.assertEqual(server.delivered, [unhex(p["plaintext"]) for p in CLIENT_MESSAGES])
+        self.assertEqual(server.delivered, [unhex(p["plaintext"]) for p in C2S])
 
     def test_the_server_sends_the_vector_messages(self) -> None:
         server = VectorServer()
-        server.receive(unhex(HELLO["payload"]))
-        server.receive(unhex(VOUCH["payload"]))
-        for packet in SERVER_MESSAGES:
+        server.receive(unhex(HELLO_V["payload"]))
+        server.receive(unhex(VOUCH_V["payload"]))
+        for packet in S2C:
             server.transport.clear()
             server.protocol.write_message(unhex(packet["plaintext"]))
             self.assertEqual(server.transport.value(), unhex(packet["framed"]))
 
     def test_the_client_sends_the_vector_messages_and_delivers_the_servers(self) -> None:
         client = VectorClient()
-        client.receive(unhex(COOKIE["payload"]))
-        for packet in CLIENT_MESSAGES:
+        client.receive(unhex(COOKIE_V["payload"]))
+        for packet in C2S:
             client.transport.clear()
             client.protocol.write_message(unhex(packet["plaintext"]))
             self.assertEqual(client.transport.value(), unhex(packet["framed"]))
-        for packet in SERVER_MESSAGES:
+        for packet in S2C:
             client.receive(unhex(packet["payload"]))
-        self.assertEqual(client.delivered, [unhex(p["plaintext"]) for p in SERVER_MESSAGES])
+        self.assertEqual(client.delivered, [unhex(p["plaintext"]) for p in S2C])
         self.assertFalse(client.transport.disconnecting)
 
 
@@ -196,12 +93,12 @@ def _prepare(case: dict[str, Any]) -> tuple[VectorPeer, list[bytes]]:
     if target.startswith("server"):
         override = case["registry_override_key_for_127_0_0_1"]
         peer = VectorServer(None if override is None else unhex(override))
-        handshake = {"server_awaiting_vouch": [HELLO], "server_connected": [HELLO, VOUCH]}
-        messages = CLIENT_MESSAGES
+        handshake = {"server_awaiting_vouch": [HELLO_V], "server_connected": [HELLO_V, VOUCH_V]}
+        messages = C2S
     else:
         peer = VectorClient()
-        handshake = {"client_connected": [COOKIE]}
-        messages = SERVER_MESSAGES
+        handshake = {"client_connected": [COOKIE_V]}
+        messages = S2C
     for packet in handshake.get(target, []):
         peer.receive(unhex(packet["payload"]))
     expected = []
@@ -222,7 +119,7 @@ def _make_reject_test(case: dict[str, Any]) -> Callable[[SynchronousTestCase], N
         self.assertEqual(answer, b"", "the rejecting side answered")
         self.assertEqual(peer.delivered, expected, "something unverified was delivered")
         # Nothing after the bad packet is processed either.
-        for packet in CLIENT_MESSAGES + SERVER_MESSAGES:
+        for packet in C2S + S2C:
             peer.protocol.dataReceived(framed(unhex(packet["payload"])))
         self.assertEqual(peer.delivered, expected)
 

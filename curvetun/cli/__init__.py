@@ -8,6 +8,7 @@ to a curvetun server from a shell.
     curvetun untrust [--keydir DIR] [--registry FILE] ADDRESS [KEY]
     curvetun peers [--keydir DIR] [--registry FILE]
     curvetun cat [--keydir DIR] [--wait SECONDS] ENDPOINT
+    curvetun status [--json] URL
     curvetun bench [options]
 
 A command's options come before its arguments; an option after an argument
@@ -35,6 +36,7 @@ from ..errors import CurveTunError
 from . import cat as cat_cmd
 from . import keys as keys_cmds
 from . import registry_cmds
+from . import status as status_cmd
 from .base import EXIT_FAILED, EXIT_USAGE, BaseOptions, CommandFailed, print_error
 
 __all__ = ["main", "run"]
@@ -89,6 +91,7 @@ _COMMANDS: list[tuple[str, type[usage.Options], Callable[[Any], int], str]] = [
         cat_cmd.cat,
         "Send standard input to a server; print what it sends.",
     ),
+    ("status", status_cmd.StatusOptions, status_cmd.status, "Show a running server's peers."),
     ("bench", BenchOptions, _bench, "Measure curvetun beside TCP and TLS ('bench --help')."),
 ]
 _RUN = {name: function for name, _, function, _ in _COMMANDS}
