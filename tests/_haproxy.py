@@ -50,10 +50,16 @@ Server = tuple[str, int, str]
 """A backend server: its name, its port on 127.0.0.1, and its options (C{send-proxy check...})."""
 
 
-def haproxy_config(frontend_port: int, stats_socket: str, servers: Sequence[Server]) -> str:
+def haproxy_config(
+    frontend_port: int,
+    stats_socket: str,
+    servers: Sequence[Server],
+    backend_options: Sequence[str] = (),
+) -> str:
     """
     An HAProxy configuration: TCP mode, one frontend on 127.0.0.1 at
-    C{frontend_port}, balanced round robin over C{servers}; the stats
+    C{frontend_port}, balanced round robin over C{servers}, with the lines
+    C{backend_options} in the backend (C{option httpchk ...}); the stats
     socket (at C{stats_socket}) answers C{show stat}.
     """
     lines = [
@@ -72,6 +78,7 @@ def haproxy_config(frontend_port: int, stats_socket: str, servers: Sequence[Serv
         "    default_backend instances",
         "backend instances",
         "    balance roundrobin",
+        *(f"    {line}" for line in backend_options),
         *(f"    server {name} 127.0.0.1:{port} {options}" for name, port, options in servers),
     ]
     return "\n".join(lines) + "\n"
@@ -142,7 +149,9 @@ async def eventually(
         await deferLater(reactor, 0.05, lambda: None)
 
 
-async def start_haproxy(testcase: SynchronousTestCase, servers: Sequence[Server]) -> HAProxy:
+async def start_haproxy(
+    testcase: SynchronousTestCase, servers: Sequence[Server], backend_options: Sequence[str] = ()
+) -> HAProxy:
     """
     Start HAProxy in front of C{servers} (see L{haproxy_config}); it has
     answered on its stats socket, so it listens (it binds every socket
@@ -155,7 +164,7 @@ async def start_haproxy(testcase: SynchronousTestCase, servers: Sequence[Server]
     # The free port may be taken before HAProxy binds it: then try another.
     for attempt in range(3):
         prefix = os.path.join(directory, f"haproxy-{attempt}")
-        haproxy = await _start(testcase, prefix, stats_socket, servers)
+        haproxy = await _start(testcase, prefix, stats_socket, servers, backend_options)
         status = haproxy.process.poll()
         if status is None:
             return haproxy
@@ -169,6 +178,7 @@ async def _start(
     prefix: str,
     stats_socket: str,
     servers: Sequence[Server],
+    backend_options: Sequence[str],
 ) -> HAProxy:
     """
     Start HAProxy with its configuration in C{PREFIX.cfg}, its output in
@@ -178,7 +188,7 @@ async def _start(
     port = closed_port()
     config, log = prefix + ".cfg", prefix + ".log"
     with open(config, "w") as f:
-        f.write(haproxy_config(port, stats_socket, servers))
+        f.write(haproxy_config(port, stats_socket, servers, backend_options))
     with open(log, "wb") as output:
         process = subprocess.Popen(
             dying_with_us([HAPROXY, "-f", config, "-db"]),

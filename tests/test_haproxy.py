@@ -33,7 +33,7 @@ from ._haproxy import HAPROXY, NO_HAPROXY, HAProxy, dying_with_us, eventually, s
 from ._support import (
     SOURCE_ROOT,
     forget_keydir,
-    listening_ports,
+    metrics_port,
     parse_events,
     tcp_port,
     twist_environ,
@@ -71,12 +71,15 @@ class TagFactory(Factory):
 class Instance:
     """
     One running C{twist curvetun} server: its process, the file of its
-    JSON log (at debug level) and the port it listens on.
+    JSON log (at debug level), the port it listens on and, with
+    C{--metrics}, the port of its monitoring endpoint.
     """
 
     process: subprocess.Popen[bytes]
     log: str
+    metrics: bool = False
     port: int = 0
+    metrics_port: int = 0
 
     def logged(self) -> bytes:
         """
@@ -102,16 +105,26 @@ class Instance:
 
     async def listening(self) -> None:
         """
-        Wait until the instance listens, and learn its port.
+        Wait until the instance listens, and learn its ports.
         """
+        listeners = 2 if self.metrics else 1
         await eventually(
-            lambda: self.process.poll() is not None or bool(self.events_like("Listening on")),
+            lambda: (
+                self.process.poll() is not None
+                or len(self.events_like("Listening on")) == listeners
+            ),
             lambda: f"the instance did not listen: {self.events()}",
             # A loaded machine can take long to start a Python process.
             timeout=60,
         )
         self.check_running()
-        [self.port] = listening_ports(self.logged())
+        [self.port] = [
+            int(event["address"].rpartition(":")[2])
+            for event in self.events_like("Listening on")
+            if event["endpoint"].startswith("curvetun:")
+        ]
+        if self.metrics:
+            self.metrics_port = metrics_port(self.logged())
 
     def check_running(self) -> None:
         status = self.process.poll()
@@ -243,6 +256,51 @@ class FleetBehindHAProxyTests(TestCase):
         for instance in instances:
             self.assertServedOnlyByReportedAddresses(instance)
 
+    async def test_haproxy_takes_out_an_instance_whose_health_endpoint_fails(self) -> None:
+        """
+        With C{option httpchk GET /healthz} and C{check port} on the
+        instance's monitoring endpoint (docs/deploy.md), HAProxy sends
+        connections to an instance while C{/healthz} answers 200, and
+        takes it out once it answers 503 though its port still listens.
+        """
+        base = os.path.abspath(self.mktemp())
+        os.makedirs(base)
+        [keydir, _], client_key = self.identities(base)
+        registry = os.path.join(base, "registry")
+        FileRegistry(registry).add(ADMITTED, client_key, "the admitted client")
+        backend = await self.backend(b"instance1")
+        instance = self.start_instance(base, "instance1", keydir, registry, backend, metrics=True)
+        await instance.listening()
+        haproxy = await start_haproxy(
+            self,
+            [
+                (
+                    "instance1",
+                    instance.port,
+                    f"send-proxy-v2 check port {instance.metrics_port} inter 300ms fall 2 rise 1",
+                )
+            ],
+            ["option httpchk GET /healthz"],
+        )
+        await eventually(
+            lambda: haproxy.servers()["instance1"]["check_status"] == "L7OK",
+            lambda: f"the health check did not pass: {haproxy.servers()}",
+        )
+        self.assertEqual(await self.exchange(haproxy, ADMITTED), b"instance1")
+
+        # The nonce counter can no longer be stored (a directory in its
+        # place makes the atomic rename fail): /healthz answers 503.
+        counter = os.path.join(keydir, COUNTER_FILE)
+        os.remove(counter)
+        os.mkdir(counter)
+        await eventually(
+            lambda: haproxy.servers()["instance1"]["status"].startswith("DOWN"),
+            lambda: f"HAProxy kept the unhealthy instance: {haproxy.servers()}",
+        )
+        self.assertEqual(haproxy.servers()["instance1"]["check_status"], "L7STS")
+        self.assertEqual(haproxy.servers()["instance1"]["check_code"], "503")
+        instance.check_running()
+
     def assertServedOnlyByReportedAddresses(self, instance: Instance) -> None:
         """
         C{instance} forwarded connections from the admitted address and no
@@ -307,11 +365,12 @@ class FleetBehindHAProxyTests(TestCase):
         return tcp_port(port)
 
     def start_instance(
-        self, base: str, name: str, keydir: str, registry: str, backend: int
+        self, base: str, name: str, keydir: str, registry: str, backend: int, metrics: bool = False
     ) -> Instance:
         """
         Start C{twist curvetun} on the key directory C{keydir}, behind a
-        PROXY header on a free port, forwarding to C{backend}.
+        PROXY header on a free port, forwarding to C{backend}; with
+        C{metrics}, its monitoring endpoint on another.
         """
         log = os.path.join(base, name, "log.json")
         argv = [
@@ -322,6 +381,7 @@ class FleetBehindHAProxyTests(TestCase):
             "--registry", registry,
             "--listen", "curvetun:endpoint=haproxy\\:tcp\\:0\\:interface\\=127.0.0.1",
             "--forward", f"tcp:127.0.0.1:{backend}",
+            *(["--metrics", "tcp:0:interface=127.0.0.1"] if metrics else []),
         ]  # fmt: skip
         with open(os.path.join(base, name, "output"), "wb") as output:
             process = subprocess.Popen(
@@ -332,7 +392,7 @@ class FleetBehindHAProxyTests(TestCase):
                 stdout=output,
                 stderr=subprocess.STDOUT,
             )
-        instance = Instance(process, log)
+        instance = Instance(process, log, metrics)
         self.addCleanup(instance.stop)
         return instance
 
