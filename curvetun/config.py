@@ -19,12 +19,13 @@ The file::
     listen = "curvetun:7700"            # or a list of endpoint strings
     forward = "tcp:127.0.0.1:6379"      # absent: echo
     keydir = "/etc/curvetun/keys"       # relative: to the file's directory
+    statedir = "/var/lib/curvetun"      # counters and lock: the keydir may be read-only
     send_proxy = "v2"
     max_connections = 1000
 
 Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
-the line and the key. Settings not built yet (a state directory) are
+the line and the key. Settings not built yet are
 refused like any unknown key until they are added to those tuples and to
 L{tunnel_config}. The top level may also hold C{metrics} (L{read_config}).
 """
@@ -46,7 +47,7 @@ import attrs
 from .admission import ConnectionLimits
 from .endpoints import DEFAULT_PORT
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
-from .keydir import default_keydir
+from .keydir import MAX_INSTANCE, default_keydir
 from .proxy_header import ProxyVersion
 
 if sys.version_info >= (3, 11):
@@ -101,7 +102,7 @@ The values of C{send_proxy}.
 
 _SECONDS = {"grace": True, "handshake_timeout": False, "idle_timeout": True}
 _COUNTS = tuple(f"max_{name}" for name in LIMITS)
-_PATHS = ("keydir", "registry")
+_PATHS = ("keydir", "registry", "statedir")
 _FLAGS = ("keep_sessions_on_revoke",)
 
 TUNNEL_KEYS: tuple[str, ...] = (
@@ -114,6 +115,7 @@ TUNNEL_KEYS: tuple[str, ...] = (
     *NETWORK_PREFIXES,
     "send_proxy",
     *_FLAGS,
+    "instance",
 )
 """
 The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
@@ -208,6 +210,13 @@ class TunnelConfig:
     @ivar keep_sessions_on_revoke: whether an established connection stays
         open when the registry stops admitting its key (by default it is
         closed: L{curvetun.revocation}).
+    @ivar statedir: the directory of the identity's mutable files (nonce
+        counters, lock, instance ID), or L{None} for the key directory.
+    @ivar instance: this host's instance ID (0 to 65535) for a key
+        directory copied to several hosts, or L{None} (the one stored in
+        the state, if any).
+    @ivar change_instance: let C{instance} replace another stored one (a
+        command-line flag, C{--change-instance}, for every tunnel).
     @ivar name: what the log calls the tunnel, or L{None}.
     @ivar source: where the settings were written (for messages).
     """
@@ -222,6 +231,9 @@ class TunnelConfig:
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     send_proxy: ProxyVersion | None = None
     keep_sessions_on_revoke: bool = False
+    statedir: str | None = None
+    instance: int | None = None
+    change_instance: bool = False
     name: str | None = None
     source: Source = attrs.field(default=COMMAND_LINE, eq=False, repr=False)
 
@@ -319,6 +331,16 @@ def tunnel_config(
         given = text(key)
         if given is not None:
             flags[key] = _checked(key, parse_flag, source.option(key), given)
+    instance: int | None = None
+    given = text("instance")
+    if given is not None:
+        instance = _checked("instance", parse_count, source.option("instance"), given)
+        if instance > MAX_INSTANCE:
+            raise SettingError(
+                "instance",
+                f"{source.option('instance')} must be a number from 0 to {MAX_INSTANCE}, "
+                f"not {_quoted(given)}",
+            )
     name = text("name")
     if name is not None and (not name.strip() or not name.isprintable() or len(name) > 64):
         raise SettingError("name", "name must be printable text of 1 to 64 characters")
@@ -333,6 +355,8 @@ def tunnel_config(
         limits=attrs.evolve(ConnectionLimits(), **limits),
         send_proxy=send_proxy,
         keep_sessions_on_revoke=flags.get("keep_sessions_on_revoke", False),
+        statedir=paths["statedir"],
+        instance=instance,
         name=name,
         source=source,
     )
@@ -439,7 +463,7 @@ class ConfigFileError(ValueError):
 # What the file's TOML values must be before they become the text the
 # command line would have given (and go through the same checks).
 _STRING_KEYS = ("name", "forward", *_PATHS, "send_proxy")
-_NUMBER_KEYS = (*_SECONDS, *_COUNTS)
+_NUMBER_KEYS = (*_SECONDS, *_COUNTS, "instance")
 
 
 @attrs.frozen

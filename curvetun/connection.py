@@ -29,16 +29,22 @@ stays in charge of one fact only it can judge, and of closing:
     from C{vouched} to C{connected} and reports the handshake confirmed.
 
 Where an input's outcome depends on a verification, the state loops on the
-public input, does the (pure) verification from L{curvetun.handshake}, and
-calls one private input with the answer: C{_rejected} on failure, otherwise
-the input that carries the answer (the cookie, the vouch, the session) and
-moves on. The frames are sent in those private transitions, never in the
-public ones. A vault that answers later (a separate process, a hardware
-token: L{curvetun.interfaces.IVault} is synchronous today) then changes only
-the looping outputs: they start the question and call the private input when
-the answer arrives. Meanwhile the machine stays in its state, and the owner
-has nothing to deliver: each handshake packet is the only one the peer may
-send before our answer.
+public input, does the (pure) checks from L{curvetun.handshake} that need no
+long-term key, asks the vault (L{curvetun.handshake_vault.IHandshakeVault})
+the one question of the step, and calls one private input with the answer:
+C{_rejected} on failure, otherwise the input that carries the answer (the
+cookie, the vouch, the session) and moves on. The frames are sent in those
+private transitions, never in the public ones.
+
+The in-process vault answers at once (its Deferreds have fired: Automat
+runs the private input right after the public one's transition); a vault
+process answers later. Meanwhile the machine stays in its state, the
+question is kept in the core (L{ServerCore.asking}), and the owner holds the
+frames that arrive (L{ConnectionOwner.hold_frames}): the client may send its
+first messages right after its vouch. Closing cancels a question still
+asked, so that an answer never arrives in the closed state. (Waiting states
+of their own would say the same, but Automat finds each transition by a
+scan of them all: every transition added costs every input.)
 """
 
 from __future__ import annotations
@@ -48,17 +54,25 @@ from typing import Protocol, TypeVar
 
 import attrs
 from automat import TypeMachine, TypeMachineBuilder, pep614
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from . import handshake
 from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, ServerKeyMismatch
 from .handshake import CookieSealer, EphemeralKeyPair
-from .interfaces import IRegistry, IVault
+from .handshake_vault import (
+    IHandshakeVault,
+    VaultUnavailable,
+    client_vouch_key,
+    client_vouch_packet,
+)
+from .interfaces import IRegistry
 from .keys import fingerprint, keys_equal
 from .packets import Cookie, Hello, Vouch
 from .session import Session
 
 HandshakePacket = TypeVar("HandshakePacket", Hello, Cookie, Vouch)
+_Answer = TypeVar("_Answer")
 
 
 class ConnectionInputs(Protocol):
@@ -145,6 +159,13 @@ class ConnectionOwner(Protocol):
         it to C{receiver}, and anything else to C{bad_packet}.
         """
 
+    def hold_frames(self) -> None:
+        """
+        The machine waits for its vault: hold the frames that arrive (the
+        client's first messages may follow its vouch at once) until
+        L{expect_packet} or L{established} says where they go.
+        """
+
     def hello_accepted(self) -> None:
         "Server: the peer sent a valid hello (it is not a silent socket)."
 
@@ -177,16 +198,27 @@ class ServerCore:
     """
     What a server connection needs: its long-term vault, the cookie keys,
     the registry, and its owner (who knows the peer's address).
+
+    During a server-key rollover the vault answers hellos sealed to the
+    current or the previous key (L{curvetun.handshake_vault.key_set}).
     """
 
     owner: ConnectionOwner
-    vault: IVault
+    vault: IHandshakeVault
+    """
+    The long-term key's holder (for an in-process L{curvetun.interfaces.IVault},
+    a L{curvetun.handshake_vault.LocalHandshakeVault}).
+    """
     cookie_keys: CookieSealer
     registry: IRegistry
     remember_vouch: Callable[[bytes], bool]
     """
     Called with the client ephemeral key of each vouch that verified;
     returns False if that key was seen before (a replayed session).
+    """
+    asking: Deferred[None] | None = None
+    """
+    The question the vault has not answered yet, if any.
     """
 
 
@@ -198,12 +230,19 @@ class ClientCore:
     """
 
     owner: ConnectionOwner
-    vault: IVault
+    vault: IHandshakeVault
+    """
+    The long-term key's holder, as for L{ServerCore.vault}.
+    """
     server_key: bytes
     make_ephemeral: Callable[[], EphemeralKeyPair] = EphemeralKeyPair.generate
     """
     Makes the connection's ephemeral key pair (replaced only by
     known-answer tests).
+    """
+    asking: Deferred[None] | None = None
+    """
+    The question the vault has not answered yet, if any.
     """
 
 
@@ -270,6 +309,7 @@ def _disconnect(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason:
     Close TCP; nothing more is read or delivered. (C{reason} is the closed
     state's data.)
     """
+    _forget_question(core)
     core.owner.disconnect()
 
 
@@ -277,6 +317,7 @@ def _report_lost(inputs: ConnectionInputs, core: ServerCore | ClientCore, reason
     """
     TCP closed before we did: tell the owner TCP's reason.
     """
+    _forget_question(core)
     core.owner.lost(reason)
 
 
@@ -297,6 +338,56 @@ def _already_closed(
     """
 
 
+def _ask(
+    inputs: ConnectionInputs,
+    core: ServerCore | ClientCore,
+    question: Deferred[_Answer],
+    answered: Callable[[_Answer], None],
+) -> None:
+    """
+    Call C{answered} with the vault's answer to C{question}, or C{_rejected}
+    with why it failed: now if the vault has answered already (the
+    in-process vault), later otherwise, holding the frames meanwhile.
+    """
+
+    def failed(failure: Failure) -> None:
+        if core.asking is not None:
+            core.asking = None
+        if failure.check(CancelledError):
+            return  # closed meanwhile: the machine asked for nothing more
+        reason = failure.value
+        if not isinstance(reason, CurveTunError):
+            # Never a success: anything else means the vault is unusable.
+            reason = VaultUnavailable(f"the vault failed: {type(failure.value).__name__}")
+        inputs._rejected(reason)
+
+    if question.called:
+        # The in-process vault: the answer is here, nothing to remember.
+        question.addCallbacks(answered, failed)
+        return
+
+    def succeeded(answer: _Answer) -> None:
+        core.asking = None
+        answered(answer)
+
+    core.owner.hold_frames()
+    core.asking = question.addCallbacks(succeeded, failed)
+
+
+def _forget_question(core: ServerCore | ClientCore) -> None:
+    """
+    Closing: cancel the question the vault has not answered.
+    """
+    asking = core.asking
+    if asking is not None:
+        core.asking = None
+        asking.cancel()
+
+
+def _second_packet(kind: str) -> BadPacket:
+    return BadPacket(f"a second {kind} before our answer to the first")
+
+
 def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
@@ -310,15 +401,20 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
 
     @pep614(ready.upon(ServerInputs.hello_received).loop())
     def answer_hello(inputs: ServerInputs, core: ServerCore, hello: Hello) -> None:
-        try:
-            handshake.server_open_hello(hello, core.vault)
-            cookie = handshake.server_cookie(
-                hello.client_ephemeral_key, core.vault, core.cookie_keys
-            )
-        except CurveTunError as error:  # KeyFileError: the counter could not be stored
-            inputs._rejected(error)
-        else:
-            inputs._hello_answered(hello.client_ephemeral_key, cookie)
+        if core.asking is not None:
+            # An owner that holds frames while we wait never gets here.
+            inputs._rejected(_second_packet("hello"))
+            return
+        # One question: open the hello, make SN, seal the cookie. A failure
+        # includes a nonce counter the vault could not store.
+        _ask(
+            inputs,
+            core,
+            core.vault.open_hello_and_seal_cookie(
+                hello, EphemeralKeyPair.generate(), core.cookie_keys
+            ),
+            lambda cookie: inputs._hello_answered(hello.client_ephemeral_key, cookie),
+        )
 
     @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
     def send_cookie(
@@ -330,6 +426,9 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
 
     @pep614(accepting.upon(ServerInputs.vouch_received).loop())
     def check_vouch(inputs: ServerInputs, core: ServerCore, state: Accepting, vouch: Vouch) -> None:
+        if core.asking is not None:
+            inputs._rejected(_second_packet("vouch"))
+            return
         try:
             opened = handshake.server_open_vouch(vouch, core.cookie_keys)
             # The wire format does not bind the cookie to this connection's
@@ -343,13 +442,18 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
                     f"client key {fingerprint(opened.client_key)} is not allowed "
                     f"from {peer_host} by the registry"
                 )
-            handshake.server_verify_vouch(opened, core.vault)
-            if not core.remember_vouch(opened.client_ephemeral_key):
-                raise ReplayedVouch("replayed vouch: this session was accepted before")
         except CurveTunError as error:
             inputs._rejected(error)
-        else:
-            inputs._vouch_verified(opened.session, opened.client_key)
+            return
+
+        def verified(_: None) -> None:
+            if core.remember_vouch(opened.client_ephemeral_key):
+                inputs._vouch_verified(opened.session, opened.client_key)
+            else:
+                inputs._rejected(ReplayedVouch("replayed vouch: this session was accepted before"))
+
+        # One question: does the inner box V from C hold EC?
+        _ask(inputs, core, core.vault.open_vouch(opened), verified)
 
     @pep614(accepting.upon(ServerInputs._vouch_verified).to(connected))
     def accepted(
@@ -423,14 +527,31 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
                 )
             )
             return
+        if core.asking is not None:
+            inputs._rejected(_second_packet("cookie"))
+            return
         try:
-            vouch, session = handshake.client_vouch(
-                cookie_K, server_ephemeral_key, state.ephemeral, core.server_key, core.vault
-            )
+            # X25519 with the peer's ES first: a bad ES must not use up a
+            # safe nonce of the vault.
+            vouch_key = client_vouch_key(server_ephemeral_key, state.ephemeral)
         except BadPacket as error:
             inputs._rejected(error)
-        else:
-            inputs._vouch_made(vouch, session)
+            return
+
+        def sealed(answer: tuple[bytes, bytes]) -> None:
+            try:
+                vouch, session = client_vouch_packet(
+                    cookie_K, vouch_key, core.vault.public_key, *answer
+                )
+            except BadPacket as error:
+                inputs._rejected(error)
+            else:
+                inputs._vouch_made(vouch, session)
+
+        # One question: make VN and box EC to the server under it.
+        _ask(
+            inputs, core, core.vault.seal_vouch(state.ephemeral.public_key, core.server_key), sealed
+        )
 
     @pep614(initiating.upon(ClientInputs._vouch_made).to(vouched))
     def send_vouch(
@@ -447,6 +568,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
 
     @pep614(initiating.upon(ClientInputs.connection_lost, nodata=True).to(closed))
     def closed_after_hello(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
+        _forget_question(core)
         core.owner.lost(
             Failure(
                 ServerKeyMismatch(

@@ -178,6 +178,14 @@ class CookieKeys(Service):
             self._keys[0],
         )
 
+    def current_key(self) -> bytes:
+        """
+        The key that L{seal} uses now, for a vault that seals the cookie
+        itself (in another process; see L{curvetun.handshake_vault}).
+        """
+        self._catch_up()
+        return self._keys[0]
+
     def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
         """
         Open a 96-byte cookie C{K = SN || secretbox} with the current key,

@@ -16,6 +16,10 @@ Server::
     curvetun:port=PORT[:...]
     curvetun:endpoint=INNER[:keydir=DIR][:registry=FILE]
 
+Either takes C{statedir=DIR} (the nonce counters, lock and instance ID in
+a writable directory of their own, so that the key directory may be
+read-only) and C{instance=ID} (a key directory copied to several hosts).
+
 C{INNER} is any endpoint string, escaped as in Twisted's C{tls:} parser
 (see L{parse_client_endpoint} and L{parse_server_endpoint}). From Python,
 build L{CurveTunServerEndpoint} and L{CurveTunClientEndpoint} (or
@@ -35,7 +39,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
     TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
     TCP6ServerEndpoint,
     clientFromString,
     serverFromString,
@@ -59,7 +65,7 @@ from zope.interface import implementer
 from .errors import KeyFileError, RegistryError
 
 # Re-exported: tap.py imports them from here.
-from .keydir import REGISTRY_FILE, default_keydir
+from .keydir import MAX_INSTANCE, REGISTRY_FILE, default_keydir
 from .keys import parse_public_key, quoted
 from .service import CurveTunService
 from .transport import CurveTunProtocol
@@ -347,6 +353,32 @@ class CurveTunClientEndpoint:
 # -- the service pool behind endpoint strings ------------------------------------
 
 
+def _check_state(
+    service: CurveTunService, keydir: str, statedir: str | None, instance: int | None
+) -> None:
+    """
+    Refuse a C{statedir=} or C{instance=} that disagrees with the service
+    already loaded for C{keydir}.
+    """
+    from .server_keys import ServerKeys
+
+    if not isinstance(service.vault, ServerKeys):
+        return
+    state = service.vault.state
+    if statedir is not None and os.path.realpath(os.path.expanduser(statedir)) != os.path.realpath(
+        state.path.path
+    ):
+        raise ValueError(
+            f"key directory {keydir} is already in use with state directory "
+            f"{state.path.path} in this process; leave statedir= out"
+        )
+    if instance is not None and instance != state.instance:
+        raise ValueError(
+            f"key directory {keydir} is already in use as instance {state.instance} "
+            "in this process; leave instance= out"
+        )
+
+
 @attrs.frozen
 class _PoolKey:
     keydir: str
@@ -409,19 +441,30 @@ class ServicePool:
                 return lease.service
         return None
 
-    def lease(self, keydir: str | None, registry: str | None) -> _Lease:
+    def lease(
+        self,
+        keydir: str | None,
+        registry: str | None,
+        statedir: str | None = None,
+        instance: int | None = None,
+    ) -> _Lease:
         """
         The lease on the service for C{keydir} (default: the adopted
         default, else L{default_keydir}) and C{registry} (default: the file
-        C{registry} in the key directory), loading it if need be.
+        C{registry} in the key directory), loading it if need be, with its
+        mutable files in C{statedir} and the instance ID C{instance} (see
+        L{CurveTunService.from_keydir}).
 
-        @raise ValueError: the key directory or the registry cannot be used;
-            the message says why.
+        @raise ValueError: the key directory or the registry cannot be used,
+            or a service of the key directory is loaded already with
+            another state directory or instance ID; the message says why.
         """
         if keydir is None:
             keydir = self._default_keydir or default_keydir()
         key = self._key(keydir, registry)
         lease = self._leases.get(key)
+        if lease is not None:
+            _check_state(lease.service, key.keydir, statedir, instance)
         if lease is None:
             for other in self._leases:
                 # A key directory has one vault (it holds the directory's
@@ -437,7 +480,9 @@ class ServicePool:
                     f"'curvetun keygen --keydir {key.keydir}', or name another with keydir="
                 )
             try:
-                service = CurveTunService.from_keydir(key.keydir, key.registry)
+                service = CurveTunService.from_keydir(
+                    key.keydir, key.registry, statedir=statedir, instance=instance
+                )
             except (KeyFileError, RegistryError) as error:
                 raise ValueError(str(error)) from error
             lease = self._leases[key] = _Lease(service, managed=True)
@@ -469,8 +514,28 @@ _HOST_NAME = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?\Z"
 )
 
-_CLIENT_KEYWORDS = ("host", "port", "endpoint", "key", "keydir", "registry", "resolver", "timeout")
-_SERVER_KEYWORDS = ("port", "interface", "backlog", "endpoint", "keydir", "registry")
+_CLIENT_KEYWORDS = (
+    "host",
+    "port",
+    "endpoint",
+    "key",
+    "keydir",
+    "registry",
+    "resolver",
+    "timeout",
+    "statedir",
+    "instance",
+)
+_SERVER_KEYWORDS = (
+    "port",
+    "interface",
+    "backlog",
+    "endpoint",
+    "keydir",
+    "registry",
+    "statedir",
+    "instance",
+)
 
 DNS_REGISTRY = "dns"
 """
@@ -489,6 +554,22 @@ def _is_ip_address(text: str) -> bool:
 
 def _is_host(text: str) -> bool:
     return _is_ip_address(text) or (text.isascii() and _HOST_NAME.match(text) is not None)
+
+
+def _tcp_client(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    The TCP endpoint of C{host}: an IP address is connected to as it is; a
+    host name goes to L{HostnameEndpoint}, which resolves it (in a thread,
+    for every connection) and tries each address it gets.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    # An IPv6 literal is connected to without a resolver thread too.
+    return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 def _option_error(kind: str, message: str) -> ValueError:
@@ -608,6 +689,25 @@ def _paths(kind: str, options: dict[str, str]) -> tuple[str | None, str | None]:
             raise _option_error(kind, f"{option} must be a path, not {quoted(value)}")
         paths.append(value)
     return paths[0], paths[1]
+
+
+def _state(kind: str, options: dict[str, str]) -> tuple[str | None, int | None]:
+    """
+    The C{statedir} and C{instance} options, checked.
+    """
+    statedir = options.get("statedir")
+    if statedir is not None and (not statedir or "\x00" in statedir):
+        raise _option_error(kind, f"statedir must be a path, not {quoted(statedir)}")
+    instance = None
+    if "instance" in options:
+        instance = _decimal(options["instance"])
+        if instance is None or instance > MAX_INSTANCE:
+            raise _option_error(
+                kind,
+                f"instance must be a number from 0 to {MAX_INSTANCE}, "
+                f"not {quoted(options['instance'])}",
+            )
+    return statedir, instance
 
 
 def _decimal(value: str) -> int | None:
@@ -768,7 +868,7 @@ def _client_endpoint(
                 "client", f"host must be a host name or an IP address, not {quoted(host)}"
             )
         port = _port("client", options.get("port"), allow_zero=False)
-        wrapped = HostnameEndpoint(reactor, host, port, timeout=30 if timeout is None else timeout)
+        wrapped = _tcp_client(reactor, host, port, 30 if timeout is None else timeout)
     resolver = None
     if use_dns:
         from .dnskeys import parse_resolver
@@ -779,7 +879,7 @@ def _client_endpoint(
             raise _option_error("client", str(error)) from None
     keydir, registry = _paths("client", options)
     keydir = _agreeing_keydir(keydir, default_keydir)
-    lease = service_pool.lease(keydir, None if use_dns else registry)
+    lease = service_pool.lease(keydir, None if use_dns else registry, *_state("client", options))
     if "key" in options:
         try:
             server_key = parse_public_key(options["key"])
@@ -835,9 +935,12 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
         curvetun:port=PORT[:...]
         curvetun:endpoint=INNER[:OPTIONS]
 
-    OPTIONS are C{keydir=DIR} (the server's identity) and
+    OPTIONS are C{keydir=DIR} (the server's identity),
     C{registry=FILE} (who may connect; default: the file C{registry} in the
-    key directory).
+    key directory), C{statedir=DIR} (where the nonce counters, the lock
+    and the instance ID are kept, so that the key directory may be
+    read-only) and C{instance=ID} (0 to 65535: this host's part of the
+    counter space, for a key directory copied to several hosts).
 
     C{endpoint=} listens on any server endpoint string, escaped as in
     Twisted's C{tls:} parser (each C{:} and C{=} of the inner string
@@ -850,6 +953,42 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
 
     @raise ValueError: the string is malformed, names an unknown keyword, or
         a missing or unusable key directory or registry.
+    """
+    parts = parse_server_parts(reactor, *args, **kwargs)
+    lease = service_pool.lease(parts.keydir, parts.registry, parts.statedir, parts.instance)
+    return CurveTunServerEndpoint(parts.wrapped, lease.service, lease, proxied=parts.proxied)
+
+
+@attrs.frozen
+class ServerEndpointParts:
+    """
+    What a C{curvetun:} server string says, before any identity is loaded.
+
+    @ivar wrapped: the endpoint to listen on, under curvetun.
+    @ivar proxied: C{wrapped} reads a PROXY header first (C{haproxy:}).
+    @ivar keydir: the C{keydir=} option, or L{None}.
+    @ivar registry: the C{registry=} option, or L{None}.
+    @ivar statedir: the C{statedir=} option, or L{None}.
+    @ivar instance: the C{instance=} option, or L{None}.
+    """
+
+    wrapped: IStreamServerEndpoint
+    proxied: bool
+    keydir: str | None
+    registry: str | None
+    statedir: str | None = None
+    instance: int | None = None
+
+
+def parse_server_parts(reactor: Any, *args: str, **kwargs: str) -> ServerEndpointParts:
+    """
+    Parse the parts of a C{curvetun:} server string (see
+    L{parse_server_endpoint}) without loading its key directory: a
+    supervisor of worker processes binds C{wrapped} itself and must never
+    read a key.
+
+    @raise ValueError: as for L{parse_server_endpoint}, but the key
+        directory and registry are not opened.
     """
     _refuse_brackets("server", args, kwargs)
     options = _collect("server", ("port",), _SERVER_KEYWORDS, args, kwargs)
@@ -865,8 +1004,9 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
         inner_args, _ = split_description(inner)
         proxied = bool(inner_args) and inner_args[0].lower() == "haproxy"
         endpoint = _inner_endpoint("server", reactor, inner)
-        lease = service_pool.lease(*_paths("server", options))
-        return CurveTunServerEndpoint(endpoint, lease.service, lease, proxied=proxied)
+        return ServerEndpointParts(
+            endpoint, proxied, *_paths("server", options), *_state("server", options)
+        )
     port = _port("server", options.get("port"), allow_zero=True)
     interface = options.get("interface", "")
     if interface and not _is_ip_address(interface):
@@ -877,10 +1017,10 @@ def parse_server_endpoint(reactor: Any, *args: str, **kwargs: str) -> CurveTunSe
             "server",
             f"backlog must be a number from 1 to {_MAX_BACKLOG}, not {quoted(options['backlog'])}",
         )
-    lease = service_pool.lease(*_paths("server", options))
+    paths = (*_paths("server", options), *_state("server", options))
     wrapped: IStreamServerEndpoint
     if ":" in interface:
         wrapped = TCP6ServerEndpoint(reactor, port, backlog, interface)
     else:
         wrapped = TCP4ServerEndpoint(reactor, port, backlog, interface)
-    return CurveTunServerEndpoint(wrapped, lease.service, lease)
+    return ServerEndpointParts(wrapped, False, *paths)

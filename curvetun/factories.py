@@ -33,6 +33,7 @@ from .connection import (
 )
 from .errors import AdmissionRefused, CurveTunError
 from .handshake import CookieSealer
+from .handshake_vault import IHandshakeVault, as_handshake_vault
 from .interfaces import IRegistry, IVault
 from .keys import fingerprint
 from .transport import CurveTunProtocol
@@ -73,7 +74,7 @@ class _CurveTunFactory(Factory):
     def __init__(
         self,
         wrappedFactory: IProtocolFactory,
-        vault: IVault,
+        vault: IVault | IHandshakeVault,
         clock: IReactorTime,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: float | None = None,
@@ -81,6 +82,9 @@ class _CurveTunFactory(Factory):
     ) -> None:
         self.wrappedFactory = wrappedFactory
         self.vault = vault
+        # What the machines ask: an in-process vault answers through a
+        # LocalHandshakeVault, made once here.
+        self.handshake_vault = as_handshake_vault(vault)
         self.clock = clock
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
@@ -165,7 +169,7 @@ class CurveTunServerFactory(_CurveTunFactory):
     def __init__(
         self,
         wrappedFactory: IProtocolFactory,
-        vault: IVault,
+        vault: IVault | IHandshakeVault,
         cookie_keys: CookieSealer,
         registry: IRegistry,
         remember_vouch: Callable[[bytes], bool],
@@ -198,7 +202,13 @@ class CurveTunServerFactory(_CurveTunFactory):
         # No admission here: behind a proxy, addr is the proxy's address.
         def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
             return ServerMachine(
-                ServerCore(owner, self.vault, self.cookie_keys, self.registry, self.remember_vouch)
+                ServerCore(
+                    owner,
+                    self.handshake_vault,
+                    self.cookie_keys,
+                    self.registry,
+                    self.remember_vouch,
+                )
             )
 
         return CurveTunProtocol(self, make_machine)
@@ -246,7 +256,7 @@ class CurveTunClientFactory(_CurveTunFactory):
     def __init__(
         self,
         wrappedFactory: IProtocolFactory,
-        vault: IVault,
+        vault: IVault | IHandshakeVault,
         server_key: bytes,
         clock: IReactorTime,
         handshake_timeout: float | None = DEFAULT_HANDSHAKE_TIMEOUT,
@@ -261,6 +271,6 @@ class CurveTunClientFactory(_CurveTunFactory):
 
     def buildProtocol(self, addr: IAddress | None) -> CurveTunProtocol:
         def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
-            return ClientMachine(ClientCore(owner, self.vault, self.server_key))
+            return ClientMachine(ClientCore(owner, self.handshake_vault, self.server_key))
 
         return CurveTunProtocol(self, make_machine)

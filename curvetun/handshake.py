@@ -18,7 +18,7 @@ point), comes out as L{BadPacket}.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -91,6 +91,12 @@ class CookieSealer(Protocol):
         """
         Return the 80-byte C{secretbox(EC || ESs, "minute-k" || SN, Ts)}
         under the current minute key (without the leading C{SN}).
+        """
+
+    def current_key(self) -> bytes:
+        """
+        The current minute key C{Ts}, for a vault in another process that
+        seals the cookie itself (L{curvetun.handshake_vault}).
         """
 
     def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
@@ -197,6 +203,28 @@ def server_open_hello(hello: Hello, vault: IVault) -> None:
         )
     if not hmac.compare_digest(plaintext, _HELLO_ZEROS):
         raise BadPacket("hello does not verify")
+
+
+def server_open_hello_with(hello: Hello, vaults: Sequence[IVault]) -> IVault:
+    """
+    Verify a hello sealed to any of C{vaults}' keys, trying them in order
+    (during a server-key rollover: the current key, then the previous
+    one), so that a hello to the first costs what it always did.
+
+    @return: the vault whose key the hello was sealed to: the cookie and
+        the vouch of this connection are that key's.
+    @raise BadPacket: it verifies with none of them (the reason is the
+        first key's).
+    """
+    first: BadPacket | None = None
+    for vault in vaults:
+        try:
+            server_open_hello(hello, vault)
+        except BadPacket as error:
+            first = error if first is None else first
+        else:
+            return vault
+    raise first if first is not None else BadPacket("hello does not verify")
 
 
 def server_cookie(

@@ -110,3 +110,18 @@ class ICurveTunTransport(ITransport):
         @raise curvetun.errors.MessageTooLong: C{data} is longer than 65503
             bytes.
         """
+
+
+class IServerKeys(IVault):
+    """
+    A server's long-term keys during a key rollover: the current key (the
+    L{IVault} this provides, which a client side also uses) and, until
+    the rollover is finished, the previous one, each its own vault with
+    its own nonce key and counter.
+    """
+
+    def vaults() -> tuple[IVault, ...]:
+        """
+        The vaults a hello may be sealed to, current first: the server
+        tries the next only when the one before does not open the hello.
+        """

@@ -22,7 +22,7 @@ from twisted.python.filepath import FilePath
 
 from curvetun.errors import KeyFileError
 from curvetun.files import open_regular_file, write_atomically
-from curvetun.keys import KEY_SIZE, quoted
+from curvetun.keys import KEY_SIZE, fingerprint, quoted
 
 SECRET_KEY_FILE = "secret.key"
 """The Curve25519 secret key: 64 hex digits and a newline (mode 0600)."""
@@ -34,7 +34,34 @@ NONCE_KEY_FILE = "nonce.key"
 """The key that scrambles safe nonces: 64 hex digits and a newline (mode 0600)."""
 
 COUNTER_FILE = "nonce.counter"
-"""The safe-nonce counter: a decimal number and a newline (mode 0600)."""
+"""
+The counter file of older versions, which named no key: read (and migrated)
+as the current key's. New counters are L{counter_file_name}.
+"""
+
+COUNTER_PREFIX = "nonce.counter."
+"""
+Each key's safe-nonce counter is C{COUNTER_PREFIX + fingerprint}: a decimal
+number and a newline (mode 0600), named by the key it counts for, so that
+a rotation (which moves the key files) never gives one key's counter to
+another.
+"""
+
+PREVIOUS_PREFIX = "previous."
+"""
+During a rollover, the previous key's files are the current key's names
+with this prefix: C{previous.secret.key}, C{previous.public.key},
+C{previous.nonce.key}.
+"""
+
+INSTANCE_FILE = "instance"
+"""The instance ID of this state (C{--instance}): a decimal number and a newline."""
+
+SHARED_FILE = "shared"
+"""
+Present (its contents do not matter) when the key directory is meant to be
+copied to several hosts: a server then needs an instance ID.
+"""
 
 LOCK_FILE = "lock"
 """Empty; locked (C{flock}) by the one process that uses the directory."""
@@ -43,7 +70,16 @@ REGISTRY_FILE = "registry"
 """The registry's file name inside a key directory (its default place)."""
 
 KEY_FILES = (SECRET_KEY_FILE, PUBLIC_KEY_FILE, NONCE_KEY_FILE, COUNTER_FILE)
-"""The files that make an identity, in the order L{write_key_files} writes them."""
+"""The files that make an identity (the legacy counter among them)."""
+
+INSTANCE_BITS = 16
+"""The top bits of a safe nonce's 64-bit counter that hold the instance ID."""
+
+MAX_INSTANCE = 2**INSTANCE_BITS - 1
+"""The largest instance ID."""
+
+INSTANCE_SPACE = 2 ** (64 - INSTANCE_BITS)
+"""How many counter values each instance has: 2**48."""
 
 MAX_COUNTER = 2**63
 """The largest counter a counter file may hold: far below 2**64, so it never runs out."""
@@ -66,10 +102,37 @@ def registry_path(keydir: str) -> str:
 
 def existing_key_files(keydir: str | FilePath[str]) -> list[str]:
     """
-    The names of the identity files (L{KEY_FILES}) that C{keydir} holds.
+    The names of the identity files (L{KEY_FILES} and the counter files of
+    keys) that C{keydir} holds.
     """
     path = FilePath(keydir) if isinstance(keydir, str) else keydir
-    return [name for name in KEY_FILES if path.child(name).exists()]
+    found = [name for name in KEY_FILES if path.child(name).exists()]
+    if path.isdir():
+        found += sorted(name for name in path.listdir() if name.startswith(COUNTER_PREFIX))
+    return found
+
+
+def counter_file_name(public_key: bytes) -> str:
+    """
+    The name of the counter file of the key whose public key is C{public_key}.
+    """
+    return COUNTER_PREFIX + fingerprint(public_key)
+
+
+def key_file_name(name: str, previous: bool) -> str:
+    """
+    The name of key file C{name} (L{SECRET_KEY_FILE}, L{PUBLIC_KEY_FILE},
+    L{NONCE_KEY_FILE}) for the current key, or with C{previous} for the
+    previous key of a rollover.
+    """
+    return PREVIOUS_PREFIX + name if previous else name
+
+
+def is_shared(keydir: FilePath[str]) -> bool:
+    """
+    Whether C{keydir} says it is shared by several hosts (L{SHARED_FILE}).
+    """
+    return keydir.child(SHARED_FILE).exists()
 
 
 # -- who may change a key directory ------------------------------------------------
@@ -302,6 +365,66 @@ def lock(keydir: FilePath[str]) -> IO[bytes]:
     return held
 
 
+def lock_key_directory(keydir: FilePath[str], shared: bool) -> int:
+    """
+    Lock the key directory itself (C{flock} on the directory, which works
+    on a read-only mount too): exclusively, or with C{shared} (a vault
+    with an instance ID, whose part of the counter space is its own)
+    shared with other instances. Every vault takes this lock besides the
+    lock of its state, so that two processes that keep their counters in
+    different state directories cannot both use a key without instance
+    IDs: they would hand out the same nonces.
+
+    @return: the locked file descriptor (the lock goes when it is closed).
+    @raise KeyFileError: another process holds it, or it cannot be opened.
+    """
+    try:
+        fd = os.open(keydir.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise KeyFileError(f"cannot open key directory {keydir.path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise KeyFileError(
+            f"{keydir.path} is in use by another curvetun process"
+            + ("" if shared else " (without an instance ID, one process per key directory)")
+            + "; give each process a key directory of its own, or each an --instance ID"
+        ) from None
+    return fd
+
+
+def read_instance(state: FilePath[str]) -> int | None:
+    """
+    The instance ID stored in the state directory C{state}, or L{None}.
+
+    @raise KeyFileError: the file is damaged or owned by someone else.
+    """
+    path = state.child(INSTANCE_FILE)
+    if not path.exists():
+        return None
+    fix = f"write the instance ID (0 to {MAX_INSTANCE}) into it, or remove it"
+    text = _read_text(path, secret=False, owned=True, fix=fix)
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_INSTANCE):
+        raise KeyFileError(
+            f"{path.path} is damaged: expected a number from 0 to {MAX_INSTANCE}; {fix}"
+        )
+    return int(text)
+
+
+def write_instance(state: FilePath[str], instance: int) -> None:
+    """
+    Store the instance ID C{instance} in the state directory C{state}.
+
+    @raise KeyFileError: it could not be stored.
+    """
+    path = state.child(INSTANCE_FILE)
+    try:
+        write_atomically(path, f"{instance}\n".encode("ascii"), 0o600)
+    except OSError as e:
+        raise KeyFileError(f"cannot store the instance ID in {path.path}: {e.strerror}") from e
+
+
 def make_directory(keydir: FilePath[str]) -> None:
     """
     Create C{keydir} (and its parents) if missing, make it private (mode
@@ -340,18 +463,17 @@ def write_key_files(
         (PUBLIC_KEY_FILE, public_key.hex(), 0o644),
         (SECRET_KEY_FILE, secret_key.hex(), 0o600),
         (NONCE_KEY_FILE, nonce_key.hex(), 0o600),
-        (COUNTER_FILE, "0", 0o600),
+        (counter_file_name(public_key), "0", 0o600),
     ]:
         write_atomically(keydir.child(name), f"{text}\n".encode("ascii"), mode)
 
 
-def write_counter(keydir: FilePath[str], value: int) -> None:
+def write_counter(path: FilePath[str], value: int) -> None:
     """
-    Store the safe-nonce counter C{value} durably.
+    Store the safe-nonce counter C{value} durably in the counter file C{path}.
 
     @raise KeyFileError: it could not be stored.
     """
-    path = keydir.child(COUNTER_FILE)
     try:
         write_atomically(path, f"{value}\n".encode("ascii"), 0o600)
     except OSError as e:

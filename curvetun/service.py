@@ -29,7 +29,7 @@ from .factories import (
     CurveTunServerFactory,
 )
 from .interfaces import IRegistry, IVault
-from .keys import fingerprint, keys_equal
+from .keys import fingerprint
 from .registry import FileRegistry
 from .replay import ReplayGuard
 from .revocation import POLL_INTERVAL, Revocation
@@ -126,27 +126,38 @@ class CurveTunService(MultiService):
         limits: ConnectionLimits = ConnectionLimits(),
         hello_timeout: float | None = DEFAULT_HELLO_TIMEOUT,
         revoke_sessions: bool = True,
+        statedir: str | FilePath[str] | None = None,
+        instance: int | None = None,
+        change_instance: bool = False,
     ) -> CurveTunService:
         """
         Load (or, with C{create}, create if missing) the key directory
-        C{keydir}, and the registry at C{registry_path} (default: the file
-        C{registry} in the key directory).
+        C{keydir}, with its previous key during a rollover
+        (L{curvetun.server_keys.ServerKeys}), and the registry at
+        C{registry_path} (default: the file C{registry} in the key
+        directory).
 
+        @param statedir: where the counters, the lock and the instance ID
+            are kept, if not in the key directory (which may then be
+            read-only).
+        @param instance: this host's instance ID for a key directory
+            copied to several hosts (see L{curvetun.vault.KeyState}).
+        @param change_instance: let C{instance} replace another one stored.
         @raise curvetun.errors.KeyFileError: the key directory is missing,
-            damaged or unsafe.
+            damaged or unsafe, or its counter cannot be stored.
         @raise curvetun.errors.RegistryError: the registry is malformed.
         """
         from twisted.python.filepath import FilePath
 
         from .keydir import SECRET_KEY_FILE
         from .registry import FileRegistry
+        from .server_keys import ServerKeys
         from .vault import FileVault
 
         directory = keydir if isinstance(keydir, FilePath) else FilePath(keydir)
         if create and not directory.child(SECRET_KEY_FILE).exists():
-            vault = FileVault.create(directory)
-        else:
-            vault = FileVault(directory)
+            FileVault.create(directory).close()
+        vault = ServerKeys(directory, statedir, instance, change_instance)
         if registry_path is None:
             registry_path = directory.child("registry")
         return cls(
@@ -159,6 +170,27 @@ class CurveTunService(MultiService):
             hello_timeout=hello_timeout,
             revoke_sessions=revoke_sessions,
         )
+
+    def reload_keys(self) -> str:
+        """
+        Read the key directory again (after C{curvetun rotate}, or
+        C{rotate --finish}): from now on hellos are answered with the
+        directory's current key and, during a rollover, its previous one.
+        Connections keep working; a key already loaded keeps its vault and
+        counter.
+
+        @return: what changed, a short phrase for the log, such as C{"keys
+            unchanged"} or C{"new current key 1a2b..., previous 3c4d..."}.
+        @raise curvetun.errors.KeyFileError: the directory cannot be used
+            (a one-line message), or this identity's vault is not from a
+            key directory; the keys stay as they were.
+        """
+        from .server_keys import ServerKeys
+
+        if not isinstance(self.vault, ServerKeys):
+            # A vault made in memory by the application: nothing to read.
+            return "keys unchanged (not from a key directory)"
+        return self.vault.reload()
 
     def server_factory(self, application_factory: IProtocolFactory) -> CurveTunServerFactory:
         """
@@ -260,35 +292,6 @@ class CurveTunService(MultiService):
         if closed:
             what += f", {_count(closed, 'connection', 'connections')} closed"
         return f"registry {registry.path.path}: {what}"
-
-    def reload_keys(self) -> str:
-        """
-        Read the key directory again and apply what changed to the keys
-        this identity answers with (part of L{reload}).
-
-        One key serves for the life of the process: this checks that the
-        key directory still holds it (a vault of no directory has nothing
-        to read again).
-
-        @return: what changed, as a phrase for the reload's log line
-            (C{"keys unchanged"}).
-        @raise KeyFileError: the key directory cannot be applied (a key
-            file is unreadable, damaged or unsafe, or the directory holds
-            another key); the keys in use are kept. The message is one
-            line.
-        """
-        keydir = getattr(self.vault, "keydir", None)
-        if keydir is None:
-            return "keys unchanged"
-        from .vault import read_public_key
-
-        stored = read_public_key(keydir)
-        if not keys_equal(stored, self.vault.public_key):
-            raise KeyFileError(
-                f"{keydir.path} now holds another key ({fingerprint(stored)}), "
-                "which takes a restart to use"
-            )
-        return "keys unchanged"
 
 
 def _count(number: int, one: str, many: str) -> str:

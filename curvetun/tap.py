@@ -28,6 +28,7 @@ from __future__ import annotations
 import signal
 from typing import ClassVar
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -39,10 +40,14 @@ from .config import (
     TUNNEL_KEYS,
     SettingError,
     TunnelConfig,
+    parse_count,
     tunnel_config,
 )
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .tunnel_service import make_service, make_service_from_file
+
+MAX_WORKERS = 64
+"""The most worker processes C{--workers} takes."""
 
 
 def _default(text: object) -> str:
@@ -67,7 +72,8 @@ class Options(usage.Options):
         "[--listen ENDPOINT]... [--forward ENDPOINT] [--keydir DIR] "
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
         "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
-        "[--keep-sessions-on-revoke] [--metrics ENDPOINT]"
+        "[--keep-sessions-on-revoke] [--statedir DIR] [--instance ID [--change-instance]] "
+        "[--metrics ENDPOINT]"
         "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
     )
     longdesc = (
@@ -94,6 +100,26 @@ class Options(usage.Options):
             ),
         ],
         ["registry", "r", None, "Registry file [default: the file registry in the key directory]."],
+        [
+            "statedir",
+            None,
+            None,
+            (
+                "Writable directory for the mutable files (a nonce counter per key, the "
+                "lock, the instance ID), so that the key directory may be read-only "
+                "[default: the key directory]."
+            ),
+        ],
+        [
+            "instance",
+            None,
+            None,
+            (
+                "This host's instance ID, 0 to 65535, for a key directory copied to "
+                "several hosts: each gets its own part of the nonce counter space "
+                "[default: the one stored in the state directory]."
+            ),
+        ],
         [
             "grace",
             "g",
@@ -140,6 +166,16 @@ class Options(usage.Options):
             for name, longest in NETWORK_PREFIXES.items()
         ),
         [
+            "workers",
+            None,
+            "1",
+            (
+                "Worker processes; with more than one, a supervisor runs them and one vault "
+                f"process, the only one that reads the key directory (1 to {MAX_WORKERS}; "
+                "see docs/deploy.md)."
+            ),
+        ],
+        [
             "send-proxy",
             None,
             None,
@@ -156,6 +192,17 @@ class Options(usage.Options):
                 "Server endpoint string to serve /metrics (Prometheus), /status (JSON) and "
                 "/healthz on over HTTP, e.g. tcp:9100:interface=127.0.0.1; allowed with "
                 "--config, where it overrides the file's metrics."
+            ),
+        ],
+    ]
+
+    optFlags: ClassVar[list[list[str | None]]] = [
+        [
+            "change-instance",
+            None,
+            (
+                "Let --instance replace the instance ID stored in the state directory "
+                "(only when the old ID is no longer used anywhere with this key)."
             ),
         ],
     ]
@@ -209,6 +256,12 @@ class Options(usage.Options):
         # and goes with --config as it is.
         if self["metrics"] is not None and not self["metrics"].strip():
             raise usage.UsageError("--metrics needs an endpoint, e.g. tcp:9100:interface=127.0.0.1")
+        try:
+            self["workers"] = parse_count("--workers", str(self["workers"]))
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        if not 1 <= self["workers"] <= MAX_WORKERS:
+            raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -217,6 +270,8 @@ class Options(usage.Options):
         if self["config"] is not None:
             if not self["config"].strip():
                 raise usage.UsageError("--config needs a path")
+            if self["workers"] > 1:
+                raise usage.UsageError("--workers runs one tunnel: give it without --config")
             mixed = [f"--{key.replace('_', '-')}" for key in given]
             if mixed:
                 raise usage.UsageError(
@@ -225,9 +280,14 @@ class Options(usage.Options):
                 )
             return
         try:
-            [config] = self.tunnels = [tunnel_config(given)]
+            config = tunnel_config(given)
         except SettingError as error:
             raise usage.UsageError(str(error)) from None
+        if self["change-instance"]:
+            if config.instance is None:
+                raise usage.UsageError("--change-instance needs --instance")
+            config = attrs.evolve(config, change_instance=True)
+        self.tunnels = [config]
         self["listen"] = list(config.listen)
         self["keydir"] = config.keydir
         self["grace"] = config.grace
@@ -241,10 +301,19 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """
     The L{IServiceMaker} entry point: the service of the tunnels C{options}
-    describe. A configuration error exits with a one-line message.
+    describe (with C{--workers} above 1, a supervisor of worker processes
+    that run the tunnel). A configuration error exits with a one-line
+    message.
     """
+    if options["workers"] > 1:
+        from .workers import make_supervisor_service
+
+        return make_supervisor_service(options.tunnels[0], options["workers"])
     if options["config"] is not None:
         return make_service_from_file(
-            options["config"], metrics=options["metrics"], reload_signal=signal.SIGHUP
+            options["config"],
+            metrics=options["metrics"],
+            change_instance=bool(options["change-instance"]),
+            reload_signal=signal.SIGHUP,
         )
     return make_service(options.tunnels, metrics=options["metrics"], reload_signal=signal.SIGHUP)

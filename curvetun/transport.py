@@ -127,6 +127,10 @@ class CurveTunProtocol(Protocol):
     peer_host: str = ""
     hello_verified = False
     disconnecting = False
+    # The machine waits for its vault: frames wait too (hold_frames).
+    _holding = False
+    # The application paused us (pauseProducing), and has not resumed.
+    _paused = False
 
     def __init__(
         self,
@@ -237,6 +241,22 @@ class CurveTunProtocol(Protocol):
 
         self._frames.deliver_to(handshake_frame)
         self._frames.expect(_SIZES[packet_type])
+        if self._holding:
+            self._release_frames()
+            self._frames.resume()
+
+    def hold_frames(self) -> None:
+        # The peer may send its first messages right after its vouch, before
+        # our vault has answered: keep them (and stop reading TCP, so that
+        # a peer cannot make us buffer without bound) until the machine
+        # says what comes next.
+        self._holding = True
+        self._frames.pause()
+        self.transport.pauseProducing()
+
+    def _release_frames(self) -> None:
+        self._holding = False
+        self.transport.resumeProducing()
 
     def hello_accepted(self) -> None:
         self.hello_verified = True
@@ -268,6 +288,11 @@ class CurveTunProtocol(Protocol):
         self.wrappedProtocol = protocol
         established.deliver_to(protocol)
         protocol.makeConnection(self)
+        if self._holding and not self._paused:
+            # The frames held while the vault answered: now the
+            # application's (unless it paused us as it started).
+            self._release_frames()
+            established.resume()
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
             waiting.callback(protocol)
@@ -325,7 +350,13 @@ class CurveTunProtocol(Protocol):
 
         @raise curvetun.errors.ConnectionClosed: the handshake is not done.
         """
-        self._phase().write(data)
+        # The per-write path (a bulk sender calls it for every chunk): the
+        # phase is looked up here rather than through _phase.
+        established = self._established
+        if established is None:
+            self._phase()  # raises
+        else:
+            established.write(data)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self._phase().write(b"".join(data))
@@ -384,10 +415,13 @@ class CurveTunProtocol(Protocol):
     # the reading of TCP and the delivery of frames already read.
 
     def pauseProducing(self) -> None:
+        self._paused = True
         self._frames.pause()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
+        self._paused = False
+        self._holding = False
         if self._frames.stopped:
             return
         self.transport.resumeProducing()

@@ -294,6 +294,9 @@ def load_identity(config: TunnelConfig, reactor: Any) -> Identity:
             idle_timeout=config.idle_timeout,
             limits=config.limits,
             revoke_sessions=not config.keep_sessions_on_revoke,
+            statedir=config.statedir,
+            instance=config.instance,
+            change_instance=config.change_instance,
         )
     except KeyFileError as error:
         raise StartupError(config.source.where("keydir") + str(error), EX_CONFIG) from error
@@ -437,6 +440,10 @@ def _identity_settings(config: TunnelConfig) -> dict[str, object]:
         "handshake_timeout": config.handshake_timeout,
         "idle_timeout": config.idle_timeout,
         "keep_sessions_on_revoke": config.keep_sessions_on_revoke,
+        "statedir": None
+        if config.statedir is None
+        else os.path.realpath(os.path.expanduser(config.statedir)),
+        "instance": config.instance,
     }
     for name, value in attrs.asdict(config.limits).items():
         settings[f"max_{name}"] = value
@@ -557,27 +564,32 @@ def make_service_from_file(
     environ: Mapping[str, str] | None = None,
     metrics: str | None = None,
     reload_signal: int | None = None,
+    change_instance: bool = False,
 ) -> Tunnels:
     """
     L{make_service} for the tunnels of a config file
     (L{curvetun.config.read_config}); a file that cannot be used exits
     with status C{EX_USAGE} and one line naming the file, the line and the
-    key. C{metrics} (C{--metrics}) overrides the file's C{metrics}.
+    key. C{metrics} (C{--metrics}) overrides the file's C{metrics};
+    C{change_instance} (C{--change-instance}) applies to every tunnel.
     """
     try:
         process = read_config(path)
     except ConfigFileError as error:
         _exit(StartupError(str(error), EX_USAGE))
+    tunnels = process.tunnels
+    if change_instance:
+        tunnels = [attrs.evolve(config, change_instance=True) for config in tunnels]
     if metrics is None:
         return make_service(
-            process.tunnels,
+            tunnels,
             reactor,
             environ,
             process.metrics,
             process.metrics_where,
             reload_signal=reload_signal,
         )
-    return make_service(process.tunnels, reactor, environ, metrics, reload_signal=reload_signal)
+    return make_service(tunnels, reactor, environ, metrics, reload_signal=reload_signal)
 
 
 class Tunnels(MultiService):

@@ -24,7 +24,12 @@ from typing import Any, TypeVar, cast
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    clientFromString,
+    connectProtocol,
+)
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
@@ -40,6 +45,7 @@ from twisted.protocols.policies import (
     WrappingFactory,
 )
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.test.iosim import FakeTransport, IOPump, connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -48,7 +54,7 @@ from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
 from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
 from curvetun.interfaces import IRegistry
-from curvetun.keys import keys_equal
+from curvetun.keys import format_public_key, keys_equal
 from curvetun.registry import FileRegistry
 from curvetun.service import CurveTunService
 from curvetun.transport import CurveTunProtocol
@@ -651,6 +657,17 @@ def unscramble16(block16: bytes, key32: bytes) -> bytes:
     return struct.pack("<2Q", v0, v1)
 
 
+def counter_file(keydir: str | FilePath[str], previous: bool = False) -> FilePath[str]:
+    """
+    The counter file of the current key of C{keydir} (with C{previous},
+    of its previous key), named by the key's public key.
+    """
+    path = FilePath(keydir) if isinstance(keydir, str) else keydir
+    name = ("previous." if previous else "") + "public.key"
+    public_key = bytes.fromhex(path.child(name).getContent().decode("ascii"))
+    return path.child("nonce.counter." + public_key[:8].hex())
+
+
 def counter_of(safe_nonce: bytes, nonce_key: bytes) -> int:
     """
     The counter inside a safe nonce.
@@ -753,6 +770,29 @@ def closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+def client_string(port: int, key: bytes, client_dir: str) -> str:
+    """
+    A client endpoint string to a server on 127.0.0.1:C{port} with key C{key}.
+    """
+    return f"curvetun:127.0.0.1:{port}:key={format_public_key(key)}:keydir={client_dir}"
+
+
+async def echoes(port: int, key: bytes, client_dir: str) -> bytes:
+    """
+    Connect to an echo server with key C{key} as the client of C{client_dir};
+    return what came back of a round trip.
+    """
+    collector = Collector()
+    endpoint = clientFromString(reactor, client_string(port, key, client_dir))
+    await connectProtocol(endpoint, collector)
+    try:
+        return await round_trip(collector, b"which key?")
+    finally:
+        assert collector.transport is not None
+        collector.transport.loseConnection()
+        await collector.lost
 
 
 # -- `twist curvetun` as operators start it: processes, their JSON logs, a

@@ -139,6 +139,9 @@ class FakeCookieSealer:
             self._minute_key,
         )
 
+    def current_key(self) -> bytes:
+        return self._minute_key
+
     def open(self, cookie_K: bytes) -> tuple[bytes, bytes]:
         try:
             plaintext = crypto_secretbox_open_easy(
@@ -267,7 +270,9 @@ class VectorClient(VectorPeer):
 
         def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
             return ClientMachine(
-                ClientCore(owner, self.vault, factory.server_key, lambda: CLIENT_EPHEMERAL)
+                ClientCore(
+                    owner, factory.handshake_vault, factory.server_key, lambda: CLIENT_EPHEMERAL
+                )
             )
 
         self.protocol = CurveTunProtocol(factory, make_machine)

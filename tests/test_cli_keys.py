@@ -11,7 +11,7 @@ import stat
 from curvetun.keys import format_public_key
 from curvetun.vault import FileVault, MemoryVault
 
-from ._support import CommandTestCase
+from ._support import CommandTestCase, counter_file
 
 OTHER_KEY = format_public_key(MemoryVault.generate().public_key)
 
@@ -29,7 +29,7 @@ class KeygenTests(CommandTestCase):
         key = result.out.strip()
         self.assertRegex(result.out, r"^[0-9a-f]{64}\n$")
         self.assertEqual(stat.S_IMODE(os.stat(keydir).st_mode), 0o700)
-        for name in ("secret.key", "nonce.key", "nonce.counter"):
+        for name in ("secret.key", "nonce.key", counter_file(keydir).basename()):
             self.assertEqual(stat.S_IMODE(os.stat(os.path.join(keydir, name)).st_mode), 0o600)
         with open(os.path.join(keydir, "public.key")) as f:
             self.assertEqual(f.read().strip(), key)

@@ -25,8 +25,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.admission import ConnectionLimits
 from curvetun.config import (
-    TOP_LEVEL_KEYS,
-    TUNNEL_KEYS,
     ConfigFileError,
     TunnelConfig,
     read_config_file,
@@ -191,18 +189,6 @@ class ConfigFileErrorTests(SynchronousTestCase):
         self.assertTrue(message.startswith(f"{path}:3: tunnel 1: unknown key 'limits'"))
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\n\n[tunnel.limits]\nmax = 3\n')
         self.assertTrue(message.startswith(f"{path}:4: tunnel 1: unknown key 'limits'"))
-
-    def test_settings_not_built_yet_are_unknown_keys(self) -> None:
-        # Reserved for settings that do not exist yet: accepting them now
-        # would promise what is not done.
-        for key, value in [
-            ("statedir", '"/var/lib/curvetun"'),
-        ]:
-            self.assertNotIn(key, TUNNEL_KEYS + TOP_LEVEL_KEYS)
-            message, path = self.fails(f'[[tunnel]]\nlisten = "tcp:0"\n{key} = {value}\n')
-            self.assertTrue(message.startswith(f"{path}:3: tunnel 1: unknown key {key!r}"))
-            message, path = self.fails(f'{key} = {value}\n[[tunnel]]\nlisten = "tcp:0"\n')
-            self.assertTrue(message.startswith(f"{path}:1: unknown key {key!r}"))
 
     def test_a_toml_syntax_error_gives_the_line_the_decoder_gives(self) -> None:
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\ngrace = \n')

@@ -423,6 +423,8 @@ class SendBeforeHandshakeTests(SynchronousTestCase):
         peers = Peers()
         client, server, pump = peers.connect(greet=False)
         self.assertRaises(ConnectionClosed, client.write_message, b"too early")
+        self.assertRaises(ConnectionClosed, client.write, b"too early")
+        self.assertRaises(ConnectionClosed, client.writeSequence, [b"too early"])
 
 
 @implementer(IHandshakeListener)

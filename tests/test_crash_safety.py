@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +31,10 @@ import attrs
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
+from curvetun.keydir import INSTANCE_SPACE
 from curvetun.vault import COUNTER_STEP, FileVault
 
-from ._support import counter_of
+from ._support import counter_file, counter_of
 
 WORKER = Path(__file__).resolve().parent / "_nonce_worker.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,12 +62,15 @@ class Run:
     counters: list[int]
 
 
-def start_worker(keydir: FilePath[str], output: Path) -> subprocess.Popen[bytes]:
+def start_worker(
+    keydir: FilePath[str], output: Path, instance: int | None = None
+) -> subprocess.Popen[bytes]:
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
+    extra = [] if instance is None else [str(instance)]
     with output.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, str(WORKER), keydir.path],
+            [sys.executable, str(WORKER), keydir.path, *extra],
             stdout=out,
             stderr=subprocess.PIPE,
             env=env,
@@ -107,17 +112,16 @@ def read_counters(output: Path, nonce_key: bytes) -> list[int]:
     return counters
 
 
-class CrashSafetyTests(SynchronousTestCase):
+class KilledWorkers(SynchronousTestCase):
     """
-    However a process using a key directory dies, the next one never hands
-    out a counter value that any earlier one did.
+    Key directories for worker processes, and when to kill each run.
     """
 
     def make_keydir(self, below_step: int) -> tuple[FilePath[str], bytes]:
         keydir = FilePath(self.mktemp())
         FileVault.create(keydir).close()
         # As if the counter had been running for a while, just short of a step.
-        keydir.child("nonce.counter").setContent(b"%d\n" % (COUNTER_STEP - below_step))
+        counter_file(keydir).setContent(b"%d\n" % (COUNTER_STEP - below_step))
         nonce_key = bytes.fromhex(keydir.child("nonce.key").getContent().decode("ascii"))
         return keydir, nonce_key
 
@@ -134,6 +138,13 @@ class CrashSafetyTests(SynchronousTestCase):
             return f"{kind}: {delay:.3f} s after the start", None, delay
         nonces = rng.randint(0, 3000)
         return f"{kind}: after {nonces} nonces", nonces, 0.0
+
+
+class CrashSafetyTests(KilledWorkers):
+    """
+    However a process using a key directory dies, the next one never hands
+    out a counter value that any earlier one did.
+    """
 
     def test_no_counter_is_handed_out_twice_across_kills(self) -> None:
         seed = random.randrange(2**32)
@@ -197,3 +208,59 @@ class CrashSafetyTests(SynchronousTestCase):
         ]
         self.assertGreater(len(crossed), 0, context)
         self.assertGreater(sum(1 for run in runs if run.counters), len(runs) // 2, context)
+
+
+INSTANCES = (0, 1)
+RUNS_PER_INSTANCE = 6
+
+
+class FleetCrashSafetyTests(KilledWorkers):
+    """
+    One key directory copied to two hosts (two copies here), each started
+    with its own instance ID and killed again and again: no nonce of one
+    is ever a nonce of the other, or one of its own earlier runs.
+    """
+
+    def test_copies_of_one_key_directory_never_hand_out_a_nonce_twice(self) -> None:
+        seed = random.randrange(2**32)
+        rng = random.Random(seed)
+        below_step = rng.randint(100, 1500)
+        original, nonce_key = self.make_keydir(below_step)
+        copies = {}
+        for instance in INSTANCES:
+            copies[instance] = FilePath(self.mktemp())
+            shutil.copytree(original.path, copies[instance].path)
+        runs: dict[int, list[Run]] = {instance: [] for instance in INSTANCES}
+        # Interleaved, as hosts run side by side.
+        for attempt in range(RUNS_PER_INSTANCE):
+            for instance, copy in copies.items():
+                description, nonces, delay = self.plan(rng, attempt, below_step)
+                output = Path(self.mktemp())
+                process = start_worker(copy, output, instance)
+                kill_when(process, output, nonces, delay)
+                _, stderr = process.communicate()
+                runs[instance].append(
+                    Run(
+                        instance,
+                        description,
+                        process.returncode,
+                        stderr.decode("utf-8", "replace"),
+                        read_counters(output, nonce_key),
+                    )
+                )
+        context = f"(seed {seed})"
+        everything: list[int] = []
+        for instance in INSTANCES:
+            handed_out = [c for run in runs[instance] for c in run.counters]
+            for run in runs[instance]:
+                self.assertEqual(
+                    (run.returncode, run.stderr), (-signal.SIGKILL, ""), f"{run} {context}"
+                )
+            # Each instance counts in its own part of the counter space,
+            # from the copied counter on, and never back.
+            self.assertTrue(handed_out, context)
+            self.assertEqual({c // INSTANCE_SPACE for c in handed_out}, {instance}, context)
+            self.assertEqual(handed_out[0] % INSTANCE_SPACE, COUNTER_STEP - below_step, context)
+            self.assertEqual(handed_out, sorted(handed_out), context)
+            everything += handed_out
+        self.assertEqual(len(everything), len(set(everything)), f"a nonce repeated {context}")

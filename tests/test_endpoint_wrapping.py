@@ -113,7 +113,7 @@ class GrammarTests(SynchronousTestCase):
         )
         [shown] = re.findall(r"as in (\S+)", str(error))
         endpoint = clientFromString(reactor, f"{shown}:key={key}:keydir={dirs.client}")
-        self.assertEqual(endpoint._wrapped._hostText, "::1")
+        self.assertEqual(endpoint._wrapped._host, "::1")
         self.assertEqual(endpoint._wrapped._port, 7700)
 
 

@@ -12,7 +12,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    TCP4ClientEndpoint,
     TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
     TCP6ServerEndpoint,
     clientFromString,
     serverFromString,
@@ -23,6 +25,8 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
     IStreamServerEndpointStringParser,
 )
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
@@ -175,6 +179,21 @@ class ClientStringTests(SynchronousTestCase):
         self.assertIsInstance(endpoint._wrapped, HostnameEndpoint)
         self.assertEqual(endpoint._wrapped._hostBytes, b"example.com")
         self.assertEqual(endpoint._wrapped._port, 7700)
+
+    def test_an_ip_address_is_connected_to_without_name_resolution(self) -> None:
+        # HostnameEndpoint would resolve even a literal address, in a thread,
+        # for every connection: a TCP endpoint connects at once.
+        hexkey = format_public_key(self.dirs.server_key)
+        for host, kind in (("127.0.0.1", TCP4ClientEndpoint), ("::1", TCP6ClientEndpoint)):
+            memory = MemoryReactorClock()
+            quoted_host = host.replace(":", "\\:")
+            endpoint = clientFromString(
+                memory, f"curvetun:{quoted_host}:7700:key={hexkey}:keydir={self.dirs.client}"
+            )
+            self.assertIsInstance(endpoint._wrapped, kind)
+            endpoint._wrapped.connect(Factory.forProtocol(Protocol))
+            [(connected_host, port, *_)] = memory.tcpClients
+            self.assertEqual((connected_host, port), (host, 7700))
 
     def test_a_base64_key_is_accepted_too(self) -> None:
         import base64

@@ -135,7 +135,7 @@ def client_protocol(
 
     def make_machine(owner: ConnectionOwner) -> ConnectionInputs:
         return ClientMachine(
-            ClientCore(owner, factory.vault, factory.server_key, lambda: ephemeral)
+            ClientCore(owner, factory.handshake_vault, factory.server_key, lambda: ephemeral)
         )
 
     return CurveTunProtocol(factory, make_machine)

@@ -36,7 +36,7 @@ from curvetun.packets import HELLO_MAGIC, HELLO_SIZE, VOUCH_SIZE, parse_as
 from curvetun.registry import FileRegistry, Registry
 from curvetun.vault import FileVault
 
-from ._support import KeyDirs
+from ._support import KeyDirs, counter_file
 from ._vectors import HELLO_V, VectorServer, protocol_of, unhex
 
 MESSAGE_LIMIT = 500
@@ -417,8 +417,9 @@ class KeyDirectoryTests(OneLineErrorMixin, SynchronousTestCase):
             b"%d" % (2**63 + 1),
         ]:
             keydir = self.make_keydir()
-            self.replace(keydir, "nonce.counter", content + b"\n")
-            self.refused(keydir, keydir.child("nonce.counter").path)
+            counter = counter_file(keydir)
+            self.replace(keydir, counter.basename(), content + b"\n")
+            self.refused(keydir, counter.path)
 
     def test_secret_files_others_may_read_are_refused(self) -> None:
         for name in ("secret.key", "nonce.key"):
@@ -428,8 +429,10 @@ class KeyDirectoryTests(OneLineErrorMixin, SynchronousTestCase):
                 self.refused(keydir, f"chmod 600 {keydir.child(name).path}")
 
     def test_a_directory_in_place_of_a_file_is_refused(self) -> None:
-        for name in ("secret.key", "public.key", "nonce.key", "nonce.counter", "lock"):
+        for name in ("secret.key", "public.key", "nonce.key", "counter", "lock"):
             keydir = self.make_keydir()
+            if name == "counter":
+                name = counter_file(keydir).basename()
             if keydir.child(name).exists():
                 keydir.child(name).remove()
             keydir.child(name).makedirs()
@@ -473,13 +476,14 @@ class KeyDirectoryTests(OneLineErrorMixin, SynchronousTestCase):
     def test_the_counter_is_stored_in_the_key_directory_not_through_a_symlink(self) -> None:
         keydir = self.make_keydir()
         elsewhere = FilePath(self.mktemp())
-        keydir.child("nonce.counter").moveTo(elsewhere)
-        os.symlink(elsewhere.path, keydir.child("nonce.counter").path)
+        counter = counter_file(keydir)
+        counter.moveTo(elsewhere)
+        os.symlink(elsewhere.path, counter.path)
         vault = FileVault(keydir)
         self.addCleanup(vault.close)
         vault.safe_nonce()  # the first nonce after a start stores the counter
-        self.assertFalse(keydir.child("nonce.counter").islink())
-        self.assertGreater(int(keydir.child("nonce.counter").getContent()), 0)
+        self.assertFalse(counter.islink())
+        self.assertGreater(int(counter.getContent()), 0)
         self.assertEqual(elsewhere.getContent(), b"0\n")
 
     # Known gaps.

@@ -20,7 +20,7 @@ from curvetun import keydir as layout
 from curvetun.errors import KeyFileError
 from curvetun.vault import FileVault, read_public_key
 
-from ._support import OTHER_UID
+from ._support import OTHER_UID, counter_file
 
 AS_ROOT = os.geteuid() == 0
 ME = pwd.getpwuid(os.geteuid()).pw_name
@@ -99,9 +99,9 @@ class OwnershipTests(SynchronousTestCase):
     test_a_key_directory_owned_by_another_user_is_refused.skip = NOT_ROOT  # type: ignore[attr-defined]
 
     def test_secret_files_and_the_counter_owned_by_another_user_are_refused(self) -> None:
-        for name in ("secret.key", "nonce.key", "nonce.counter"):
+        for name in ("secret.key", "nonce.key", "counter"):
             _, keydir = self.make_keydir()
-            path = keydir.child(name).path
+            path = (counter_file(keydir) if name == "counter" else keydir.child(name)).path
             os.chown(path, OTHER_UID, -1)
             with self.assertRaises(KeyFileError) as cm:
                 FileVault(keydir)

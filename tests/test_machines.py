@@ -7,11 +7,13 @@ no transport, no frames, no reactor.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from curvetun import handshake
 from curvetun.connection import (
@@ -31,7 +33,8 @@ from curvetun.errors import (
     ReplayedVouch,
     ServerKeyMismatch,
 )
-from curvetun.handshake import EphemeralKeyPair
+from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
+from curvetun.handshake_vault import IHandshakeVault, LocalHandshakeVault, VaultUnavailable
 from curvetun.packets import Cookie, Hello, Vouch, parse_as
 from curvetun.session import Session
 from curvetun.vault import MemoryVault
@@ -39,6 +42,8 @@ from curvetun.vault import MemoryVault
 from ._support import AllowList
 
 PEER_HOST = "192.0.2.1"
+
+_T = TypeVar("_T")
 
 
 class RecordingOwner:
@@ -66,6 +71,9 @@ class RecordingOwner:
     ) -> None:
         self.receiver = receiver
         self.events.append(("expect_packet", packet_type))
+
+    def hold_frames(self) -> None:
+        self.events.append(("hold_frames",))
 
     def hello_accepted(self) -> None:
         self.events.append(("hello_accepted",))
@@ -100,6 +108,54 @@ class RecordingOwner:
         self.receiver(parse_as(payload, packet_type))
 
 
+@implementer(IHandshakeVault)
+class LateVault:
+    """
+    An L{IHandshakeVault} that answers only when the test says so, as a
+    vault in another process does: each question is computed at once by an
+    in-process vault, and its answer held back until L{answer} (or replaced
+    by a failure with L{fail}).
+    """
+
+    def __init__(self, vault: MemoryVault) -> None:
+        self._local = LocalHandshakeVault(vault)
+        self.public_key = vault.public_key
+        self.pending: list[tuple[Deferred[Any], Deferred[Any]]] = []
+
+    def _later(self, answer: Deferred[_T]) -> Deferred[_T]:
+        later: Deferred[_T] = Deferred()
+        self.pending.append((answer, later))
+        return later
+
+    def open_hello_and_seal_cookie(
+        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
+    ) -> Deferred[bytes]:
+        return self._later(self._local.open_hello_and_seal_cookie(hello, ephemeral, cookie_keys))
+
+    def open_vouch(self, opened: OpenedVouch) -> Deferred[None]:
+        return self._later(self._local.open_vouch(opened))
+
+    def seal_vouch(
+        self, client_ephemeral_key: bytes, server_key: bytes
+    ) -> Deferred[tuple[bytes, bytes]]:
+        return self._later(self._local.seal_vouch(client_ephemeral_key, server_key))
+
+    def answer(self) -> None:
+        """
+        Give the oldest question its answer.
+        """
+        answer, later = self.pending.pop(0)
+        answer.chainDeferred(later)
+
+    def fail(self, error: Exception) -> None:
+        """
+        Fail the oldest question with C{error} instead.
+        """
+        answer, later = self.pending.pop(0)
+        answer.addErrback(lambda _: None)
+        later.errback(error)
+
+
 class Handshake:
     """
     A server and a client machine, each with a recording owner, and the
@@ -107,9 +163,17 @@ class Handshake:
     when a test passes them.
     """
 
-    def __init__(self, registered: bool = True, remember: bool = True) -> None:
+    def __init__(
+        self,
+        registered: bool = True,
+        remember: bool = True,
+        late_server: bool = False,
+        late_client: bool = False,
+    ) -> None:
         self.server_vault = MemoryVault.generate()
         self.client_vault = MemoryVault.generate()
+        self.late_server = LateVault(self.server_vault)
+        self.late_client = LateVault(self.client_vault)
         self.registry = AllowList(
             clients=[(self.client_vault.public_key, PEER_HOST)] if registered else []
         )
@@ -118,14 +182,18 @@ class Handshake:
         self.server: ServerInputs = ServerMachine(
             ServerCore(
                 self.server_owner,
-                self.server_vault,
+                self.late_server if late_server else LocalHandshakeVault(self.server_vault),
                 CookieKeys(),
                 self.registry,
                 lambda key: remember,
             )
         )
         self.client: ClientInputs = ClientMachine(
-            ClientCore(self.client_owner, self.client_vault, self.server_vault.public_key)
+            ClientCore(
+                self.client_owner,
+                self.late_client if late_client else LocalHandshakeVault(self.client_vault),
+                self.server_vault.public_key,
+            )
         )
 
     def up_to_vouch(self) -> None:
@@ -315,8 +383,139 @@ class ClientMachineTests(SynchronousTestCase):
 
     def test_a_server_key_that_is_not_a_public_key_closes_before_sending(self) -> None:
         owner = RecordingOwner()
-        client = ClientMachine(ClientCore(owner, MemoryVault.generate(), b"\x00" * 32))
+        client = ClientMachine(
+            ClientCore(owner, LocalHandshakeVault(MemoryVault.generate()), b"\x00" * 32)
+        )
         client.connection_made()
         self.assertEqual(owner.names(), ["disconnect"])
         client.connection_lost(Failure(ConnectionDone()))
         self.assertEqual(owner.events[-1][:2], ("lost", BadPacket))
+
+
+class LateVaultTests(SynchronousTestCase):
+    """
+    With a vault that answers later (a vault process), each machine waits
+    for the answer in a state of its own, sends nothing meanwhile, refuses
+    a packet that comes before the answer, drops an answer that comes after
+    the close, and never takes a failed answer for a verified one.
+    """
+
+    def test_the_server_sends_its_cookie_when_the_vault_answers(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        # Frames that come meanwhile wait for the answer.
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames"])
+        self.assertEqual(len(peers.late_server.pending), 1)
+        peers.late_server.answer()
+        self.assertEqual(
+            peers.server_owner.names(),
+            ["expect_packet", "hold_frames", "hello_accepted", "send_frame", "expect_packet"],
+        )
+
+    def test_an_in_process_vault_holds_no_frames(self) -> None:
+        peers = Handshake()
+        peers.complete()
+        self.assertNotIn("hold_frames", peers.server_owner.names())
+        self.assertNotIn("hold_frames", peers.client_owner.names())
+
+    def test_the_server_establishes_when_the_vault_has_opened_the_vouch(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        peers.late_server.answer()
+        peers.client_owner.give(Cookie, peers.server_owner.frames[-1])
+        peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
+        self.assertNotIn("established", peers.server_owner.names())
+        self.assertEqual(peers.server_owner.names()[-1], "hold_frames")
+        peers.late_server.answer()
+        self.assertEqual(
+            peers.server_owner.events[-2:],
+            [("established", peers.client_vault.public_key, False), ("handshake_confirmed",)],
+        )
+
+    def test_a_second_hello_before_the_cookie_closes(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        hello = peers.client_owner.frames[-1]
+        peers.server_owner.give(Hello, hello)
+        peers.server_owner.give(Hello, hello)
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
+        # The vault's answer to the first comes too late: nothing is sent.
+        peers.late_server.answer()
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", BadPacket))
+
+    def test_a_second_vouch_before_the_answer_closes(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        peers.late_server.answer()
+        peers.client_owner.give(Cookie, peers.server_owner.frames[-1])
+        vouch = peers.client_owner.frames[-1]
+        peers.server_owner.give(Vouch, vouch)
+        peers.server_owner.give(Vouch, vouch)
+        self.assertEqual(peers.server_owner.names()[-1], "disconnect")
+        peers.late_server.answer()
+        self.assertNotIn("established", peers.server_owner.names())
+
+    def test_an_answer_after_a_timeout_is_dropped(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        peers.server.close(HandshakeTimeout("the handshake took too long"))
+        peers.late_server.answer()
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
+        self.assertEqual(peers.server_owner.frames, [])
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", HandshakeTimeout))
+
+    def test_a_vault_that_does_not_answer_closes_the_handshake(self) -> None:
+        peers = Handshake(late_server=True)
+        peers.server.connection_made()
+        peers.client.connection_made()
+        peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+        peers.late_server.fail(VaultUnavailable("no answer within 5 seconds"))
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "hold_frames", "disconnect"])
+        peers.server.connection_lost(Failure(ConnectionDone()))
+        self.assertEqual(peers.server_owner.events[-1][:2], ("lost", VaultUnavailable))
+
+    def test_a_vouch_the_vault_refuses_is_never_accepted(self) -> None:
+        for error in [BadPacket("vouch does not verify"), VaultUnavailable("gone"), OSError()]:
+            peers = Handshake(late_server=True)
+            peers.server.connection_made()
+            peers.client.connection_made()
+            peers.server_owner.give(Hello, peers.client_owner.frames[-1])
+            peers.late_server.answer()
+            peers.client_owner.give(Cookie, peers.server_owner.frames[-1])
+            peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
+            peers.late_server.fail(error)
+            self.assertNotIn("established", peers.server_owner.names(), error)
+            self.assertEqual(peers.server_owner.names()[-1], "disconnect", error)
+
+    def test_the_client_sends_its_vouch_when_its_vault_answers(self) -> None:
+        peers = Handshake(late_client=True)
+        peers.up_to_vouch()
+        self.assertEqual(peers.client_owner.names(), ["send_frame", "expect_packet", "hold_frames"])
+        peers.late_client.answer()
+        self.assertEqual(
+            peers.client_owner.names(),
+            ["send_frame", "expect_packet", "hold_frames", "send_frame", "established"],
+        )
+        peers.server_owner.give(Vouch, peers.client_owner.frames[-1])
+        self.assertIn("established", peers.server_owner.names())
+
+    def test_a_client_whose_vault_fails_sends_no_vouch(self) -> None:
+        peers = Handshake(late_client=True)
+        peers.up_to_vouch()
+        peers.late_client.fail(VaultUnavailable("gone"))
+        self.assertEqual(
+            peers.client_owner.names(), ["send_frame", "expect_packet", "hold_frames", "disconnect"]
+        )
+        self.assertEqual(len(peers.client_owner.frames), 1)

@@ -23,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from curvetun.admission import FAILURE_LABELS
 from curvetun.config import ConfigFileError, read_config
 from curvetun.errors import AdmissionRefused, NotAuthorized
-from curvetun.keydir import COUNTER_FILE
 from curvetun.keys import fingerprint
 from curvetun.metrics import (
     HANDSHAKE_RESULTS,
@@ -45,6 +44,7 @@ from ._support import (
     Collector,
     Peers,
     admit,
+    counter_file,
     curvetun_process,
     http_get,
     make_keydir,
@@ -195,13 +195,13 @@ class MonitoringCommandTests(TestCase):
         self.assertEqual((health.code, health.body), (200, b"ok\n"))
         # The counter can no longer be stored: a directory in its place
         # makes the atomic rename fail (root ignores file modes).
-        counter = os.path.join(server_keydir, COUNTER_FILE)
+        counter = counter_file(server_keydir).path
         os.remove(counter)
         os.mkdir(counter)
         health = await http_get(base + "/healthz")
         self.assertEqual(health.code, 503)
         self.assertEqual(health.body.count(b"\n"), 1, health.body)
-        self.assertIn(COUNTER_FILE.encode(), health.body)
+        self.assertIn(os.path.basename(counter).encode(), health.body)
 
         missing = await http_get(base + "/nothing")
         self.assertEqual(missing.code, 404)
@@ -418,7 +418,7 @@ class CounterCheckTests(SynchronousTestCase):
         keydir, _ = make_keydir(self)
         vault = FileVault(keydir)
         self.addCleanup(vault.close)
-        path = os.path.join(keydir, COUNTER_FILE)
+        path = counter_file(keydir).path
         with open(path) as f:
             before = f.read()
         vault.check_counter()
@@ -431,12 +431,12 @@ class CounterCheckTests(SynchronousTestCase):
         keydir, _ = make_keydir(self)
         vault = FileVault(keydir)
         self.addCleanup(vault.close)
-        path = os.path.join(keydir, COUNTER_FILE)
+        path = counter_file(keydir).path
         os.remove(path)
         os.mkdir(path)
         self.addCleanup(shutil.rmtree, path, True)
         error = self.assertRaises(KeyFileError, vault.check_counter)
-        self.assertIn(COUNTER_FILE, str(error))
+        self.assertIn(os.path.basename(path), str(error))
 
 
 class StatusRenderingTests(SynchronousTestCase):

@@ -32,6 +32,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
+    ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, LoopingCall
@@ -46,8 +47,10 @@ from curvetun.admission import ConnectionLimits
 from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
+from curvetun.interfaces import ICurveTunTransport
 from curvetun.keys import format_public_key
 from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
+from curvetun.packets import MAX_MESSAGE
 from curvetun.tunnel import EchoFactory, ForwardingFactory
 from curvetun.tunnel_service import (
     EX_CONFIG,
@@ -465,17 +468,131 @@ class RecordingEndpoint:
         self.attempts.append((protocolFactory, d))
         return d
 
-    def complete(self) -> tuple[Protocol, StringTransport]:
+    def complete(
+        self, transport: StringTransport | None = None
+    ) -> tuple[Protocol, StringTransport]:
         """
-        Make the last attempt's connection, on a L{StringTransport}.
+        Make the last attempt's connection, on C{transport} (by default a
+        new L{StringTransport}).
         """
         factory, d = self.attempts[-1]
         protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6379))
         assert isinstance(protocol, Protocol)
-        transport = StringTransport()
+        if transport is None:
+            transport = StringTransport()
         protocol.makeConnection(transport)
         d.callback(protocol)
         return protocol, transport
+
+
+@implementer(ICurveTunTransport)
+class MessageRecordingTransport(StringTransport):
+    """
+    A curvetun transport in memory: records C{write} and C{write_message}
+    calls apart.
+    """
+
+    peer_public_key = b"k" * 32
+    bytes_received = 0
+    bytes_sent = 0
+    established_at: float | None = 0.0
+    last_received_at: float | None = None
+    last_sent_at: float | None = None
+
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+        self.calls: list[tuple[str, int]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", len(data)))
+        super().write(data)
+
+    def write_message(self, data: bytes) -> None:
+        self.calls.append(("write_message", len(data)))
+        super().write(data)
+
+
+@implementer(ITCPTransport)
+class NoDelayRecordingTransport(StringTransport):
+    """
+    A TCP transport in memory that records C{setTcpNoDelay}.
+    """
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+    def getTcpNoDelay(self) -> bool:
+        return self.no_delay
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        pass
+
+    def getTcpKeepAlive(self) -> bool:
+        return False
+
+    def loseWriteConnection(self) -> None:
+        self.loseConnection()
+
+
+class RelayNoDelayTests(SynchronousTestCase):
+    """
+    Nagle's algorithm is off on both plain TCP sides of a forwarded
+    connection: a relay passes each read on as it comes, and a small one
+    held for an ACK (a delayed one, up to 40 ms) would stall the peer.
+    """
+
+    def test_both_plain_sides_send_small_writes_at_once(self) -> None:
+        endpoint = RecordingEndpoint()
+        forwarder = ForwardingFactory(endpoint, "tcp:127.0.0.1:6379").buildProtocol(None)
+        assert forwarder is not None
+        accepted = NoDelayRecordingTransport()
+        forwarder.makeConnection(accepted)
+        forward = NoDelayRecordingTransport()
+        endpoint.complete(forward)
+        self.assertEqual((accepted.no_delay, forward.no_delay), (True, True))
+
+
+class RelayToCurveTunTests(SynchronousTestCase):
+    """
+    A read relayed to a curvetun side goes out as one message at once, when
+    it fits in one, rather than waiting for the next reactor turn to be
+    coalesced: a relay writes once per read.
+    """
+
+    def setUp(self) -> None:
+        self.endpoint = RecordingEndpoint()
+        self.factory = ForwardingFactory(self.endpoint, "tcp:127.0.0.1:6379")
+        forwarder = self.factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        assert forwarder is not None
+        self.forwarder = forwarder
+
+    def test_replies_to_a_curvetun_client_are_messages_when_they_fit(self) -> None:
+        accepted = MessageRecordingTransport()
+        self.forwarder.makeConnection(accepted)
+        forward_side, _ = self.endpoint.complete()
+        for size in (1, 100, MAX_MESSAGE, MAX_MESSAGE + 1, 65536):
+            forward_side.dataReceived(b"r" * size)
+        self.assertEqual(
+            accepted.calls,
+            [
+                ("write_message", 1),
+                ("write_message", 100),
+                ("write_message", MAX_MESSAGE),
+                ("write", MAX_MESSAGE + 1),
+                ("write", 65536),
+            ],
+        )
+        self.assertEqual(len(accepted.value()), 1 + 100 + MAX_MESSAGE + MAX_MESSAGE + 1 + 65536)
+
+    def test_reads_forwarded_to_a_curvetun_server_are_messages_when_they_fit(self) -> None:
+        self.forwarder.makeConnection(StringTransport())
+        forward = MessageRecordingTransport()
+        self.endpoint.complete(forward)
+        self.forwarder.dataReceived(b"q" * 100)
+        self.forwarder.dataReceived(b"q" * 65536)
+        self.assertEqual(forward.calls, [("write_message", 100), ("write", 65536)])
 
 
 class ForwarderTests(SynchronousTestCase):
@@ -952,6 +1069,36 @@ class TunnelTests(TestCase):
         self.assertEqual(len(at_b), 1)
         # B knows A by its key; A's client is plain TCP.
         self.assertNotEqual(at_b[0]["key"], "-")
+
+    async def test_a_forwarded_connection_logs_one_info_line_per_end_at_its_end(self) -> None:
+        # Per connection, each end says how it ended, and no more at info
+        # level: no "opened" line, no factory starting and stopping.
+        _, backend_port = self.start_backend()
+        a, b = self.start_pair(backend_port)
+        events = capture_logs(self)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port_of(a)), Collector()
+        )
+        await round_trip(client, b"x" * 100)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
+        await a.listeners[0].connections.when_empty()
+        await b.listeners[0].connections.when_empty()
+        tunnel_lines = [
+            e["log_format"]
+            for e in events
+            if e.get("log_level") == LogLevel.info
+            and (e.get("log_namespace") or "").split(".")[:2] == ["curvetun", "tunnel"]
+        ]
+        self.assertEqual(
+            tunnel_lines,
+            [
+                "Connection from {peer} (key {key}) to {forward} ended ({why}); "
+                "{forwarded} bytes forwarded, {returned} bytes returned"
+            ]
+            * 2,
+        )
 
     async def test_the_backend_is_never_connected_for_a_client_that_fails_authentication(
         self,

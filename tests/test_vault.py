@@ -35,7 +35,7 @@ from curvetun.vault import (
     MemoryVault,
 )
 
-from ._support import PROJECT_ROOT, counter_of, unscramble16
+from ._support import PROJECT_ROOT, counter_file, counter_of, unscramble16
 from ._vectors import load, unhex
 
 
@@ -248,7 +248,7 @@ class FileVaultTestsMixin:
         return bytes.fromhex(keydir.child("nonce.key").getContent().decode())
 
     def stored_counter(self, keydir: FilePath[str]) -> int:
-        return int(keydir.child("nonce.counter").getContent())
+        return int(counter_file(keydir).getContent())
 
 
 class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
@@ -266,14 +266,25 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
         self.assertEqual(mode(), 0o700)
         self.assertEqual(mode("secret.key"), 0o600)
         self.assertEqual(mode("nonce.key"), 0o600)
-        self.assertEqual(mode("nonce.counter"), 0o600)
+        self.assertEqual(mode(counter_file(keydir).basename()), 0o600)
         self.assertEqual(mode("public.key"), 0o644)
         self.assertEqual(mode("lock"), 0o600)
-        self.assertEqual(sorted(keydir.listdir()), sorted((*layout.KEY_FILES, layout.LOCK_FILE)))
+        self.assertEqual(
+            sorted(keydir.listdir()),
+            sorted(
+                (
+                    layout.SECRET_KEY_FILE,
+                    layout.PUBLIC_KEY_FILE,
+                    layout.NONCE_KEY_FILE,
+                    counter_file(keydir).basename(),
+                    layout.LOCK_FILE,
+                )
+            ),
+        )
         self.assertEqual(
             keydir.child("public.key").getContent(), vault.public_key.hex().encode() + b"\n"
         )
-        self.assertEqual(keydir.child("nonce.counter").getContent(), b"0\n")
+        self.assertEqual(counter_file(keydir).getContent(), b"0\n")
         for name in ("secret.key", "nonce.key"):
             content = keydir.child(name).getContent()
             self.assertEqual(len(content), 65)
@@ -320,9 +331,11 @@ class FileVaultCreateTests(FileVaultTestsMixin, SynchronousTestCase):
     def test_create_refuses_a_directory_with_only_some_key_files(self) -> None:
         keydir = FilePath(self.mktemp())
         keydir.makedirs()
-        keydir.child("nonce.counter").setContent(b"12345\n")
-        self.assertRaises(KeyFileError, FileVault.create, keydir)
-        self.assertEqual(keydir.child("nonce.counter").getContent(), b"12345\n")
+        # A counter of older versions, and one named by a key.
+        for name in ("nonce.counter", "nonce.counter.0123456789abcdef"):
+            keydir.child(name).setContent(b"12345\n")
+            self.assertRaises(KeyFileError, FileVault.create, keydir)
+            self.assertEqual(keydir.child(name).getContent(), b"12345\n")
 
     def test_create_with_overwrite_makes_a_new_identity(self) -> None:
         keydir = FilePath(self.mktemp())
@@ -381,7 +394,7 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
     def test_counter_is_stored_at_a_step_before_that_nonce_is_handed_out(self) -> None:
         keydir = self.make_keydir()
         nonce_key = self.nonce_key(keydir)
-        keydir.child("nonce.counter").setContent(b"%d\n" % (COUNTER_STEP - 2))
+        counter_file(keydir).setContent(b"%d\n" % (COUNTER_STEP - 2))
         vault = FileVault(keydir)
         handed_out = [counter_of(vault.safe_nonce(), nonce_key) for _ in range(2)]
         self.assertEqual(handed_out, [COUNTER_STEP - 2, COUNTER_STEP - 1])
@@ -406,10 +419,21 @@ class FileVaultCounterTests(FileVaultTestsMixin, SynchronousTestCase):
         patch = self.patch(os, "replace", failing_replace)
         with self.assertRaises(KeyFileError) as cm:
             vault.safe_nonce()
-        self.assertIn(keydir.child("nonce.counter").path, str(cm.exception))
+        self.assertIn(counter_file(keydir).path, str(cm.exception))
         self.assertIn("No space left on device", str(cm.exception))
         self.assertEqual(self.stored_counter(keydir), 0)
-        self.assertEqual(sorted(keydir.listdir()), sorted((*layout.KEY_FILES, layout.LOCK_FILE)))
+        self.assertEqual(
+            sorted(keydir.listdir()),
+            sorted(
+                (
+                    layout.SECRET_KEY_FILE,
+                    layout.PUBLIC_KEY_FILE,
+                    layout.NONCE_KEY_FILE,
+                    counter_file(keydir).basename(),
+                    layout.LOCK_FILE,
+                )
+            ),
+        )
         patch.restore()
         self.assertEqual(counter_of(vault.safe_nonce(), self.nonce_key(keydir)), 0)
         self.assertEqual(self.stored_counter(keydir), COUNTER_RESERVE)
@@ -442,7 +466,7 @@ class FileVaultLoadErrorTests(FileVaultTestsMixin, SynchronousTestCase):
 
     def test_public_key_and_counter_may_be_world_readable(self) -> None:
         keydir = self.make_keydir()
-        keydir.child("nonce.counter").chmod(0o644)
+        counter_file(keydir).chmod(0o644)
         FileVault(keydir)
 
     def test_damaged_key_files_are_refused(self) -> None:
@@ -477,14 +501,14 @@ class FileVaultLoadErrorTests(FileVaultTestsMixin, SynchronousTestCase):
 
     def test_missing_counter_is_refused_because_it_would_reuse_nonces(self) -> None:
         keydir = self.make_keydir()
-        keydir.child("nonce.counter").remove()
+        counter_file(keydir).remove()
         self.assert_refused(keydir, "nonce.counter", "is missing", "reuse nonces", "add 2**40")
 
     def test_damaged_counter_is_refused(self) -> None:
         too_big = b"%d\n" % (2**63 + 1)
         for content in [b"", b"abc\n", b"-1\n", b"1.5\n", b"0x10\n", b"\xd9\xa3\n", too_big]:
             keydir = self.make_keydir()
-            keydir.child("nonce.counter").setContent(content)
+            counter_file(keydir).setContent(content)
             problem = {b"": "is empty", b"\xd9\xa3\n": "not text"}.get(
                 content, "expected a decimal number"
             )
@@ -492,7 +516,7 @@ class FileVaultLoadErrorTests(FileVaultTestsMixin, SynchronousTestCase):
 
     def test_counter_file_allows_surrounding_whitespace(self) -> None:
         keydir = self.make_keydir()
-        keydir.child("nonce.counter").setContent(b" 12345 \r\n")
+        counter_file(keydir).setContent(b" 12345 \r\n")
         vault = FileVault(keydir)
         self.assertEqual(counter_of(vault.safe_nonce(), self.nonce_key(keydir)), 12345)
 

@@ -13,6 +13,7 @@ import nacl.bindings
 from twisted.trial.unittest import SynchronousTestCase
 
 import curvetun.handshake
+import curvetun.handshake_vault
 import curvetun.vault
 from curvetun.admission import ConnectionLimits
 
@@ -22,7 +23,7 @@ from ._support import Peers
 class X25519CountTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.calls: list[str] = []
-        for module in (curvetun.handshake, curvetun.vault):
+        for module in (curvetun.handshake, curvetun.handshake_vault, curvetun.vault):
             for name in ("crypto_box_beforenm", "crypto_box_keypair", "crypto_scalarmult_base"):
                 if hasattr(module, name):
                     self.patch(module, name, self.counting(name, getattr(nacl.bindings, name)))

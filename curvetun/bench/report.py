@@ -5,9 +5,16 @@ machines, and the number formatting the tunnel report shares.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import sys
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
 
-from .figures import CRYPTO_COLUMN, Report, Summary, evaluate_targets
+from twisted.python.failure import Failure
+
+from .figures import CRYPTO_COLUMN, BenchError, Report, Summary, evaluate_targets
+
+_R = TypeVar("_R")
 
 
 def format_number(value: float) -> str:
@@ -190,3 +197,38 @@ def report_json(report: Report) -> dict[str, Any]:
             for result in evaluate_targets(report)
         ],
     }
+
+
+def write_outcome(
+    outcome: list[object],
+    report: _R,
+    as_json: bool,
+    out: IO[str],
+    to_json: Callable[[_R], object],
+    to_text: Callable[[_R], str],
+) -> int:
+    """
+    End a benchmark run: write C{report} to C{out} (as JSON or as the
+    table) if the run succeeded, or one line on stderr (and the traceback
+    of an unexpected error) if it failed or was interrupted; return the
+    exit status (0 or 1).
+
+    @param outcome: what the run ended with: empty if interrupted, else a
+        one-element list holding a L{Failure} or the run's result.
+    """
+    if not outcome:
+        sys.stderr.write("curvetun bench: interrupted\n")
+        return 1
+    if isinstance(outcome[0], Failure):
+        failure = outcome[0]
+        if not failure.check(BenchError):
+            failure.printTraceback(sys.stderr)
+        sys.stderr.write(f"curvetun bench: error: {failure.getErrorMessage()}\n")
+        return 1
+    if as_json:
+        json.dump(to_json(report), out, indent=2)
+        out.write("\n")
+    else:
+        out.write(to_text(report))
+    out.flush()
+    return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import cProfile
 import datetime
-import json
 import os
 import platform
 import sys
@@ -46,7 +45,7 @@ from .figures import (
     Report,
 )
 from .options import Settings
-from .report import format_report, report_json
+from .report import format_report, report_json, write_outcome
 from .server import ServerProcess, raise_file_limit
 from .transports import (
     ClientIdentities,
@@ -506,19 +505,4 @@ def run_benchmark(settings: Settings, argv: list[str], out: IO[str], as_json: bo
                 profiler.disable()
                 profiler.dump_stats(os.path.join(settings.profile, "client.prof"))
             bench.stop()
-    if not outcome:
-        sys.stderr.write("curvetun bench: interrupted\n")
-        return 1
-    if isinstance(outcome[0], Failure):
-        failure = outcome[0]
-        if not failure.check(BenchError):
-            failure.printTraceback(sys.stderr)
-        sys.stderr.write(f"curvetun bench: error: {failure.getErrorMessage()}\n")
-        return 1
-    if as_json:
-        json.dump(report_json(report), out, indent=2)
-        out.write("\n")
-    else:
-        out.write(format_report(report))
-    out.flush()
-    return 0
+    return write_outcome(outcome, report, as_json, out, report_json, format_report)

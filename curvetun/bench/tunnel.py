@@ -20,7 +20,6 @@ connections opened after N others.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,6 @@ from typing import IO, Any
 import attrs
 from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from .client import Peer, close_all, measure_bulk, measure_handshakes, measure_ping_pong, open_idle
 from .figures import (
@@ -48,7 +46,7 @@ from .figures import (
 )
 from .options import Settings
 from .processes import Children, cpu_seconds, free_port, listening_ports, resident_bytes
-from .report import format_number, format_summary, render
+from .report import format_number, format_summary, render, write_outcome
 from .runner import Progress, Timed, environment, perf_counter, with_timeout
 from .server import ServerProcess, child_environment, raise_file_limit
 from .transports import (
@@ -853,19 +851,4 @@ def run_tunnel_benchmark(settings: Settings, argv: list[str], out: IO[str], as_j
         finally:
             children.stop_all()
             bench.stop()
-    if not outcome:
-        sys.stderr.write("curvetun bench: interrupted\n")
-        return 1
-    if isinstance(outcome[0], Failure):
-        failure = outcome[0]
-        if not failure.check(BenchError):
-            failure.printTraceback(sys.stderr)
-        sys.stderr.write(f"curvetun bench: error: {failure.getErrorMessage()}\n")
-        return 1
-    if as_json:
-        json.dump(tunnel_report_json(report), out, indent=2)
-        out.write("\n")
-    else:
-        out.write(format_tunnel_report(report))
-    out.flush()
-    return 0
+    return write_outcome(outcome, report, as_json, out, tunnel_report_json, format_tunnel_report)

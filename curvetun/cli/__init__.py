@@ -2,8 +2,9 @@
 The C{curvetun} command: make and show keys, edit the registry, and talk
 to a curvetun server from a shell.
 
-    curvetun keygen [--keydir DIR] [--force]
-    curvetun pubkey [--keydir DIR]
+    curvetun keygen [--keydir DIR] [--force] [--shared]
+    curvetun pubkey [--keydir DIR] [--previous]
+    curvetun rotate [--keydir DIR] [--finish]
     curvetun trust [--comment TEXT] [--keydir DIR] [--registry FILE] ADDRESS KEY
     curvetun untrust [--keydir DIR] [--registry FILE] ADDRESS [KEY]
     curvetun peers [--keydir DIR] [--registry FILE]
@@ -18,7 +19,7 @@ connection, a server that is not the one expected, a client that is not
 authorized, ...), 2 when the command line is wrong. Every error is one line
 on standard error: C{curvetun: error: ...}.
 
-One module per command group: L{curvetun.cli.keys} (keygen, pubkey),
+One module per command group: L{curvetun.cli.keys} (keygen, pubkey, rotate),
 L{curvetun.cli.registry_cmds} (trust, untrust, peers), L{curvetun.cli.cat};
 this one parses the command name and runs the command.
 """
@@ -71,6 +72,12 @@ _COMMANDS: list[tuple[str, type[usage.Options], Callable[[Any], int], str]] = [
         keys_cmds.PubkeyOptions,
         keys_cmds.pubkey,
         "Print the public key of a key directory.",
+    ),
+    (
+        "rotate",
+        keys_cmds.RotateOptions,
+        keys_cmds.rotate_command,
+        "Make a new server key, keeping the old one until --finish.",
     ),
     (
         "trust",

@@ -1,0 +1,366 @@
+"""
+L{RemoteVault}: L{IHandshakeVault} answered by a vault process
+(L{curvetun.vault_process}) over AMP on a UNIX socket.
+
+A worker never reads a key file: it learns the vault's public key over
+the socket when it starts, and checks it again on every reconnection (a
+vault restarted on another key directory is refused). Calls are
+pipelined: many handshakes wait on the one connection at once, each
+answered by its AMP tag. Each call has a timeout; a vault that is down,
+restarting, slow or confused fails the handshake that asked with
+L{VaultUnavailable}, or L{BadPacket} when the vault says the peer's box
+does not verify. An answer is used only if it has the right shape, and
+the inner vouch's plaintext is compared with the cookie's C{EC} here, in
+the worker, so that no answer that did not verify (nor one meant for
+another question) ever passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from curvetun.errors import BadPacket, CurveTunError
+from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
+from curvetun.handshake_vault import (
+    INNER_VOUCH_SIZE,
+    SAFE_NONCE_SIZE,
+    IHandshakeVault,
+    VaultUnavailable,
+    check_inner_vouch,
+)
+from curvetun.keys import KEY_SIZE, fingerprint, keys_equal
+from curvetun.packets import COOKIE_SIZE, Cookie, Hello, parse_as
+from curvetun.vault_protocol import (
+    GetPublicKey,
+    OpenHelloAndSealCookie,
+    OpenVouch,
+    SealVouch,
+)
+
+DEFAULT_CALL_TIMEOUT = 5.0
+"""
+Seconds a handshake waits for the vault (including a reconnection) before
+it fails.
+"""
+
+FIRST_RETRY_DELAY = 0.05
+"""Seconds between a failed attempt to reach the vault and the next one."""
+
+_T = TypeVar("_T")
+_LOST = Failure(ConnectionDone())
+
+
+class _VaultClient(amp.AMP):
+    """
+    The worker's end of the AMP connection. An answer to no question (the
+    vault never asks) is a broken vault: log it and drop the connection.
+
+    @ivar lost: fires when the connection is gone.
+    """
+
+    log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: Deferred[None] = Deferred()
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        try:
+            super().ampBoxReceived(box)
+        except (KeyError, amp.NoEmptyBoxes):
+            self.log.warn("Vault sent a box that answers no question; reconnecting")
+            if self.transport is not None:
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = _LOST) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+@implementer(IHandshakeVault)
+class RemoteVault:
+    """
+    A vault process, reached through C{endpoint} (a UNIX client endpoint
+    to its socket). Make one with L{RemoteVault.connect}.
+
+    While started it keeps one connection to the vault, and reconnects
+    when it is lost, waiting L{FIRST_RETRY_DELAY} after a failed attempt
+    and twice as long after each further one, up to C{max_retry_delay}.
+    (Twisted's C{ClientService} would do the reconnecting, but a
+    connection that its C{prepareConnection} rejects, as this one rejects a
+    vault with another key, stays open there and breaks its state machine
+    when it closes.)
+
+    @ivar public_key: the vault's long-term public key, as it said when
+        this worker first connected.
+    @ivar timeout: seconds each call may take.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        clock: IReactorTime,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        max_retry_delay: float = 1.0,
+    ) -> None:
+        """
+        Do not use it before L{start} has fired; L{connect} does both.
+
+        @param max_retry_delay: the longest wait between two attempts to
+            reach a vault that is down.
+        """
+        self.public_key = b""
+        self.timeout = timeout
+        self._endpoint = endpoint
+        self._clock = clock
+        self._max_retry_delay = max_retry_delay
+        self._running = False
+        self._connected: _VaultClient | None = None
+        self._waiting: list[Deferred[_VaultClient]] = []
+        self._pending: Deferred[Any] | None = None
+        self._loop: Deferred[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        endpoint: IStreamClientEndpoint,
+        clock: IReactorTime,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        start_timeout: float = 30.0,
+    ) -> RemoteVault:
+        """
+        Connect to the vault and learn its public key.
+
+        @param start_timeout: how long to wait for a vault that is not up
+            yet (a worker may start before the vault has bound its socket).
+        @raise VaultUnavailable: no vault answered in time.
+        """
+        vault = cls(endpoint, clock, timeout)
+        await vault.start(start_timeout)
+        return vault
+
+    async def start(self, start_timeout: float = 30.0) -> None:
+        """
+        Start connecting, and wait until the vault has said its public key.
+
+        @raise VaultUnavailable: no vault answered within C{start_timeout}.
+        """
+        self._running = True
+        self._loop = Deferred.fromCoroutine(self._keep_connected())
+        waiting = self._when_connected()
+        waiting.addTimeout(start_timeout, self._clock)
+        try:
+            await waiting
+        except TimeoutError:
+            await self.stop()
+            raise VaultUnavailable(f"no vault answered within {start_timeout:g} seconds") from None
+
+    async def stop(self) -> None:
+        """
+        Close the connection to the vault and stop reconnecting; calls still
+        waiting fail with L{VaultUnavailable}.
+        """
+        self._running = False
+        if self._pending is not None:
+            self._pending.cancel()
+        connected = self._connected
+        if connected is not None and connected.transport is not None:
+            connected.transport.loseConnection()
+        if self._loop is not None:
+            await self._loop
+        waiting, self._waiting = self._waiting, []
+        for each in waiting:
+            each.cancel()
+
+    def _when_connected(self) -> Deferred[_VaultClient]:
+        if self._connected is not None:
+            return succeed(self._connected)
+
+        def forget(waiter: Deferred[_VaultClient]) -> None:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+
+        waiter: Deferred[_VaultClient] = Deferred(forget)
+        self._waiting.append(waiter)
+        return waiter
+
+    async def _keep_connected(self) -> None:
+        delay = FIRST_RETRY_DELAY
+        while self._running:
+            client: _VaultClient | None
+            try:
+                connecting: Deferred[Any] = self._endpoint.connect(
+                    Factory.forProtocol(_VaultClient)
+                )
+                client = await self._wait_on(connecting)
+            except Exception:
+                client = None
+            if client is not None and await self._accept(client):
+                delay = FIRST_RETRY_DELAY
+                self._connected = client
+                waiting, self._waiting = self._waiting, []
+                for each in waiting:
+                    each.callback(client)
+                await client.lost
+                self._connected = None
+                continue
+            if client is not None and client.transport is not None:
+                client.transport.loseConnection()
+            if not self._running:
+                break
+            with contextlib.suppress(CancelledError):
+                await self._wait_on(deferLater(self._clock, delay, lambda: None))
+            delay = min(2 * delay, self._max_retry_delay)
+
+    def _wait_on(self, pending: Deferred[_T]) -> Deferred[_T]:
+        # Remember what the loop waits on, so that stop() can cancel it.
+        self._pending = pending
+
+        def done(result: _T | Failure) -> _T | Failure:
+            self._pending = None
+            return result
+
+        return pending.addBoth(done)
+
+    async def _accept(self, client: _VaultClient) -> bool:
+        """
+        Before any question on a new connection: the vault must hold the key
+        this worker has served since it started.
+        """
+        asking = client.callRemote(GetPublicKey)
+        asking.addTimeout(self.timeout, self._clock)
+        try:
+            answer = await asking
+        except Exception:
+            return False
+        public_key = answer["public_key"]
+        if not self.public_key:
+            if len(public_key) != KEY_SIZE:
+                self.log.error("The vault's public key has the wrong size: refusing it")
+                return False
+            self.public_key = public_key
+            return True
+        if not keys_equal(public_key, self.public_key):
+            self.log.error(
+                "The vault now holds key {new}, not {old}: refusing it",
+                new=fingerprint(public_key),
+                old=fingerprint(self.public_key),
+            )
+            return False
+        return True
+
+    def _call(self, command: type[amp.Command], **arguments: bytes) -> Deferred[dict[str, Any]]:
+        """
+        Ask the vault, waiting for a connection if there is none; fail with
+        L{BadPacket} if it says so, otherwise with L{VaultUnavailable}.
+        """
+
+        async def ask() -> dict[str, Any]:
+            while True:
+                vault = await self._when_connected()
+                try:
+                    answer: dict[str, Any] = await vault.callRemote(command, **arguments)
+                except (ConnectionLost, ConnectionDone):
+                    # The vault went away (it is restarting): ask the next
+                    # one, within this call's timeout. Asking again is safe:
+                    # each question makes its own nonce, and the answer to
+                    # the lost one is never used. The loss reaches the
+                    # reconnecting loop after this errback: let it see it
+                    # first, or it would hand out the dead connection.
+                    await deferLater(self._clock, 0, lambda: None)
+                    continue
+                return answer
+
+        asking = Deferred.fromCoroutine(ask())
+        asking.addTimeout(self.timeout, self._clock)
+        asking.addErrback(self._as_handshake_failure, command)
+        return asking
+
+    def _as_handshake_failure(self, failure: Failure, command: type[amp.Command]) -> Failure:
+        if failure.check(BadPacket):
+            return failure
+        if failure.check(TimeoutError):
+            reason = f"no answer within {self.timeout:g} seconds"
+        elif failure.check(CurveTunError):
+            reason = f"the vault failed: {failure.getErrorMessage()}"[:200]
+        else:
+            reason = f"{failure.type.__name__ if failure.type else 'error'}"
+        return Failure(VaultUnavailable(f"vault {command.commandName.decode()}: {reason}"))
+
+    def open_hello_and_seal_cookie(
+        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
+    ) -> Deferred[bytes]:
+        """
+        See L{IHandshakeVault.open_hello_and_seal_cookie}.
+        """
+
+        def cookie(answer: dict[str, Any]) -> bytes:
+            payload: bytes = answer["cookie"]
+            if len(payload) != COOKIE_SIZE:
+                raise VaultUnavailable("the vault's cookie has the wrong size")
+            try:
+                parse_as(payload, Cookie)
+            except BadPacket:
+                raise VaultUnavailable("the vault's cookie is not a cookie packet") from None
+            return payload
+
+        asking = self._call(
+            OpenHelloAndSealCookie,
+            hello=hello.to_bytes(),
+            ephemeral_public=ephemeral.public_key,
+            ephemeral_secret=ephemeral.secret_key,
+            cookie_key=cookie_keys.current_key(),
+        )
+        return asking.addCallback(cookie)
+
+    def open_vouch(self, opened: OpenedVouch) -> Deferred[None]:
+        """
+        See L{IHandshakeVault.open_vouch}.
+        """
+
+        def verified(answer: dict[str, Any]) -> None:
+            check_inner_vouch(opened, answer["plaintext"])
+
+        asking = self._call(
+            OpenVouch,
+            client_key=opened.client_key,
+            vouch_nonce=opened.vouch_nonce,
+            inner_box=opened.inner_box,
+        )
+        return asking.addCallback(verified)
+
+    def seal_vouch(
+        self, client_ephemeral_key: bytes, server_key: bytes
+    ) -> Deferred[tuple[bytes, bytes]]:
+        """
+        See L{IHandshakeVault.seal_vouch}.
+        """
+
+        def sealed(answer: dict[str, Any]) -> tuple[bytes, bytes]:
+            vouch_nonce: bytes = answer["vouch_nonce"]
+            inner_box: bytes = answer["inner_box"]
+            if len(vouch_nonce) != SAFE_NONCE_SIZE or len(inner_box) != INNER_VOUCH_SIZE:
+                raise VaultUnavailable("the vault's vouch has the wrong size")
+            return vouch_nonce, inner_box
+
+        asking = self._call(
+            SealVouch, client_ephemeral_key=client_ephemeral_key, server_key=server_key
+        )
+        return asking.addCallback(sealed)
+
+    def __repr__(self) -> str:
+        who = fingerprint(self.public_key) if self.public_key else "(not connected)"
+        return f"<RemoteVault {who}>"

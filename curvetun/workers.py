@@ -1,0 +1,615 @@
+"""
+A supervisor for worker processes behind one vault process.
+
+    supervisor --+-- vault process  (the only holder of the secret key;
+                 |                   python -m curvetun.vault_process)
+                 +-- worker 1 ... worker N  (python -m curvetun.worker_main)
+
+The supervisor binds every listening socket itself, then starts the vault
+and N workers. Each worker inherits the listening sockets as file
+descriptors and adopts them (C{reactor.adoptStreamPort}); the kernel hands
+each new connection to one of the workers waiting in C{accept}, and the
+connection then stays with that worker. Workers ask the vault, over a
+UNIX socket, for the long-term-key operations of each handshake
+(L{curvetun.remote_vault}); they never read the key directory.
+
+Inherited sockets rather than C{SO_REUSEPORT}: one bind, by the
+supervisor, works for every kind of inner endpoint (TCP on IPv4 or IPv6,
+UNIX sockets, ports below 1024 bound before privileges are dropped), and
+a worker that dies loses nothing (the socket, and its backlog, stay open
+in the supervisor and the other workers). C{SO_REUSEPORT} would balance
+connections more evenly across workers on Linux (each has its own accept
+queue), but it needs every worker to bind, exists only for TCP and UDP,
+and drops the connections waiting in a dying worker's queue.
+
+A worker or vault that exits is started again after a back-off: 0.5
+seconds, doubling after each exit up to 30 seconds, back to 0.5 once the
+process had run for a minute. A vault that exits with status 64 or 78 (a
+bad option, an unusable key directory) is not: the supervisor stops.
+
+SIGTERM (or SIGINT) to the supervisor: it stops listening itself, sends
+SIGTERM to every worker (each stops listening and lets its open
+connections finish for up to its grace time), waits for them, then stops
+the vault. SIGHUP is passed on to every worker (reload).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+
+import attrs
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
+from twisted.internet.interfaces import IListeningPort, IProcessTransport, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from curvetun.config import TunnelConfig
+
+if TYPE_CHECKING:
+    from curvetun.tunnel_service import StartupError
+
+log = Logger()
+
+EX_USAGE = 64
+EX_CONFIG = 78
+
+FIRST_CHILD_FD = 3
+"""The first file descriptor number of the listening sockets in a worker."""
+
+
+@attrs.define
+class Backoff:
+    """
+    How long to wait before starting a process again that exited: C{initial}
+    seconds, doubling after each exit up to C{maximum}, and C{initial}
+    again after a process that ran for C{reset_after} seconds.
+    """
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    reset_after: float = 60.0
+    _next: float = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._next = self.initial
+
+    def delay_after(self, uptime: float) -> float:
+        """
+        The delay before the next start, after a process that ran for
+        C{uptime} seconds exited.
+        """
+        if uptime >= self.reset_after:
+            self._next = self.initial
+        delay = self._next
+        self._next = min(2 * self._next, self.maximum)
+        return delay
+
+
+class _ChildProtocol(ProcessProtocol):
+    """
+    Tells its L{_Child} when the process ends.
+    """
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+
+    def processEnded(self, reason: Failure) -> None:
+        self.child.ended(reason)
+
+
+def _describe_end(reason: Failure) -> str:
+    value = reason.value
+    if reason.check(ProcessDone):
+        return "exited with status 0"
+    status = getattr(value, "exitCode", None)
+    signal_number = getattr(value, "signal", None)
+    if signal_number is not None:
+        try:
+            return f"was killed by {signal.Signals(signal_number).name}"
+        except ValueError:
+            return f"was killed by signal {signal_number}"
+    return f"exited with status {status}"
+
+
+class _Child:
+    """
+    One supervised process (the vault, or one worker): started, watched,
+    and started again after it ends, until the supervisor stops.
+    """
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        name: str,
+        argv: list[str],
+        child_fds: dict[int, int | str],
+    ) -> None:
+        self.supervisor = supervisor
+        self.name = name
+        self.argv = argv
+        self.child_fds = child_fds
+        self.backoff = Backoff(**supervisor.backoff)
+        self.process: IProcessTransport | None = None
+        # Twisted forgets the pid once the process is reaped, before
+        # processEnded: keep it for the log line that says it ended.
+        self._pid = 0
+        self.started_at = 0.0
+        self.starts = 0
+        self._restart: Any = None
+        self._ended: list[Deferred[None]] = []
+
+    @property
+    def pid(self) -> int | None:
+        """
+        The process id while it runs.
+        """
+        return None if self.process is None else self._pid
+
+    def start(self) -> None:
+        self._restart = None
+        reactor = self.supervisor.reactor
+        self.started_at = reactor.seconds()
+        self.starts += 1
+        self.process = reactor.spawnProcess(
+            _ChildProtocol(self),
+            sys.executable,
+            [sys.executable, *self.argv],
+            env=self.supervisor.environment,
+            childFDs=self.child_fds,
+        )
+        self._pid = self.process.pid or 0
+        log.info("{name} started (pid {pid})", name=self.name, pid=self.pid)
+
+    def ended(self, reason: Failure) -> None:
+        pid = self._pid
+        self.process = None
+        uptime = self.supervisor.reactor.seconds() - self.started_at
+        waiting, self._ended = self._ended, []
+        for d in waiting:
+            d.callback(None)
+        if self.supervisor.stopping:
+            log.info("{name} (pid {pid}) {end}", name=self.name, pid=pid, end=_describe_end(reason))
+            return
+        status = getattr(reason.value, "exitCode", None)
+        if self is self.supervisor.vault and status in (EX_USAGE, EX_CONFIG):
+            log.critical(
+                "{name} (pid {pid}) {end}: it cannot start; stopping",
+                name=self.name,
+                pid=pid,
+                end=_describe_end(reason),
+            )
+            self.supervisor.give_up(status)
+            return
+        delay = self.backoff.delay_after(uptime)
+        log.warn(
+            "{name} (pid {pid}) {end} after {uptime:.1f} s; starting it again in {delay:g} s",
+            name=self.name,
+            pid=pid,
+            end=_describe_end(reason),
+            uptime=uptime,
+            delay=delay,
+        )
+        self._restart = self.supervisor.reactor.callLater(delay, self.start)
+
+    def signal(self, number: int) -> None:
+        """
+        Send signal C{number} to the process, if it runs.
+        """
+        if self.process is not None:
+            with contextlib.suppress(ProcessExitedAlready):
+                self.process.signalProcess(number)
+
+    def stop(self, timeout: float) -> Deferred[None]:
+        """
+        Do not start it again; SIGTERM it, and SIGKILL it if it has not
+        ended after C{timeout} seconds.
+
+        @return: a Deferred that fires once it has ended.
+        """
+        if self._restart is not None:
+            self._restart.cancel()
+            self._restart = None
+        if self.process is None:
+            return succeed(None)
+        ended: Deferred[None] = Deferred()
+        self._ended.append(ended)
+        self.signal(signal.SIGTERM)
+        killer = self.supervisor.reactor.callLater(timeout, self._kill_late, timeout)
+
+        def cancel_killer(result: None) -> None:
+            if killer.active():
+                killer.cancel()
+
+        return ended.addCallback(cancel_killer)
+
+    def _kill_late(self, timeout: float) -> None:
+        log.warn(
+            "{name} (pid {pid}) still runs {timeout:g} s after SIGTERM: killing it",
+            name=self.name,
+            pid=self.pid,
+            timeout=timeout,
+        )
+        self.signal(signal.SIGKILL)
+
+
+@attrs.frozen
+class Listen:
+    """
+    One listening socket the supervisor binds and every worker adopts.
+
+    @ivar description: the endpoint string, as given.
+    @ivar endpoint: the endpoint that binds it: the inner, plain one (TCP,
+        UNIX, ...) of a C{curvetun:} string, whose server side the workers
+        run over it.
+    @ivar kind: what the workers run on it (see
+        L{curvetun.worker_main.KINDS}): C{plain}, C{curvetun} or
+        C{curvetun-proxied}.
+    """
+
+    description: str
+    endpoint: IStreamServerEndpoint
+    kind: str
+
+
+def listens_for(config: TunnelConfig, reactor: Any) -> list[Listen]:
+    """
+    The sockets to bind for C{config}'s listen endpoints, parsed without
+    opening any key directory.
+
+    @raise StartupError: a listen string is malformed (status 64), or a
+        C{curvetun:} one names another key directory or registry than the
+        tunnel's (the workers have one identity: the vault's).
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    from curvetun.endpoints import parse_server_parts, split_description
+    from curvetun.tunnel_service import EX_USAGE, StartupError, parse_endpoint
+
+    listens = []
+    for description in config.listen:
+        kind, _, rest = description.partition(":")
+        if kind.lower() != "curvetun":
+            endpoint = parse_endpoint("--listen", description, serverFromString, reactor)
+            listens.append(Listen(description, endpoint, "plain"))
+            continue
+        try:
+            args, kwargs = split_description(rest)
+            parts = parse_server_parts(reactor, *args, **kwargs)
+        except ValueError as error:
+            raise StartupError(
+                f"bad --listen endpoint {description[:80]!r}: {error}", EX_USAGE
+            ) from None
+        for option, value, tunnel_value in [
+            ("keydir", parts.keydir, config.keydir),
+            ("registry", parts.registry, config.registry),
+        ]:
+            if value is not None and os.path.abspath(value) != os.path.abspath(tunnel_value or ""):
+                raise StartupError(
+                    f"--listen {description[:80]!r}: with --workers, listen endpoints use the "
+                    f"tunnel's {option} (give it as --{option})",
+                    EX_USAGE,
+                )
+        kind = "curvetun-proxied" if parts.proxied else "curvetun"
+        listens.append(Listen(description, parts.wrapped, kind))
+    return listens
+
+
+class _NeverAccepts(Protocol):
+    pass
+
+
+class Supervisor(Service):
+    """
+    Runs one vault process and C{workers} worker processes, and binds the
+    sockets that the workers accept on.
+
+    @ivar vault: the vault process's L{_Child}.
+    @ivar workers: the workers' L{_Child}ren.
+    @ivar ports: the listening ports, once bound.
+    @ivar exit_status: the status to exit with, once it gave up (or None).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: TunnelConfig,
+        workers: int,
+        listens: Sequence[Listen] | None = None,
+        vault_socket: str | None = None,
+        stop_timeout: float | None = None,
+        backoff: dict[str, float] | None = None,
+        on_give_up: Callable[[int], None] | None = None,
+    ) -> None:
+        """
+        @param config: the tunnel every worker runs (its key directory is
+            read by the vault process only).
+        @param workers: how many worker processes.
+        @param listens: what to bind (default: L{listens_for} C{config}).
+        @param vault_socket: the vault's UNIX socket path; by default one in
+            a new private temporary directory, removed at the end.
+        @param stop_timeout: seconds a worker may take to stop after SIGTERM
+            before it is killed (default: the grace time and 10 seconds).
+        @param backoff: keyword arguments for each process's L{Backoff}.
+        @param on_give_up: called with an exit status when the vault cannot
+            start (default: stop the reactor).
+        @raise StartupError: a listen endpoint string is unusable.
+        """
+        if workers < 1:
+            raise ValueError("at least one worker")
+        self.reactor = reactor
+        self.config = config
+        self.listens = list(listens) if listens is not None else listens_for(config, reactor)
+        self.worker_count = workers
+        self.stop_timeout = config.grace + 10 if stop_timeout is None else stop_timeout
+        self.backoff = backoff or {}
+        self.on_give_up = on_give_up
+        self.stopping = False
+        self.exit_status: int | None = None
+        self.ports: list[IListeningPort] = []
+        self._own_socket_directory: str | None = None
+        if vault_socket is None:
+            self._own_socket_directory = tempfile.mkdtemp(prefix="curvetun-vault-")
+            vault_socket = os.path.join(self._own_socket_directory, "vault.sock")
+        self.vault_socket = vault_socket
+        self.environment = dict(os.environ)
+        self.vault = _Child(
+            self,
+            "vault",
+            [
+                "-m",
+                "curvetun.vault_process",
+                "--keydir",
+                config.keydir,
+                "--socket",
+                vault_socket,
+                "--create",
+            ],
+            {0: "w", 1: 1, 2: 2},
+        )
+        self.workers: list[_Child] = []
+        self._previous_sighup: Any = None
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind every listening socket (before privileges are dropped): the
+        ports are opened here and never accept in this process.
+
+        @raise Exception: an endpoint cannot listen (whatever it raised).
+        """
+        super().privilegedStartService()
+        for listen in self.listens:
+            failures: list[Failure] = []
+            listening = listen.endpoint.listen(Factory.forProtocol(_NeverAccepts))
+            listening.addCallbacks(self.ports.append, failures.append)
+            if failures:
+                for port in self.ports:
+                    port.stopListening()
+                failures[0].raiseException()
+            # The supervisor only holds the socket: the workers accept.
+            self.ports[-1].stopReading()  # type: ignore[attr-defined]
+            log.info(
+                "Listening on {endpoint} ({address}) in {workers} worker(s)",
+                endpoint=listen.description,
+                address=_address(self.ports[-1]),
+                workers=self.worker_count,
+            )
+
+    def startService(self) -> None:
+        """
+        Start the vault and the workers, and pass SIGHUP on to the workers.
+        """
+        if not self.ports and self.listens:
+            self.privilegedStartService()
+        super().startService()
+        child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
+        adopt: list[str] = []
+        for number, (port, listen) in enumerate(zip(self.ports, self.listens, strict=False)):
+            fd = FIRST_CHILD_FD + number
+            child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
+            adopt += ["--adopt", f"{fd}:{listen.kind}"]
+        from curvetun.worker_main import config_to_json
+
+        config = config_to_json(self.config)
+        for number in range(1, self.worker_count + 1):
+            argv = [
+                "-m",
+                "curvetun.worker_main",
+                "--vault-socket",
+                self.vault_socket,
+                "--config",
+                config,
+                "--name",
+                f"worker {number}",
+                *adopt,
+            ]
+            self.workers.append(_Child(self, f"worker {number}", argv, child_fds))
+        self.vault.start()
+        for worker in self.workers:
+            worker.start()
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+
+    def _sighup(self, number: int, frame: object) -> None:
+        # A signal handler may only hand work to the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> None:
+        """
+        Pass SIGHUP on to every worker.
+        """
+        log.info("SIGHUP: reloading {count} worker(s)", count=len(self.workers))
+        for worker in self.workers:
+            worker.signal(signal.SIGHUP)
+
+    def give_up(self, status: int) -> None:
+        """
+        The vault cannot start: stop everything, and exit with C{status}.
+        """
+        self.exit_status = status
+        if self.on_give_up is not None:
+            self.on_give_up(status)
+        elif self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening, drain and stop every worker, then stop the vault.
+        """
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+        # Our copies of the sockets first: once the workers close theirs,
+        # the ports are closed and clients are refused, not left waiting.
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await _maybe(port.stopListening())
+        if any(worker.process is not None for worker in self.workers):
+            log.info("Stopping {count} worker(s)", count=len(self.workers))
+        await DeferredList([worker.stop(self.stop_timeout) for worker in self.workers])
+        await self.vault.stop(self.stop_timeout)
+        if self._own_socket_directory is not None:
+            shutil.rmtree(self._own_socket_directory, ignore_errors=True)
+        log.info("All workers and the vault have stopped")
+
+
+async def _maybe(result: Deferred[None] | None) -> None:
+    if result is not None:
+        await result
+
+
+def _address(port: IListeningPort) -> str:
+    host: Any = port.getHost()
+    if hasattr(host, "port"):
+        return f"{host.host}:{host.port}"
+    return str(getattr(host, "name", host))
+
+
+# -- under twist -------------------------------------------------------------------------
+
+
+class _ExitOnStartupError(MultiService):
+    """
+    The supervisor, with a failure to start turned into a one-line message
+    and an exit status, as C{twist curvetun} does for a single process.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+        supervisor.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        from curvetun.tunnel_service import EX_UNAVAILABLE, StartupError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            _exit(StartupError(f"cannot listen: {error}", EX_UNAVAILABLE))
+
+
+def _exit(error: StartupError) -> NoReturn:
+    sys.stderr.write(f"twist curvetun: {error}\n")
+    sys.stderr.flush()
+    raise SystemExit(error.status)
+
+
+def make_supervisor_service(config: TunnelConfig, workers: int, reactor: Any = None) -> IService:
+    """
+    What C{twist curvetun --workers N} runs: a L{Supervisor} of C{workers}
+    processes running the tunnel C{config}. A vault that cannot start
+    ends the process with its status (64 or 78) once everything stopped.
+    """
+    from curvetun.tunnel_service import StartupError
+
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+
+    def give_up(status: int) -> None:
+        # twist would exit with 0 once the reactor stops: end with the
+        # vault's status instead, after every service has stopped.
+        def exit_now() -> None:
+            sys.stderr.flush()
+            os._exit(status)
+
+        reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+        reactor.stop()
+
+    try:
+        supervisor = Supervisor(reactor, config, workers, on_give_up=give_up)
+    except StartupError as error:
+        _exit(error)
+    return _ExitOnStartupError(supervisor)
+
+
+# -- a command line of its own ---------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    C{python -m curvetun.workers --keydir DIR --workers N --listen ENDPOINT
+    ... [--forward ENDPOINT] [--grace SECONDS]}: run a supervisor in the
+    foreground until SIGTERM or SIGINT, without C{twist} (C{twist curvetun
+    --workers N} is the way to run one).
+    """
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python import usage
+
+    from curvetun.tunnel_service import StartupError
+
+    class Options(usage.Options):
+        optParameters: ClassVar[list[list[str | None]]] = [
+            ["keydir", None, None, "The key directory (read by the vault process only)."],
+            ["workers", None, "2", "How many worker processes."],
+            ["forward", None, None, "Forward each connection here (default: echo)."],
+            ["grace", None, "10", "Seconds open connections may take to finish."],
+        ]
+
+        def __init__(self) -> None:
+            super().__init__()
+            self["listen"] = []
+
+        def opt_listen(self, description: str) -> None:
+            self["listen"].append(description)
+
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        if not options["keydir"] or not options["listen"]:
+            raise usage.UsageError("--keydir and at least one --listen are required")
+        config = TunnelConfig(
+            keydir=options["keydir"],
+            listen=tuple(options["listen"]),
+            forward=options["forward"],
+            grace=float(options["grace"]),
+        )
+        supervisor = Supervisor(reactor, config, int(options["workers"]))
+    except (usage.UsageError, ValueError, StartupError) as error:
+        sys.stderr.write(f"curvetun workers: {error}\n")
+        return getattr(error, "status", EX_USAGE)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    supervisor.privilegedStartService()
+    supervisor.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", supervisor.stopService)
+    reactor.run()
+    return supervisor.exit_status or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""
+The supervisor of worker processes, on real processes and sockets: the
+workers accept on the sockets it binds, a worker that dies is started
+again, SIGTERM drains every worker before the vault stops, SIGHUP reaches
+every worker, and a vault that cannot start stops the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+from twisted.internet import reactor
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.protocol import Factory
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from curvetun.keys import format_public_key
+from curvetun.workers import Backoff
+
+from ._process_support import HELLO_CLIENT, Child, make_keydir, memory_holds, stop, wait_for
+from ._support import Collector, KeyDirs, counter_of, round_trip
+
+
+class BackoffTests(SynchronousTestCase):
+    """
+    A process that keeps dying waits longer each time, up to a limit, and
+    one that ran for a while starts over from the shortest wait.
+    """
+
+    def test_the_delay_doubles_up_to_the_maximum(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=30.0, reset_after=60.0)
+        delays = [backoff.delay_after(uptime=1.0) for _ in range(9)]
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0])
+
+    def test_a_minute_of_uptime_resets_the_delay(self) -> None:
+        backoff = Backoff(initial=0.5, maximum=30.0, reset_after=60.0)
+        for _ in range(5):
+            backoff.delay_after(uptime=1.0)
+        self.assertEqual(backoff.delay_after(uptime=60.0), 0.5)
+        self.assertEqual(backoff.delay_after(uptime=59.0), 1.0)
+
+
+def start_supervisor(
+    testcase: SynchronousTestCase, keydir: str, workers: int = 2, grace: float = 5.0
+) -> tuple[Child, int]:
+    """
+    Start C{python -m curvetun.workers} echoing on a free port on
+    127.0.0.1; wait until every worker listens. Return it and the port.
+    """
+    supervisor = Child(
+        testcase,
+        [
+            "-m",
+            "curvetun.workers",
+            "--keydir",
+            keydir,
+            "--workers",
+            str(workers),
+            "--grace",
+            str(grace),
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+        ],
+        "supervisor",
+    )
+    wait_for(
+        lambda: (
+            supervisor.stderr().count("): echo") >= workers or supervisor.process.poll() is not None
+        )
+    )
+    match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
+    assert match is not None, supervisor.stderr()
+    return supervisor, int(match.group(1))
+
+
+def worker_pids(log: str) -> dict[str, list[int]]:
+    """
+    Each worker's pids, in the order they were started.
+    """
+    pids: dict[str, list[int]] = {}
+    for name, pid in re.findall(r"(worker \d+) started \(pid (\d+)\)", log):
+        pids.setdefault(name, []).append(int(pid))
+    return pids
+
+
+def echo(port: int, data: bytes = b"ping") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(data)
+        received = b""
+        while len(received) < len(data) and (chunk := connection.recv(4096)):
+            received += chunk
+        return received
+
+
+class SupervisorTests(SynchronousTestCase):
+    """
+    The supervisor's workers serve on its sockets and are kept running.
+    """
+
+    def test_workers_serve_on_the_supervisors_socket(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        self.assertEqual(
+            [echo(port, b"x%d" % n) for n in range(20)], [b"x%d" % n for n in range(20)]
+        )
+        self.assertEqual(sorted(worker_pids(supervisor.stderr())), ["worker 1", "worker 2"])
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_a_killed_worker_is_started_again(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        first = worker_pids(supervisor.stderr())["worker 1"][0]
+        signal_pid(first, signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(supervisor.stderr())["worker 1"]) == 2)
+        log = supervisor.stderr()
+        self.assertIn(f"worker 1 (pid {first}) was killed by SIGKILL", log)
+        self.assertIn("starting it again in 0.5 s", log)
+        second = worker_pids(log)["worker 1"][1]
+        self.assertNotEqual(second, first)
+        wait_for(lambda: supervisor.stderr().count("): echo") >= 3)
+        # Serving meanwhile, and after: the other worker and the new one.
+        self.assertEqual(echo(port), b"ping")
+        signal_pid(worker_pids(supervisor.stderr())["worker 2"][0], signal.SIGKILL)
+        self.assertEqual(echo(port), b"ping")
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_sigterm_drains_every_worker_then_stops_the_vault(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir, grace=20.0)
+        # One open connection per worker, most likely; at least one.
+        open_connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        for connection in open_connections:
+            connection.sendall(b"before")
+            self.assertEqual(connection.recv(100), b"before")
+        supervisor.signal(signal.SIGTERM)
+        wait_for(lambda: "Stopping 2 worker(s)" in supervisor.stderr())
+        time.sleep(0.5)
+        # Open connections still work, and new ones are refused.
+        for connection in open_connections:
+            connection.sendall(b"during")
+            self.assertEqual(connection.recv(100), b"during")
+        wait_for(lambda: _refused(port))
+        self.assertIsNone(supervisor.process.poll())
+        self.assertNotIn("vault (pid", supervisor.stderr().split("Stopping 2 worker(s)")[1])
+        for connection in open_connections:
+            connection.close()
+        self.assertEqual(supervisor.wait(30), 0)
+        log = supervisor.stderr()
+        ends = [m.group(1) for m in re.finditer(r"(worker \d|vault) \(pid \d+\) exited", log)]
+        self.assertEqual(sorted(ends[:2]), ["worker 1", "worker 2"])
+        self.assertEqual(ends[2:], ["vault"])
+        self.assertNotIn("Traceback", log)
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: supervisor.stderr().count("SIGHUP: reloading") >= 3)
+        log = supervisor.stderr()
+        self.assertIn("worker 1: SIGHUP: reloading", log)
+        self.assertIn("worker 2: SIGHUP: reloading", log)
+        self.assertIsNone(supervisor.process.poll())
+        self.assertEqual(stop(supervisor), 0)
+
+    def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        # Others may write to it: they could put back an old nonce counter.
+        os.chmod(keydir, 0o777)
+        supervisor = Child(
+            self,
+            [
+                "-m",
+                "curvetun.workers",
+                "--keydir",
+                keydir,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+            ],
+            "supervisor",
+        )
+        self.assertEqual(supervisor.wait(30), 78)
+        log = supervisor.stderr()
+        self.assertIn("it cannot start; stopping", log)
+        self.assertNotIn("Traceback", log)
+
+
+def signal_pid(pid: int, number: int) -> None:
+    os.kill(pid, number)
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+# -- twist curvetun --workers, with curvetun end to end -----------------------------------
+
+
+def start_twist(testcase: SynchronousTestCase, keydir: str, workers: int = 2) -> tuple[Child, int]:
+    """
+    Start C{twist curvetun --workers N} as a curvetun echo server on a free
+    port of 127.0.0.1; wait until every worker listens. Return it and the
+    port.
+    """
+    server = Child(
+        testcase,
+        [
+            "-m",
+            "twisted",
+            "curvetun",
+            "--workers",
+            str(workers),
+            "--keydir",
+            keydir,
+            "--listen",
+            "curvetun:0:interface=127.0.0.1",
+        ],
+        "twist",
+    )
+    wait_for(
+        lambda: server.stderr().count("): echo") >= workers or server.process.poll() is not None
+    )
+    assert server.process.poll() is None, server.stderr()
+    match = re.search(rb'"address": "127\.0\.0\.1:(\d+)"', server.stdout())
+    assert match is not None, server.stdout()
+    return server, int(match.group(1))
+
+
+def started(server: Child) -> dict[str, list[int]]:
+    """
+    The pids of the vault and of each worker, in the order they were
+    started, from the supervisor's log (JSON lines on standard output).
+    """
+    pids: dict[str, list[int]] = {}
+    for line in server.stdout().splitlines():
+        try:
+            event = json.loads(line.strip(b"\x1e"))
+        except ValueError:
+            continue  # the last line, while it is being written
+        if event.get("log_format") == "{name} started (pid {pid})":
+            pids.setdefault(event["name"], []).append(event["pid"])
+    return pids
+
+
+class TwistWorkersTests(TestCase):
+    """
+    C{twist curvetun --workers 2}: clients complete curvetun handshakes
+    through the workers, whose memory never holds the secret key.
+    """
+
+    async def test_handshakes_through_two_workers_complete_end_to_end(self) -> None:
+        keys = KeyDirs(self)
+        server, port = start_twist(self, keys.server)
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        for number in range(10):
+            client = await endpoint.connect(Factory.forProtocol(Collector))
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"hello %d" % number), b"hello %d" % number)
+            assert client.transport is not None
+            client.transport.loseConnection()
+            await client.lost
+        self.assertEqual(sorted(started(server)), ["vault", "worker 1", "worker 2"])
+        self.assertEqual(stop(server), -signal.SIGTERM)
+
+    async def test_the_secret_key_is_in_the_vault_process_only(self) -> None:
+        if os.geteuid() != 0:
+            self.skipTest("reading another process's memory needs root")
+        keys = KeyDirs(self)
+        secret = bytes.fromhex(FilePath(keys.server).child("secret.key").getContent().decode())
+        server, port = start_twist(self, keys.server)
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        # Enough connections that both workers serve some, most likely.
+        clients = [await endpoint.connect(Factory.forProtocol(Collector)) for _ in range(8)]
+        for client in clients:
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"x"), b"x")
+        pids = started(server)
+        # The search can fail: it finds the key in the vault process.
+        self.assertTrue(memory_holds(pids["vault"][0], secret))
+        for name in ("worker 1", "worker 2"):
+            self.assertFalse(memory_holds(pids[name][0], secret), name)
+            self.assertFalse(memory_holds(pids[name][0], secret.hex().encode("ascii")), name)
+        self.assertFalse(memory_holds(server.pid, secret))
+        for client in clients:
+            assert client.transport is not None
+            client.transport.loseConnection()
+
+
+class TwistWorkersNonceTests(SynchronousTestCase):
+    """
+    No safe nonce repeats across two workers and a vault killed under them
+    (the crash-safety test, for N workers).
+    """
+
+    def test_no_cookie_nonce_repeats_across_workers_and_vault_kills(self) -> None:
+        keydir, public_key, _, nonce_key = make_keydir(self)
+        server, port = start_twist(self, keydir)
+        clients = [
+            Child(self, [str(HELLO_CLIENT), str(port), public_key.hex(), "1500"], f"hello{n}")
+            for n in range(2)
+        ]
+        for _ in range(2):
+            wanted = sum(len(c.stdout()) for c in clients) + 33 * 300
+            wait_for(lambda wanted=wanted: sum(len(c.stdout()) for c in clients) > wanted, 60)
+            vault = started(server)["vault"][-1]
+            os.kill(vault, signal.SIGKILL)
+            lives = len(started(server)["vault"])
+            wait_for(lambda lives=lives: len(started(server)["vault"]) > lives, 30)
+        for client in clients:
+            self.assertEqual(client.wait(120), 0, client.stderr())
+        nonces = [
+            bytes.fromhex(line.decode("ascii"))
+            for client in clients
+            for line in client.stdout().split(b"\n")
+            if len(line) == 32
+        ]
+        self.assertEqual(len(nonces), 3000)
+        counters = [counter_of(nonce, nonce_key) for nonce in nonces]
+        self.assertEqual(len(set(counters)), len(counters), "a safe nonce counter repeated")
+        # Three vault lives, each starting past everything the last stored.
+        self.assertGreaterEqual(len({c >> 21 for c in counters}), 3)
+        self.assertEqual(len(started(server)["vault"]), 3)
+        # The workers served with the key the vault told them.
+        self.assertEqual(server.stderr().count(f"public key {format_public_key(public_key)}"), 2)
