@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.channel import MessageChannel, connect
 from curvetun.errors import NotAuthorized
-from curvetun.keydir import COUNTER_FILE, LOCK_FILE
+from curvetun.keydir import LOCK_FILE
 from curvetun.keys import format_public_key
 from curvetun.registry import FileRegistry
 from curvetun.vault import FileVault
@@ -32,6 +32,7 @@ from curvetun.vault import FileVault
 from ._haproxy import HAPROXY, NO_HAPROXY, HAProxy, dying_with_us, eventually, start_haproxy
 from ._support import (
     SOURCE_ROOT,
+    counter_file,
     forget_keydir,
     metrics_port,
     parse_events,
@@ -290,7 +291,7 @@ class FleetBehindHAProxyTests(TestCase):
 
         # The nonce counter can no longer be stored (a directory in its
         # place makes the atomic rename fail): /healthz answers 503.
-        counter = os.path.join(keydir, COUNTER_FILE)
+        counter = counter_file(keydir).path
         os.remove(counter)
         os.mkdir(counter)
         await eventually(
@@ -332,21 +333,11 @@ class FleetBehindHAProxyTests(TestCase):
         self.server_key = format_public_key(server.public_key)
         copies = []
         for name in ("instance1", "instance2"):
-            # A key directory serves one process at a time (its lock): each
-            # instance has a copy of its own.
+            # Each instance has a copy of its own, and an instance ID of its
+            # own (--instance), so that the copies never use the same nonce.
             copy = os.path.join(base, name, "keys")
             shutil.copytree(identity, copy, ignore=shutil.ignore_patterns(LOCK_FILE))
             copies.append(copy)
-        # Copies that start from one nonce counter would use the same
-        # nonces: in production each copy is given its own --instance ID,
-        # a part of the counter space of its own. Here the second copy's
-        # counter is moved far ahead instead (a counter may always move
-        # forward), so that the two never meet.
-        counter = os.path.join(copies[1], COUNTER_FILE)
-        with open(counter) as f:
-            value = int(f.read())
-        with open(counter, "w") as f:
-            f.write(f"{value + 2**40}\n")
         client = os.path.join(base, "client")
         vault = FileVault.create(client)
         vault.close()
@@ -379,6 +370,7 @@ class FleetBehindHAProxyTests(TestCase):
             "curvetun",
             "--keydir", keydir,
             "--registry", registry,
+            "--instance", name.removeprefix("instance"),
             "--listen", "curvetun:endpoint=haproxy\\:tcp\\:0\\:interface\\=127.0.0.1",
             "--forward", f"tcp:127.0.0.1:{backend}",
             *(["--metrics", "tcp:0:interface=127.0.0.1"] if metrics else []),
