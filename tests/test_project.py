@@ -126,7 +126,10 @@ class DeclaredVersionsTests(SynchronousTestCase):
         if os.environ.get("CURVETUN_FLOORS") != "1":
             raise SkipTest("not the minimum-versions run (CURVETUN_FLOORS=1 in .ci/run)")
         for requirement in listed(setup_cfg()["options"]["install_requires"]):
-            name, floor = requirement.split(">=")
+            requirement, _, marker = requirement.partition(";")
+            if marker and sys.version_info >= (3, 11):
+                continue  # tomli: only where there is no tomllib
+            name, floor = requirement.strip().split(">=")
             self.assertEqual(metadata.version(name), floor, name)
 
 
