@@ -262,6 +262,13 @@ class Options(usage.Options):
             raise usage.UsageError(str(error)) from None
         if not 1 <= self["workers"] <= MAX_WORKERS:
             raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
+        if self["workers"] > 1 and self["metrics"] is not None:
+            # Each worker sees only its own connections: one worker's figures
+            # served as the whole server's would mislead.
+            raise usage.UsageError(
+                "--metrics cannot be combined with --workers above 1 "
+                "(the figures are not summed over workers)"
+            )
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS

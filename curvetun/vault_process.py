@@ -261,7 +261,13 @@ class VaultProcessService(MultiService):
 
     @classmethod
     def from_keydir(
-        cls, keydir: str, socket_path: str, reactor: Any = None, create: bool = False
+        cls,
+        keydir: str,
+        socket_path: str,
+        reactor: Any = None,
+        create: bool = False,
+        statedir: str | None = None,
+        instance: int | None = None,
     ) -> VaultProcessService:
         """
         Load the key directory C{keydir} (holding its lock) and serve it on
@@ -270,6 +276,10 @@ class VaultProcessService(MultiService):
         @param create: make the key directory, with a new key, if it holds
             no secret key yet (so that the new key is made, too, in the only
             process that may hold it).
+        @param statedir: where the nonce counters live (C{--statedir}).
+        @param instance: this host's part of the counter space
+            (C{--instance}): the vault is the only process that makes
+            nonces, so the instance is its.
         @raise KeyFileError: the key directory does not load.
         """
         from curvetun.keydir import SECRET_KEY_FILE
@@ -281,7 +291,7 @@ class VaultProcessService(MultiService):
             cls.log.info("Created key directory {keydir} with a new key", keydir=keydir)
         # The current key and, during a rollover, the previous one: hellos
         # to either are answered (current first).
-        return cls(ServerKeys(keydir), socket_path, reactor)
+        return cls(ServerKeys(keydir, statedir, instance), socket_path, reactor)
 
 
 class Options(usage.Options):
@@ -289,19 +299,31 @@ class Options(usage.Options):
     The options of C{python -m curvetun.vault_process}.
     """
 
-    synopsis = "--keydir DIR --socket PATH [--create]"
+    synopsis = "--keydir DIR --socket PATH [--create] [--statedir DIR] [--instance ID]"
     optFlags: ClassVar[list[list[str | None]]] = [
         ["create", None, "Create the key directory if it holds no key yet."]
     ]
     optParameters: ClassVar[list[list[str | None]]] = [
         ["keydir", None, None, "The key directory whose secret key this process holds."],
         ["socket", None, None, "The UNIX socket to answer on (mode 0600, directory 0700)."],
+        ["statedir", None, None, "The directory of the nonce counters and the lock."],
+        ["instance", None, None, "This host's instance ID (0 to 65535), for a shared key."],
     ]
 
     def postOptions(self) -> None:
         for name in ("keydir", "socket"):
             if not self[name]:
                 raise usage.UsageError(f"--{name} is required")
+        if self["instance"] is not None:
+            from curvetun.config import parse_count
+            from curvetun.keydir import MAX_INSTANCE
+
+            try:
+                self["instance"] = parse_count("--instance", self["instance"])
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
+            if self["instance"] > MAX_INSTANCE:
+                raise usage.UsageError(f"--instance must be from 0 to {MAX_INSTANCE}")
 
 
 def main(argv: list[str] | None = None, reactor: Any = None) -> int:
@@ -324,7 +346,12 @@ def main(argv: list[str] | None = None, reactor: Any = None) -> int:
         reactor = default_reactor
     try:
         service = VaultProcessService.from_keydir(
-            options["keydir"], options["socket"], reactor, create=bool(options["create"])
+            options["keydir"],
+            options["socket"],
+            reactor,
+            create=bool(options["create"]),
+            statedir=options["statedir"],
+            instance=options["instance"],
         )
     except KeyFileError as error:
         sys.stderr.write(f"curvetun vault: {error}\n")

@@ -373,6 +373,10 @@ class Supervisor(Service):
                 "--socket",
                 vault_socket,
                 "--create",
+                # The vault makes every nonce: the counters' place and the
+                # instance's part of the counter space are its.
+                *(["--statedir", config.statedir] if config.statedir else []),
+                *(["--instance", str(config.instance)] if config.instance is not None else []),
             ],
             {0: "w", 1: 1, 2: 2},
         )

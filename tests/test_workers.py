@@ -17,11 +17,15 @@ import time
 from twisted.internet import reactor
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.protocol import Factory
+from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from curvetun.config import TunnelConfig
 from curvetun.keys import format_public_key
-from curvetun.workers import Backoff
+from curvetun.tap import Options
+from curvetun.workers import Backoff, Supervisor
 
 from ._process_support import HELLO_CLIENT, Child, make_keydir, memory_holds, stop, wait_for
 from ._support import Collector, KeyDirs, counter_of, round_trip
@@ -331,3 +335,42 @@ class TwistWorkersNonceTests(SynchronousTestCase):
         self.assertEqual(len(started(server)["vault"]), 3)
         # The workers served with the key the vault told them.
         self.assertEqual(server.stderr().count(f"public key {format_public_key(public_key)}"), 2)
+
+
+class VaultCommandLineTests(SynchronousTestCase):
+    """
+    The vault process makes every nonce of a worker pool: it is the one that
+    gets the state directory and the instance ID.
+    """
+
+    def test_the_vault_gets_the_statedir_and_the_instance(self) -> None:
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",), statedir="/var/lib/ct", instance=7)
+        supervisor = Supervisor(Clock(), config, 2, listens=[])
+        argv = supervisor.vault.argv
+        self.assertEqual(argv[argv.index("--statedir") + 1], "/var/lib/ct")
+        self.assertEqual(argv[argv.index("--instance") + 1], "7")
+
+    def test_without_them_the_vault_uses_the_key_directory(self) -> None:
+        supervisor = Supervisor(
+            Clock(), TunnelConfig(keydir="/k", listen=("tcp:0",)), 2, listens=[]
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",))
+        supervisor = Supervisor(Clock(), config, 2, listens=[])
+        self.assertNotIn("--statedir", supervisor.vault.argv)
+        self.assertNotIn("--instance", supervisor.vault.argv)
+
+    def test_metrics_with_several_workers_is_a_usage_error(self) -> None:
+        options = Options()
+        error = self.assertRaises(
+            UsageError, options.parseOptions, ["--workers", "2", "--metrics", "tcp:0"]
+        )
+        self.assertIn("not summed over workers", str(error))
+
+    def test_the_vault_process_refuses_an_instance_out_of_range(self) -> None:
+        from curvetun import vault_process
+
+        options = vault_process.Options()
+        self.assertRaises(
+            UsageError,
+            options.parseOptions,
+            ["--keydir", "/k", "--socket", "/s", "--instance", "70000"],
+        )
