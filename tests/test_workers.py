@@ -351,8 +351,6 @@ class VaultCommandLineTests(SynchronousTestCase):
         self.assertEqual(argv[argv.index("--instance") + 1], "7")
 
     def test_without_them_the_vault_uses_the_key_directory(self) -> None:
-        supervisor = Supervisor(
-            Clock(), TunnelConfig(keydir="/k", listen=("tcp:0",)), 2, listens=[]
         config = TunnelConfig(keydir="/k", listen=("tcp:0",))
         supervisor = Supervisor(Clock(), config, 2, listens=[])
         self.assertNotIn("--statedir", supervisor.vault.argv)
