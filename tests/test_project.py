@@ -27,7 +27,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 ROOT = Path(__file__).resolve().parent.parent
 TEST_COMMAND = (
     "python3 -m venv .venv && . .venv/bin/activate && pip install '.[test]'"
-    " && python -m twisted.trial tests"
+    " && python -m twisted.trial -j2 tests"
 )
 CI = ROOT / ".ci" / "run"
 
