@@ -7,6 +7,7 @@ every worker, and a vault that cannot start stops the supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,14 +51,18 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.delay_after(uptime=59.0), 1.0)
 
 
-def start_supervisor(
-    testcase: SynchronousTestCase, keydir: str, workers: int = 2, grace: float = 5.0
-) -> tuple[Child, int]:
+def start_supervisor_process(
+    testcase: SynchronousTestCase,
+    keydir: str,
+    workers: int = 2,
+    grace: float = 5.0,
+    extra: tuple[str, ...] = (),
+) -> Child:
     """
     Start C{python -m curvetun.workers} echoing on a free port on
-    127.0.0.1; wait until every worker listens. Return it and the port.
+    127.0.0.1, and return at once.
     """
-    supervisor = Child(
+    return Child(
         testcase,
         [
             "-m",
@@ -70,17 +75,35 @@ def start_supervisor(
             str(grace),
             "--listen",
             "tcp:0:interface=127.0.0.1",
+            *extra,
         ],
         "supervisor",
     )
-    wait_for(
-        lambda: (
-            supervisor.stderr().count("): echo") >= workers or supervisor.process.poll() is not None
-        )
-    )
+
+
+def start_supervisor(
+    testcase: SynchronousTestCase,
+    keydir: str,
+    workers: int = 2,
+    grace: float = 5.0,
+    extra: tuple[str, ...] = (),
+) -> tuple[Child, int]:
+    """
+    Start C{python -m curvetun.workers} echoing on a free port on
+    127.0.0.1; wait until every worker is ready. Return it and the port.
+    """
+    supervisor = start_supervisor_process(testcase, keydir, workers, grace, extra)
+    wait_for(lambda: ready_count(supervisor) >= workers or supervisor.process.poll() is not None)
     match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
     assert match is not None, supervisor.stderr()
     return supervisor, int(match.group(1))
+
+
+def ready_count(supervisor: Child) -> int:
+    """
+    How many workers have said they are ready, so far.
+    """
+    return len(re.findall(r"worker \d+ \(pid \d+\) is ready", supervisor.stderr()))
 
 
 def worker_pids(log: str) -> dict[str, list[int]]:
@@ -167,10 +190,66 @@ class SupervisorTests(SynchronousTestCase):
         supervisor.signal(signal.SIGHUP)
         wait_for(lambda: supervisor.stderr().count("SIGHUP: reloading") >= 3)
         log = supervisor.stderr()
+        self.assertIn("SIGHUP: reloading 2 worker(s)", log)
         self.assertIn("worker 1: SIGHUP: reloading", log)
         self.assertIn("worker 2: SIGHUP: reloading", log)
         self.assertIsNone(supervisor.process.poll())
         self.assertEqual(stop(supervisor), 0)
+
+    def test_sighup_before_the_workers_are_ready_reaches_each_once(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor = start_supervisor_process(self, keydir)
+        # The workers are spawned, and still starting Python: none is ready.
+        wait_for(lambda: "worker 2 started" in supervisor.stderr())
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: ready_count(supervisor) >= 2)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") >= 2)
+        time.sleep(0.5)  # time for a second, wrong, reload to show
+        self.assertEqual(stop(supervisor), 0)
+        log = supervisor.stderr()
+        self.assertEqual(log.count("worker 1: SIGHUP: reloading"), 1, log)
+        self.assertEqual(log.count("worker 2: SIGHUP: reloading"), 1, log)
+        self.assertNotIn("killed by", log)
+        self.assertEqual([len(pids) for pids in worker_pids(log).values()], [1, 1])
+
+    def test_sighup_reaches_a_worker_just_started_again(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        signal_pid(worker_pids(supervisor.stderr())["worker 1"][0], signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(supervisor.stderr())["worker 1"]) == 2)
+        # The new worker 1 has been spawned and is not ready yet.
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: ready_count(supervisor) >= 3)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") >= 2)
+        time.sleep(0.5)
+        self.assertEqual(stop(supervisor), 0)
+        log = supervisor.stderr()
+        self.assertEqual(log.count("worker 1: SIGHUP: reloading"), 1, log)
+        self.assertEqual(log.count("worker 2: SIGHUP: reloading"), 1, log)
+        self.assertNotIn("killed by SIGHUP", log)
+        self.assertEqual(len(worker_pids(log)["worker 1"]), 2)
+
+    def test_an_operator_may_sighup_one_worker(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        signal_pid(worker_pids(supervisor.stderr())["worker 2"][0], signal.SIGHUP)
+        wait_for(lambda: "worker 2: SIGHUP: reloading" in supervisor.stderr())
+        self.assertNotIn("worker 1: SIGHUP", supervisor.stderr())
+        self.assertEqual(echo(port), b"ping")
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(len(worker_pids(supervisor.stderr())["worker 2"]), 1)
+
+    def test_workers_exit_when_the_supervisor_dies(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        pids = [started[0] for started in worker_pids(supervisor.stderr()).values()]
+        vault = int(re.findall(r"vault started \(pid (\d+)\)", supervisor.stderr())[0])
+        # The vault has no control channel: it would outlive the test.
+        self.addCleanup(_kill_quietly, vault)
+        supervisor.signal(signal.SIGKILL)
+        supervisor.wait()
+        wait_for(lambda: not any(_alive(pid) for pid in pids))
+        self.assertEqual(supervisor.stderr().count("the supervisor is gone"), 2)
 
     def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
         keydir, _, _, _ = make_keydir(self)
@@ -196,6 +275,22 @@ class SupervisorTests(SynchronousTestCase):
 
 def signal_pid(pid: int, number: int) -> None:
     os.kill(pid, number)
+
+
+def _alive(pid: int) -> bool:
+    """
+    Does process C{pid} run (a zombie, exited and not yet reaped, does not)?
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _refused(port: int) -> bool:
