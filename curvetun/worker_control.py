@@ -118,8 +118,7 @@ class WorkerControl(_Control):
         """
         Tell the supervisor this worker is ready.
         """
-        answer: Deferred[object] = self.callRemote(Ready)
-        return answer
+        return _insulated(self.callRemote(Ready))
 
     @Reload.responder
     def _reload_now(self) -> Deferred[dict[str, Any]]:
@@ -156,8 +155,7 @@ class SupervisorControl(_Control):
         @return: fires once it has, or fails (L{ReloadFailed}, or the
             channel's loss).
         """
-        answer: Deferred[object] = self.callRemote(Reload)
-        return answer
+        return _insulated(self.callRemote(Reload))
 
     def figures(self) -> Deferred[dict[str, TunnelFigures]]:
         """
@@ -173,8 +171,20 @@ class SupervisorControl(_Control):
                 raise ValueError("figures must be a JSON object")
             return {str(name): TunnelFigures.from_json(f) for name, f in document.items()}
 
-        answer: Deferred[dict[str, Any]] = self.callRemote(Figures)
+        answer: Deferred[dict[str, Any]] = _insulated(self.callRemote(Figures))
         return answer.addCallback(parse)
+
+
+def _insulated(answer: Deferred[Any]) -> Deferred[Any]:
+    """
+    A new Deferred with C{answer}'s outcome. AMP puts an errback on the
+    answer of each call that drops the connection when a failure reaches
+    it: what the caller does with the answer (and fails doing) must not be
+    that failure.
+    """
+    outcome: Deferred[Any] = Deferred()
+    answer.chainDeferred(outcome)
+    return outcome
 
 
 def adopt(reactor: Any, fd: int, protocol: _Control) -> None:
