@@ -905,9 +905,9 @@ def make_supervisor_service(
 def main(argv: list[str] | None = None) -> int:
     """
     C{python -m curvetun.workers --keydir DIR --workers N --listen ENDPOINT
-    ... [--forward ENDPOINT] [--grace SECONDS]}: run a supervisor in the
-    foreground until SIGTERM or SIGINT, without C{twist} (C{twist curvetun
-    --workers N} is the way to run one).
+    ... [--forward ENDPOINT] [--grace SECONDS] [--metrics ENDPOINT]}: run a
+    supervisor in the foreground until SIGTERM or SIGINT, without C{twist}
+    (C{twist curvetun --workers N} is the way to run one).
     """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -921,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             ["workers", None, "2", "How many worker processes."],
             ["forward", None, None, "Forward each connection here (default: echo)."],
             ["grace", None, "10", "Seconds open connections may take to finish."],
+            ["metrics", None, None, "Serve /metrics, /status and /healthz on this endpoint."],
         ]
 
         def __init__(self) -> None:
@@ -941,7 +942,9 @@ def main(argv: list[str] | None = None) -> int:
             forward=options["forward"],
             grace=float(options["grace"]),
         )
-        supervisor = Supervisor(reactor, config, int(options["workers"]))
+        supervisor = Supervisor(
+            reactor, config, int(options["workers"]), metrics=options["metrics"]
+        )
     except (usage.UsageError, ValueError, StartupError) as error:
         sys.stderr.write(f"curvetun workers: {error}\n")
         return getattr(error, "status", EX_USAGE)

@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.config import TunnelConfig
 from curvetun.keys import format_public_key
+from curvetun.metrics import Figures
 from curvetun.tap import Options
 from curvetun.workers import Backoff, Supervisor
 
@@ -57,6 +58,7 @@ def start_supervisor_process(
     workers: int = 2,
     grace: float = 5.0,
     extra: tuple[str, ...] = (),
+    listen: str = "tcp:0:interface=127.0.0.1",
 ) -> Child:
     """
     Start C{python -m curvetun.workers} echoing on a free port on
@@ -74,7 +76,7 @@ def start_supervisor_process(
             "--grace",
             str(grace),
             "--listen",
-            "tcp:0:interface=127.0.0.1",
+            listen,
             *extra,
         ],
         "supervisor",
@@ -87,12 +89,13 @@ def start_supervisor(
     workers: int = 2,
     grace: float = 5.0,
     extra: tuple[str, ...] = (),
+    listen: str = "tcp:0:interface=127.0.0.1",
 ) -> tuple[Child, int]:
     """
     Start C{python -m curvetun.workers} echoing on a free port on
     127.0.0.1; wait until every worker is ready. Return it and the port.
     """
-    supervisor = start_supervisor_process(testcase, keydir, workers, grace, extra)
+    supervisor = start_supervisor_process(testcase, keydir, workers, grace, extra, listen)
     wait_for(lambda: ready_count(supervisor) >= workers or supervisor.process.poll() is not None)
     match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
     assert match is not None, supervisor.stderr()
@@ -451,12 +454,26 @@ class VaultCommandLineTests(SynchronousTestCase):
         self.assertNotIn("--statedir", supervisor.vault.argv)
         self.assertNotIn("--instance", supervisor.vault.argv)
 
-    def test_metrics_with_several_workers_is_a_usage_error(self) -> None:
+    def test_metrics_with_several_workers_is_accepted(self) -> None:
         options = Options()
+        options.parseOptions(["--workers", "2", "--metrics", "tcp:0"])
+        self.assertEqual((options["workers"], options["metrics"]), (2, "tcp:0"))
+
+    def test_a_bad_metrics_endpoint_is_a_startup_error(self) -> None:
+        from curvetun.tunnel_service import StartupError
+
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",))
         error = self.assertRaises(
-            UsageError, options.parseOptions, ["--workers", "2", "--metrics", "tcp:0"]
+            StartupError, Supervisor, Clock(), config, 2, listens=[], metrics="nonsense:1"
         )
-        self.assertIn("not summed over workers", str(error))
+        self.assertEqual(error.status, 64)
+
+    def test_the_workers_do_not_see_the_notify_socket(self) -> None:
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",))
+        environ = {"NOTIFY_SOCKET": "/run/n", "PATH": "/bin"}
+        supervisor = Supervisor(Clock(), config, 2, listens=[], environ=environ)
+        self.assertEqual(supervisor.environment, {"PATH": "/bin"})
+        self.assertEqual(supervisor.notify_environ, environ)
 
     def test_the_vault_process_refuses_an_instance_out_of_range(self) -> None:
         from curvetun import vault_process
@@ -467,3 +484,169 @@ class VaultCommandLineTests(SynchronousTestCase):
             options.parseOptions,
             ["--keydir", "/k", "--socket", "/s", "--instance", "70000"],
         )
+
+
+# -- metrics summed over the workers ------------------------------------------------------
+
+
+class FakeProcess:
+    """
+    Stands for a running process: the observer only asks whether one runs.
+    """
+
+    pid = 4242
+
+
+def observed_supervisor(workers: int = 2) -> Supervisor:
+    """
+    A supervisor of C{workers} workers that are never started, running as
+    far as its observer can tell, with its vault "running".
+    """
+    from curvetun.workers import _Worker
+
+    config = TunnelConfig(keydir="/k", listen=("curvetun:7700",))
+    supervisor = Supervisor(Clock(), config, workers, listens=[])
+    supervisor.running = 1
+    supervisor.vault.process = FakeProcess()  # type: ignore[assignment]
+    supervisor.workers = [
+        _Worker(supervisor, f"worker {n}", [], {}, 3) for n in range(1, workers + 1)
+    ]
+    return supervisor
+
+
+def figures(ok: int, connections: int, received: int) -> Figures:
+    these = Figures(connections=connections, bytes_received=received)
+    these.handshakes["ok"] = ok
+    return these
+
+
+class SupervisorObserverTests(SynchronousTestCase):
+    """
+    The supervisor serves the sum of its workers' figures; its counters
+    never go back when a worker ends; it is healthy only with every worker
+    ready and the vault running.
+    """
+
+    def test_the_figures_are_summed_over_the_workers(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.figures = {"curvetun:7700": figures(ok=3, connections=1, received=10)}
+        second.figures = {"curvetun:7700": figures(ok=4, connections=2, received=5)}
+        total = supervisor.observer.figures()["curvetun:7700"]
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (7, 3, 15)
+        )
+
+    def test_the_counters_of_a_worker_that_ended_are_kept(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.figures = {"curvetun:7700": figures(ok=3, connections=1, received=10)}
+        second.figures = {"curvetun:7700": figures(ok=4, connections=2, received=5)}
+        first.gone()
+        total = supervisor.observer.figures()["curvetun:7700"]
+        # Its counters stay in; its connections are gone with it.
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (7, 2, 15)
+        )
+        # Started again, it counts from 0: the sum goes on from there.
+        first.figures = {"curvetun:7700": figures(ok=1, connections=1, received=1)}
+        total = supervisor.observer.figures()["curvetun:7700"]
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (8, 3, 16)
+        )
+
+    def test_every_tunnel_is_reported_before_any_worker_answered(self) -> None:
+        supervisor = observed_supervisor()
+        self.assertEqual(supervisor.observer.figures(), {"curvetun:7700": Figures()})
+
+    def test_healthy_only_with_every_worker_ready_and_the_vault_running(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        self.assertEqual(supervisor.observer.health(), "0 of 2 workers ready")
+        first.ready = True
+        self.assertEqual(supervisor.observer.health(), "1 of 2 workers ready")
+        second.ready = True
+        self.assertIsNone(supervisor.observer.health())
+        supervisor.vault.process = None
+        self.assertEqual(supervisor.observer.health(), "the vault process is not running")
+
+    def test_the_status_lists_each_worker(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.ready = True
+        first.figures = {"curvetun:7700": figures(ok=3, connections=2, received=10)}
+        status = supervisor.observer.status()
+        self.assertEqual(
+            [(w["name"], w["ready"], w["connections"]) for w in status["workers"]],
+            [("worker 1", True, 2), ("worker 2", False, 0)],
+        )
+        self.assertEqual([t["name"] for t in status["tunnels"]], ["curvetun:7700"])
+
+
+def get(url: str) -> tuple[int, bytes]:
+    """
+    GET C{url}, blocking: the status and the body.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def ok_handshakes(base: str) -> float:
+    """
+    The C{ok} handshakes of C{/metrics} at C{base}.
+    """
+    _, body = get(base + "/metrics")
+    match = re.search(rb'curvetun_handshakes_total\{[^}]*result="ok"[^}]*\} (\S+)', body)
+    assert match is not None, body
+    return float(match.group(1))
+
+
+class SupervisorMetricsTests(TestCase):
+    """
+    C{--metrics} with workers, on real processes: the supervisor serves the
+    figures summed over them, lists them in /status, and /healthz says
+    whether every worker is ready.
+    """
+
+    async def test_the_supervisor_serves_the_sum_over_its_workers(self) -> None:
+        keys = KeyDirs(self)
+        supervisor, port = start_supervisor(
+            self,
+            keys.server,
+            listen="curvetun:0:interface=127.0.0.1",
+            extra=("--metrics", "tcp:0:interface=127.0.0.1"),
+        )
+        match = re.search(r"\(127\.0\.0\.1:(\d+)\): metrics", supervisor.stderr())
+        assert match is not None, supervisor.stderr()
+        base = f"http://127.0.0.1:{match.group(1)}"
+        self.assertEqual(get(base + "/healthz"), (200, b"ok\n"))
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        for number in range(10):
+            client = await endpoint.connect(Factory.forProtocol(Collector))
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"%d" % number), b"%d" % number)
+            assert client.transport is not None
+            client.transport.loseConnection()
+            await client.lost
+        wait_for(lambda: ok_handshakes(base) == 10)
+        code, body = get(base + "/status")
+        status = json.loads(body)
+        pids = worker_pids(supervisor.stderr())
+        self.assertEqual(
+            [(w["name"], w["pid"], w["ready"]) for w in status["workers"]],
+            [("worker 1", pids["worker 1"][0], True), ("worker 2", pids["worker 2"][0], True)],
+        )
+        # A worker killed: unhealthy until it is back, and the counter
+        # does not go back.
+        signal_pid(pids["worker 1"][0], signal.SIGKILL)
+        wait_for(lambda: get(base + "/healthz")[0] == 503)
+        self.assertEqual(get(base + "/healthz")[1], b"1 of 2 workers ready\n")
+        wait_for(lambda: get(base + "/healthz")[0] == 200)
+        self.assertEqual(ok_handshakes(base), 10)
+        self.assertEqual(stop(supervisor), 0)
