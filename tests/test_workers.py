@@ -59,6 +59,7 @@ def start_supervisor_process(
     grace: float = 5.0,
     extra: tuple[str, ...] = (),
     listen: str = "tcp:0:interface=127.0.0.1",
+    environ: dict[str, str] | None = None,
 ) -> Child:
     """
     Start C{python -m curvetun.workers} echoing on a free port on
@@ -80,6 +81,7 @@ def start_supervisor_process(
             *extra,
         ],
         "supervisor",
+        environ,
     )
 
 
@@ -650,3 +652,84 @@ class SupervisorMetricsTests(TestCase):
         wait_for(lambda: get(base + "/healthz")[0] == 200)
         self.assertEqual(ok_handshakes(base), 10)
         self.assertEqual(stop(supervisor), 0)
+
+
+# -- readiness for a service manager ------------------------------------------------------
+
+
+class NotifySocket:
+    """
+    A UNIX datagram socket bound where C{$NOTIFY_SOCKET} names it, as a
+    service manager's: what it received, one dict of fields per datagram.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase) -> None:
+        from ._process_support import socket_path
+
+        self.path = socket_path(testcase)
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.path)
+        self.socket.setblocking(False)
+        testcase.addCleanup(self.socket.close)
+        self.received: list[dict[str, str]] = []
+
+    def read(self) -> list[dict[str, str]]:
+        """
+        Everything received so far.
+        """
+        while True:
+            try:
+                datagram = self.socket.recv(4096)
+            except BlockingIOError:
+                return self.received
+            fields = dict(line.split("=", 1) for line in datagram.decode().splitlines() if line)
+            self.received.append(fields)
+
+    def kinds(self) -> list[str]:
+        """
+        What each datagram said: READY, RELOADING or STOPPING.
+        """
+        return [
+            next(kind for kind in ("READY", "RELOADING", "STOPPING") if kind in fields)
+            for fields in self.read()
+        ]
+
+
+class SupervisorNotifyTests(SynchronousTestCase):
+    """
+    With C{$NOTIFY_SOCKET}, the supervisor (and it alone) tells the manager
+    READY=1 once every worker is ready, RELOADING=1 and READY=1 around a
+    reload, and STOPPING=1 on SIGTERM.
+    """
+
+    def test_ready_reloading_and_stopping_come_from_the_supervisor(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        manager = NotifySocket(self)
+        supervisor = start_supervisor_process(self, keydir, environ={"NOTIFY_SOCKET": manager.path})
+        wait_for(lambda: manager.kinds() == ["READY"])
+        # Not before every worker said it was ready.
+        self.assertEqual(ready_count(supervisor), 2)
+        ready = manager.read()[0]
+        self.assertEqual(ready["MAINPID"], str(supervisor.pid))
+        self.assertIn("2 workers listening on 127.0.0.1:", ready["STATUS"])
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: manager.kinds() == ["READY", "RELOADING", "READY"])
+        # READY=1 once both workers have reloaded.
+        self.assertEqual(supervisor.stderr().count(": SIGHUP: reloading"), 2)
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(manager.kinds(), ["READY", "RELOADING", "READY", "STOPPING"])
+        self.assertEqual(
+            {fields.get("MAINPID") for fields in manager.read()} - {None}, {str(supervisor.pid)}
+        )
+
+    def test_a_sighup_before_ready_tells_no_ready_early(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        manager = NotifySocket(self)
+        supervisor = start_supervisor_process(self, keydir, environ={"NOTIFY_SOCKET": manager.path})
+        wait_for(lambda: "worker 2 started" in supervisor.stderr())
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") == 2)
+        wait_for(lambda: manager.kinds() == ["READY"])
+        self.assertEqual(ready_count(supervisor), 2)
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(manager.kinds(), ["READY", "STOPPING"])
