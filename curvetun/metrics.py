@@ -29,8 +29,8 @@ endpoint are the remote server's to count.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,7 +47,7 @@ from .factories import CurveTunServerFactory
 from .transport import CurveTunProtocol
 
 if TYPE_CHECKING:
-    from .tunnel_service import Tunnels, TunnelService
+    from .tunnel_service import Identity, TunnelService
 
 HANDSHAKE_RESULTS: tuple[str, ...] = ("ok", *FAILURE_LABELS)
 """
@@ -276,16 +276,35 @@ def _unwrapped(factory: object) -> Iterator[object]:
         factory = inner
 
 
+class ObservedTunnels(Protocol):
+    """
+    What an L{Observer} observes: the tunnels of one process and their
+    identities (L{curvetun.tunnel_service.Tunnels}, or a worker's tunnels).
+    """
+
+    @property
+    def identities(self) -> Sequence[Identity]:
+        """The identities the tunnels use."""
+
+    @property
+    def tunnels(self) -> Sequence[TunnelService]:
+        """The tunnels."""
+
+    @property
+    def running(self) -> int:
+        """Whether they run."""
+
+
 class Observer:
     """
     The figures, status and health of the tunnels of one process
-    (L{curvetun.tunnel_service.Tunnels}).
+    (L{curvetun.tunnel_service.Tunnels}, or a worker's).
 
     Made before the tunnels start: it follows every server factory their
     identities make from then on, and keeps the counts of those that stop.
     """
 
-    def __init__(self, tunnels: Tunnels, clock: IReactorTime) -> None:
+    def __init__(self, tunnels: ObservedTunnels, clock: IReactorTime) -> None:
         self.tunnels = tunnels
         self.clock = clock
         self.listeners: list[ListenerFigures] = []

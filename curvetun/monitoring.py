@@ -24,7 +24,8 @@ a log line.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
@@ -32,13 +33,29 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from .listeners import CannotListen, OpenConnections, TunnelListener
-from .metrics import CurveTunCollector, Observer
+from .metrics import CurveTunCollector, Figures
 from .tunnel_service import EX_UNAVAILABLE, StartupError
 
 PATHS = (b"metrics", b"status", b"healthz")
 """
 The pages of the monitoring endpoint.
 """
+
+
+class Reporter(Protocol):
+    """
+    What the pages report: a process's tunnels (L{curvetun.metrics.Observer})
+    or a supervisor's workers (L{curvetun.workers.SupervisorObserver}).
+    """
+
+    def figures(self) -> Mapping[str, Figures]:
+        """Each tunnel's figures now, by name."""
+
+    def status(self) -> dict[str, Any]:
+        """The status document."""
+
+    def health(self) -> str | None:
+        """L{None} when healthy, else why not (one line)."""
 
 
 class MetricsPage(Resource):
@@ -64,7 +81,7 @@ class StatusPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Reporter) -> None:
         super().__init__()
         self.observer = observer
 
@@ -80,7 +97,7 @@ class HealthPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, observer: Observer) -> None:
+    def __init__(self, observer: Reporter) -> None:
         super().__init__()
         self.observer = observer
 
@@ -103,7 +120,7 @@ class IndexPage(Resource):
         return b"curvetun: " + b" ".join(b"/" + path for path in PATHS) + b"\n"
 
 
-def site(observer: Observer) -> Site:
+def site(observer: Reporter) -> Site:
     """
     The web site of the monitoring endpoint, for C{observer}'s tunnels.
     """
@@ -140,7 +157,7 @@ class MonitoringListener(TunnelListener):
         self,
         endpoint: IStreamServerEndpoint,
         description: str,
-        observer: Observer,
+        observer: Reporter,
         clock: IReactorTime,
         where: str = "",
     ) -> None:

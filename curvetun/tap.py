@@ -191,7 +191,8 @@ class Options(usage.Options):
             (
                 "Server endpoint string to serve /metrics (Prometheus), /status (JSON) and "
                 "/healthz on over HTTP, e.g. tcp:9100:interface=127.0.0.1; allowed with "
-                "--config, where it overrides the file's metrics."
+                "--config, where it overrides the file's metrics; with --workers, the "
+                "supervisor serves the figures summed over the workers."
             ),
         ],
     ]
@@ -262,13 +263,6 @@ class Options(usage.Options):
             raise usage.UsageError(str(error)) from None
         if not 1 <= self["workers"] <= MAX_WORKERS:
             raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
-        if self["workers"] > 1 and self["metrics"] is not None:
-            # Each worker sees only its own connections: one worker's figures
-            # served as the whole server's would mislead.
-            raise usage.UsageError(
-                "--metrics cannot be combined with --workers above 1 "
-                "(the figures are not summed over workers)"
-            )
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -315,7 +309,9 @@ def makeService(options: Options) -> IService:
     if options["workers"] > 1:
         from .workers import make_supervisor_service
 
-        return make_supervisor_service(options.tunnels[0], options["workers"])
+        return make_supervisor_service(
+            options.tunnels[0], options["workers"], metrics=options["metrics"]
+        )
     if options["config"] is not None:
         return make_service_from_file(
             options["config"],

@@ -2,7 +2,7 @@
 One worker process under the supervisor of L{curvetun.workers}.
 
     python -m curvetun.worker_main --vault-socket PATH --config JSON
-        --adopt FD:KIND ... [--name NAME]
+        --adopt FD:KIND ... [--control-fd FD] [--name NAME]
 
 It connects to the vault process at C{PATH} and learns the public key from
 it (it never opens the key directory's key files; it reads the registry),
@@ -12,6 +12,17 @@ C{curvetun-proxied}), and runs the tunnel on them as C{twist curvetun}
 would, asking the vault for each handshake's long-term-key operations.
 SIGTERM: stop accepting, let open connections finish for up to the grace
 time, exit. SIGHUP: read the registry again.
+
+With C{--control-fd FD} (the supervisor always gives it) the inherited
+socket C{FD} is the worker's end of its control channel
+(L{curvetun.worker_control}): once every listener listens and the signal
+handlers are installed the worker says C{Ready}; then the supervisor
+sends it C{Reload} (instead of a SIGHUP, which could reach a worker not
+yet able to handle it) and C{Figures}. SIGHUP is ignored from the first
+line of L{main} until the handler is installed, so that a SIGHUP sent to
+a starting worker is not its end. When the channel closes, the supervisor
+is gone: the worker stops as on SIGTERM (it drains) and exits, rather
+than serve on as an orphan nobody restarts or stops.
 
 Exit status 69 (C{EX_UNAVAILABLE}) if the vault does not answer at start,
 64 for a bad option, 78 for an unusable registry.
@@ -36,7 +47,7 @@ from zope.interface import implementer
 from curvetun.admission import ConnectionLimits
 from curvetun.config import TunnelConfig
 from curvetun.handshake_vault import IHandshakeVault
-from curvetun.tunnel_service import TunnelService
+from curvetun.tunnel_service import Identity, TunnelService
 
 log = Logger()
 
@@ -126,6 +137,7 @@ class Options(usage.Options):
         ["vault-socket", None, None, "The vault process's UNIX socket."],
         ["config", None, None, "The tunnel's configuration, as JSON."],
         ["name", None, "worker", "This worker's name in the logs."],
+        ["control-fd", None, None, "The inherited end of the supervisor's control channel."],
     ]
 
     def __init__(self) -> None:
@@ -149,6 +161,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--config is not a tunnel configuration: {error}") from None
         if len(self["adopt"]) != len(self["config"].listen):
             raise usage.UsageError("one --adopt for each listen endpoint")
+        if self["control-fd"] is not None:
+            text = self["control-fd"]
+            if not (text.isascii() and text.isdigit() and len(text) < 6):
+                raise usage.UsageError(f"--control-fd wants a descriptor number, not {text[:40]!r}")
+            self["control-fd"] = int(text)
 
 
 def build_worker_tunnel(
@@ -225,17 +242,38 @@ def build_worker_tunnel(
     return tunnel
 
 
+@attrs.define
+class WorkerTunnels:
+    """
+    The tunnels of one worker and their identity, as an
+    L{curvetun.metrics.Observer} observes them (their figures go to the
+    supervisor, which serves the sum).
+    """
+
+    identities: list[Identity]
+    tunnels: list[TunnelService]
+
+    @property
+    def running(self) -> int:
+        """
+        Whether every tunnel runs.
+        """
+        return int(all(tunnel.running for tunnel in self.tunnels))
+
+
 async def run(reactor: Any, options: Options) -> int:
     """
-    Connect to the vault, serve on every adopted socket until SIGTERM, and
-    drain.
+    Connect to the vault, serve on every adopted socket until SIGTERM (or
+    until the control channel closes), and drain.
     """
     from twisted.internet.endpoints import UNIXClientEndpoint
 
     from curvetun.handshake_vault import VaultUnavailable
     from curvetun.keys import fingerprint
+    from curvetun.metrics import Observer
     from curvetun.remote_vault import RemoteVault
     from curvetun.tunnel_service import StartupError
+    from curvetun.worker_control import WorkerControl, adopt
 
     name = options["name"]
     try:
@@ -246,26 +284,33 @@ async def run(reactor: Any, options: Options) -> int:
         sys.stderr.write(f"curvetun {name}: {error}\n")
         return EX_UNAVAILABLE
     log.info("{name}: vault key {key}", name=name, key=fingerprint(vault.public_key))
+    config: TunnelConfig = options["config"]
     try:
-        tunnel = build_worker_tunnel(reactor, options["config"], vault, options["adopt"])
-        tunnel.privilegedStartService()
-        tunnel.startService()
+        tunnel = build_worker_tunnel(reactor, config, vault, options["adopt"])
     except StartupError as error:
         sys.stderr.write(f"curvetun {name}: {error}\n")
         await vault.stop()
         return error.status
+    # Made before the listeners start: it follows the server factories as
+    # they are made.
+    observer = Observer(
+        WorkerTunnels([Identity(tunnel.identity, config.keydir, config.registry, False)], [tunnel]),
+        reactor,
+    )
 
     stopped: Deferred[None] = Deferred()
 
-    def reload() -> None:
+    def reload() -> Deferred[object]:
         log.info("{name}: SIGHUP: reloading", name=name)
         rereading = getattr(tunnel.identity.registry, "reload", None)
-        if rereading is not None:
-            # A registry error is logged by the registry itself.
-            rereading().addErrback(lambda _: None)
+        if rereading is None:
+            return succeed(None)
+        # A registry error is logged by the registry itself.
+        reloaded: Deferred[object] = rereading()
+        return reloaded
 
     def on_sighup(number: int, frame: object) -> None:
-        reactor.callFromThread(reload)
+        reactor.callFromThread(lambda: reload().addErrback(lambda _: None))
 
     def stop() -> None:
         if not stopped.called:
@@ -274,9 +319,32 @@ async def run(reactor: Any, options: Options) -> int:
     def terminate(number: int, frame: object) -> None:
         reactor.callFromThread(stop)
 
+    control = None
+    if options["control-fd"] is not None:
+        control = WorkerControl(reload, observer.figures)
+        adopt(reactor, options["control-fd"], control)
+
+        def supervisor_gone(_: None) -> None:
+            if not stopped.called:
+                log.info("{name}: the supervisor is gone (control channel closed)", name=name)
+            stop()
+
+        control.lost.addCallback(supervisor_gone)
+    try:
+        tunnel.privilegedStartService()
+        tunnel.startService()
+    except StartupError as error:
+        sys.stderr.write(f"curvetun {name}: {error}\n")
+        await vault.stop()
+        return error.status
     signal.signal(signal.SIGHUP, on_sighup)
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
+    if control is not None and not stopped.called:
+        await tunnel.when_listening()
+        # Ready means: every listener listens and the handlers above are
+        # installed, so whatever the supervisor sends from now on is acted on.
+        control.ready().addErrback(lambda _: None)
     await stopped
     log.info("{name}: stopping", name=name)
     await tunnel.stopService()
@@ -288,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     Run a worker; return its exit status.
     """
+    # Until run() installs its handler, a SIGHUP (an operator's, sent to a
+    # worker that is still starting) must not end the process: the
+    # default action of SIGHUP is to terminate.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from twisted.internet import reactor as default_reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 

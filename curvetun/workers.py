@@ -27,10 +27,31 @@ seconds, doubling after each exit up to 30 seconds, back to 0.5 once the
 process had run for a minute. A vault that exits with status 64 or 78 (a
 bad option, an unusable key directory) is not: the supervisor stops.
 
+Each worker has a control channel to the supervisor
+(L{curvetun.worker_control}): an AF_UNIX socket pair, one end inherited by
+the worker, AMP on both. The worker says C{Ready} once every listener
+listens and its signal handlers are installed; only then does the
+supervisor send it commands.
+
 SIGTERM (or SIGINT) to the supervisor: it stops listening itself, sends
 SIGTERM to every worker (each stops listening and lets its open
 connections finish for up to its grace time), waits for them, then stops
-the vault. SIGHUP is passed on to every worker (reload).
+the vault. SIGHUP to the supervisor: C{Reload} to every ready worker; a
+worker not yet ready gets it once it says C{Ready} (it may have read the
+registry before the SIGHUP). No signal is forwarded: a signal that
+reaches a worker before its handler is installed would end it or be lost.
+A worker whose control channel closes (the supervisor is gone) drains and
+exits.
+
+Metrics (C{--metrics}): the supervisor serves C{/metrics}, C{/status} and
+C{/healthz} (L{curvetun.monitoring}) with the figures summed over the
+workers, as L{SupervisorObserver} says.
+
+A service manager (C{$NOTIFY_SOCKET}, L{curvetun.notify}) is told
+C{READY=1} once every worker has said C{Ready}, C{RELOADING=1} then
+C{READY=1} around a reload, and C{STOPPING=1} when the drain begins. The
+workers and the vault do not see C{$NOTIFY_SOCKET}: only the supervisor
+speaks for the service.
 """
 
 from __future__ import annotations
@@ -41,7 +62,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import attrs
@@ -50,10 +71,14 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort, IProcessTransport, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from curvetun import __version__, notify
 from curvetun.config import TunnelConfig
+from curvetun.metrics import Figures, sum_figures
+from curvetun.worker_control import ReloadFailed, SupervisorControl, adopt, channel
 
 if TYPE_CHECKING:
     from curvetun.tunnel_service import StartupError
@@ -64,7 +89,13 @@ EX_USAGE = 64
 EX_CONFIG = 78
 
 FIRST_CHILD_FD = 3
-"""The first file descriptor number of the listening sockets in a worker."""
+"""
+The first file descriptor number of the listening sockets in a worker;
+the control channel's comes after the last of them.
+"""
+
+FIGURES_INTERVAL = 1.0
+"""Seconds between two requests for each worker's figures (with metrics)."""
 
 
 @attrs.define
@@ -173,6 +204,7 @@ class _Child:
     def ended(self, reason: Failure) -> None:
         pid = self._pid
         self.process = None
+        self.gone()
         uptime = self.supervisor.reactor.seconds() - self.started_at
         waiting, self._ended = self._ended, []
         for d in waiting:
@@ -200,6 +232,11 @@ class _Child:
             delay=delay,
         )
         self._restart = self.supervisor.reactor.callLater(delay, self.start)
+
+    def gone(self) -> None:
+        """
+        The process has ended (before it is started again, if it is).
+        """
 
     def signal(self, number: int) -> None:
         """
@@ -240,6 +277,107 @@ class _Child:
             timeout=timeout,
         )
         self.signal(signal.SIGKILL)
+
+
+class _Worker(_Child):
+    """
+    A worker process, with its control channel (L{curvetun.worker_control}).
+
+    @ivar control: the supervisor's end of the channel of the worker that
+        runs now (or L{None}).
+    @ivar ready: whether that worker has said C{Ready}.
+    @ivar reload_pending: whether it is to be sent C{Reload} once ready.
+    @ivar figures: its figures, as it last said (by tunnel name).
+    """
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        name: str,
+        argv: list[str],
+        child_fds: dict[int, int | str],
+        control_fd: int,
+    ) -> None:
+        super().__init__(supervisor, name, [*argv, "--control-fd", str(control_fd)], child_fds)
+        self.control_fd = control_fd
+        self.control: SupervisorControl | None = None
+        self.ready = False
+        self.reload_pending = False
+        self.figures: dict[str, Figures] = {}
+
+    def start(self) -> None:
+        self.ready = False
+        # A worker that starts now reads the registry after any SIGHUP
+        # before: it needs no reload of its own.
+        self.reload_pending = False
+        self.figures = {}
+        ours, theirs = channel()
+        fds = self.child_fds
+        self.child_fds = {**fds, self.control_fd: theirs.fileno()}
+        try:
+            super().start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            self.child_fds = fds
+            # Our copy of the worker's end: once the worker exits, the
+            # channel closes.
+            theirs.close()
+        control = SupervisorControl(lambda: self._said_ready(control))
+        self.control = control
+        adopt(self.supervisor.reactor, ours.detach(), control)
+
+    def _said_ready(self, control: SupervisorControl) -> None:
+        if control is not self.control:
+            return  # the channel of a worker that has ended since
+        self.ready = True
+        log.info("{name} (pid {pid}) is ready", name=self.name, pid=self.pid)
+        if self.reload_pending:
+            self.reload_pending = False
+            self.reload()
+        self.supervisor.worker_ready()
+
+    def reload(self) -> Deferred[None]:
+        """
+        Send C{Reload}; log a failure.
+
+        @return: fires once the worker answered (or failed to).
+        """
+        if self.control is None:
+            return succeed(None)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(ReloadFailed):
+                log.error("{name}: the reload failed: {error}", name=self.name, error=failure.value)
+            else:
+                log.info("{name} did not answer the reload: it ended", name=self.name)
+
+        return self.control.reload().addCallbacks(lambda _: None, failed)
+
+    def ask_figures(self) -> None:
+        """
+        Ask the worker for its figures, and keep them.
+        """
+        control = self.control
+        if control is None or not self.ready:
+            return
+
+        def keep(figures: dict[str, Figures]) -> None:
+            if control is self.control:
+                self.figures = figures
+
+        def failed(failure: Failure) -> None:
+            if failure.check(ValueError):
+                log.warn("{name} answered figures that are not", name=self.name)
+
+        control.figures().addCallbacks(keep, failed)
+
+    def gone(self) -> None:
+        self.supervisor.worker_gone(self)
+        self.ready = False
+        self.control = None
+        self.figures = {}
 
 
 @attrs.frozen
@@ -314,9 +452,12 @@ class Supervisor(Service):
     sockets that the workers accept on.
 
     @ivar vault: the vault process's L{_Child}.
-    @ivar workers: the workers' L{_Child}ren.
+    @ivar workers: the workers' L{_Worker}s.
     @ivar ports: the listening ports, once bound.
     @ivar exit_status: the status to exit with, once it gave up (or None).
+    @ivar observer: what the monitoring endpoint reports (L{SupervisorObserver}).
+    @ivar monitor: the monitoring endpoint's listener, with C{metrics}.
+    @ivar told_ready: whether the service manager was told C{READY=1}.
     """
 
     def __init__(
@@ -329,6 +470,9 @@ class Supervisor(Service):
         stop_timeout: float | None = None,
         backoff: dict[str, float] | None = None,
         on_give_up: Callable[[int], None] | None = None,
+        metrics: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        figures_interval: float = FIGURES_INTERVAL,
     ) -> None:
         """
         @param config: the tunnel every worker runs (its key directory is
@@ -342,7 +486,14 @@ class Supervisor(Service):
         @param backoff: keyword arguments for each process's L{Backoff}.
         @param on_give_up: called with an exit status when the vault cannot
             start (default: stop the reactor).
-        @raise StartupError: a listen endpoint string is unusable.
+        @param metrics: the server endpoint string of the monitoring
+            endpoint, or L{None} for none.
+        @param environ: the environment: the children's (without
+            C{NOTIFY_SOCKET}) and where C{NOTIFY_SOCKET} is found (default:
+            the process's).
+        @param figures_interval: seconds between two requests for each
+            worker's figures, with C{metrics}.
+        @raise StartupError: a listen or metrics endpoint string is unusable.
         """
         if workers < 1:
             raise ValueError("at least one worker")
@@ -361,7 +512,10 @@ class Supervisor(Service):
             self._own_socket_directory = tempfile.mkdtemp(prefix="curvetun-vault-")
             vault_socket = os.path.join(self._own_socket_directory, "vault.sock")
         self.vault_socket = vault_socket
-        self.environment = dict(os.environ)
+        self.notify_environ = dict(os.environ if environ is None else environ)
+        # Only the supervisor speaks for the service to its manager.
+        self.environment = {k: v for k, v in self.notify_environ.items() if k != "NOTIFY_SOCKET"}
+        self.told_ready = False
         self.vault = _Child(
             self,
             "vault",
@@ -380,15 +534,30 @@ class Supervisor(Service):
             ],
             {0: "w", 1: 1, 2: 2},
         )
-        self.workers: list[_Child] = []
+        self.workers: list[_Worker] = []
         self._previous_sighup: Any = None
+        self.observer = SupervisorObserver(self)
+        self.monitor: IService | None = None
+        self._poll = LoopingCall(self._ask_figures)
+        self._poll.clock = reactor
+        self._figures_interval = figures_interval
+        if metrics is not None:
+            from twisted.internet.endpoints import serverFromString
+
+            from curvetun.monitoring import MonitoringListener
+            from curvetun.tunnel_service import parse_endpoint
+
+            endpoint = parse_endpoint("--metrics", metrics, serverFromString, reactor)
+            self.monitor = MonitoringListener(endpoint, metrics, self.observer, reactor)
 
     def privilegedStartService(self) -> None:
         """
         Bind every listening socket (before privileges are dropped): the
-        ports are opened here and never accept in this process.
+        ports are opened here and never accept in this process. Then the
+        monitoring endpoint, if any.
 
-        @raise Exception: an endpoint cannot listen (whatever it raised).
+        @raise Exception: an endpoint cannot listen (whatever it raised;
+            L{StartupError} for the monitoring endpoint).
         """
         super().privilegedStartService()
         for listen in self.listens:
@@ -396,8 +565,7 @@ class Supervisor(Service):
             listening = listen.endpoint.listen(Factory.forProtocol(_NeverAccepts))
             listening.addCallbacks(self.ports.append, failures.append)
             if failures:
-                for port in self.ports:
-                    port.stopListening()
+                self._close_ports()
                 failures[0].raiseException()
             # The supervisor only holds the socket: the workers accept.
             self.ports[-1].stopReading()  # type: ignore[attr-defined]
@@ -407,20 +575,35 @@ class Supervisor(Service):
                 address=_address(self.ports[-1]),
                 workers=self.worker_count,
             )
+        if self.monitor is not None:
+            try:
+                self.monitor.privilegedStartService()
+            except BaseException:
+                self._close_ports()
+                raise
+
+    def _close_ports(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            port.stopListening()
 
     def startService(self) -> None:
         """
-        Start the vault and the workers, and pass SIGHUP on to the workers.
+        Start the vault and the workers, and reload them on SIGHUP.
         """
         if not self.ports and self.listens:
             self.privilegedStartService()
         super().startService()
+        # First: a SIGHUP from now on reloads, and must not end the
+        # supervisor (SIGHUP's default action) while its workers start.
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
         adopt: list[str] = []
         for number, (port, listen) in enumerate(zip(self.ports, self.listens, strict=False)):
             fd = FIRST_CHILD_FD + number
             child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
             adopt += ["--adopt", f"{fd}:{listen.kind}"]
+        control_fd = FIRST_CHILD_FD + len(self.listens)
         from curvetun.worker_main import config_to_json
 
         config = config_to_json(self.config)
@@ -436,23 +619,72 @@ class Supervisor(Service):
                 f"worker {number}",
                 *adopt,
             ]
-            self.workers.append(_Child(self, f"worker {number}", argv, child_fds))
+            self.workers.append(_Worker(self, f"worker {number}", argv, child_fds, control_fd))
         self.vault.start()
         for worker in self.workers:
             worker.start()
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        if self.monitor is not None:
+            self.monitor.startService()
+            self._poll.start(self._figures_interval, now=False)
 
     def _sighup(self, number: int, frame: object) -> None:
         # A signal handler may only hand work to the reactor.
         self.reactor.callFromThread(self.reload)
 
-    def reload(self) -> None:
+    def reload(self) -> Deferred[None]:
         """
-        Pass SIGHUP on to every worker.
+        Have every worker read its registry again: C{Reload} to each ready
+        worker now, and to each other once it says C{Ready}. The service
+        manager is told C{RELOADING=1}, then C{READY=1} once the ready
+        workers have answered.
+
+        @return: fires once the ready workers have answered.
         """
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> None:
         log.info("SIGHUP: reloading {count} worker(s)", count=len(self.workers))
+        # Before the first READY=1 the manager still waits for the start:
+        # a reload then must not tell it the service is ready.
+        tell = self.told_ready
+        if tell:
+            notify.reloading(self.notify_environ)
+        answers = []
         for worker in self.workers:
-            worker.signal(signal.SIGHUP)
+            if worker.ready:
+                answers.append(worker.reload())
+            else:
+                worker.reload_pending = True
+        await DeferredList(answers)
+        if tell and not self.stopping:
+            notify.ready(self.status_line(), self.notify_environ)
+
+    def worker_ready(self) -> None:
+        """
+        A worker said C{Ready}: once every one has, tell the service manager.
+        """
+        if self.told_ready or self.stopping:
+            return
+        if all(worker.ready for worker in self.workers):
+            self.told_ready = True
+            notify.ready(self.status_line(), self.notify_environ)
+
+    def worker_gone(self, worker: _Worker) -> None:
+        """
+        A worker ended: keep its counters (see L{SupervisorObserver}).
+        """
+        self.observer.keep_counters(worker.figures)
+
+    def _ask_figures(self) -> None:
+        for worker in self.workers:
+            worker.ask_figures()
+
+    def status_line(self) -> str:
+        """
+        What the workers serve, for the manager's C{STATUS}.
+        """
+        addresses = ", ".join(_address(port) for port in self.ports)
+        return f"{self.worker_count} workers listening on {addresses}"
 
     def give_up(self, status: int) -> None:
         """
@@ -468,6 +700,8 @@ class Supervisor(Service):
         """
         Stop listening, drain and stop every worker, then stop the vault.
         """
+        if self.running:
+            notify.stopping(self.notify_environ)
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
@@ -484,10 +718,109 @@ class Supervisor(Service):
         if any(worker.process is not None for worker in self.workers):
             log.info("Stopping {count} worker(s)", count=len(self.workers))
         await DeferredList([worker.stop(self.stop_timeout) for worker in self.workers])
+        if self._poll.running:
+            self._poll.stop()
+        if self.monitor is not None and self.monitor.running:
+            # Kept through the drain, so that it can be watched to its end.
+            await _maybe(self.monitor.stopService())
         await self.vault.stop(self.stop_timeout)
         if self._own_socket_directory is not None:
             shutil.rmtree(self._own_socket_directory, ignore_errors=True)
         log.info("All workers and the vault have stopped")
+
+
+class SupervisorObserver:
+    """
+    The figures, status and health of a L{Supervisor}'s workers, for the
+    monitoring endpoint (L{curvetun.monitoring}).
+
+    The supervisor asks each ready worker for its figures every second or
+    so (C{Figures}), rather than each worker pushing them: the workers stay
+    passive (no timer of their own, nothing sent when nobody serves
+    metrics), the supervisor alone sets the pace, and it asks only the
+    workers it knows to be ready. A scrape is answered at once (Prometheus
+    collection is synchronous) from the latest figures each worker gave,
+    so it lags by up to that interval.
+
+    The counters (handshakes, bytes, refusals) never go back: when a worker
+    ends, the counters it last gave are kept, added into every later sum
+    (what it counted after its last answer is lost; at most an interval's
+    worth). The gauges (connections, handshakes in progress) are those of
+    the workers that run.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        config = supervisor.config
+        self._names = [config.name or config.listen[0]] if config.listen else []
+        self.ended: dict[str, Figures] = {name: Figures() for name in self._names}
+
+    def keep_counters(self, figures: Mapping[str, Figures]) -> None:
+        """
+        Add the counters of a worker that ended to the kept ones.
+        """
+        for name, these in figures.items():
+            counters = Figures(
+                handshakes=dict(these.handshakes),
+                bytes_received=these.bytes_received,
+                bytes_sent=these.bytes_sent,
+                refused=dict(these.refused),
+            )
+            self.ended.setdefault(name, Figures()).add(counters)
+
+    def figures(self) -> dict[str, Figures]:
+        """
+        Each tunnel's figures, summed over the workers (and those that
+        ended, for the counters).
+        """
+        return sum_figures([self.ended, *(worker.figures for worker in self.supervisor.workers)])
+
+    def status(self) -> dict[str, Any]:
+        """
+        The status document: the tunnels (without per-connection detail:
+        each connection is its worker's), each worker and the vault.
+        """
+        supervisor = self.supervisor
+        config = supervisor.config
+        return {
+            "version": __version__,
+            "now": supervisor.reactor.seconds(),
+            "tunnels": [
+                {
+                    "name": name,
+                    "listen": list(config.listen),
+                    "forward": config.forward,
+                    "server_keys": [],
+                    "connections": [],
+                }
+                for name in self._names
+            ],
+            "workers": [
+                {
+                    "name": worker.name,
+                    "pid": worker.pid,
+                    "ready": worker.ready,
+                    "connections": sum(f.connections for f in worker.figures.values()),
+                }
+                for worker in supervisor.workers
+            ],
+            "vault": {"pid": supervisor.vault.pid, "running": supervisor.vault.pid is not None},
+        }
+
+    def health(self) -> str | None:
+        """
+        L{None} while every worker is ready and the vault runs; otherwise
+        why not, in one line.
+        """
+        supervisor = self.supervisor
+        if supervisor.stopping or not supervisor.running:
+            return "the workers are not running"
+        if supervisor.vault.pid is None:
+            return "the vault process is not running"
+        ready = sum(1 for worker in supervisor.workers if worker.ready)
+        if ready < supervisor.worker_count:
+            return f"{ready} of {supervisor.worker_count} workers ready"
+        return None
 
 
 async def _maybe(result: Deferred[None] | None) -> None:
@@ -523,6 +856,8 @@ class _ExitOnStartupError(MultiService):
             super().privilegedStartService()
         except CannotListenError as error:
             _exit(StartupError(f"cannot listen: {error}", EX_UNAVAILABLE))
+        except StartupError as error:
+            _exit(error)
 
 
 def _exit(error: StartupError) -> NoReturn:
@@ -531,10 +866,13 @@ def _exit(error: StartupError) -> NoReturn:
     raise SystemExit(error.status)
 
 
-def make_supervisor_service(config: TunnelConfig, workers: int, reactor: Any = None) -> IService:
+def make_supervisor_service(
+    config: TunnelConfig, workers: int, reactor: Any = None, metrics: str | None = None
+) -> IService:
     """
     What C{twist curvetun --workers N} runs: a L{Supervisor} of C{workers}
-    processes running the tunnel C{config}. A vault that cannot start
+    processes running the tunnel C{config}, with the monitoring endpoint
+    C{metrics} (an endpoint string) if given. A vault that cannot start
     ends the process with its status (64 or 78) once everything stopped.
     """
     from curvetun.tunnel_service import StartupError
@@ -555,7 +893,7 @@ def make_supervisor_service(config: TunnelConfig, workers: int, reactor: Any = N
         reactor.stop()
 
     try:
-        supervisor = Supervisor(reactor, config, workers, on_give_up=give_up)
+        supervisor = Supervisor(reactor, config, workers, on_give_up=give_up, metrics=metrics)
     except StartupError as error:
         _exit(error)
     return _ExitOnStartupError(supervisor)
@@ -567,9 +905,9 @@ def make_supervisor_service(config: TunnelConfig, workers: int, reactor: Any = N
 def main(argv: list[str] | None = None) -> int:
     """
     C{python -m curvetun.workers --keydir DIR --workers N --listen ENDPOINT
-    ... [--forward ENDPOINT] [--grace SECONDS]}: run a supervisor in the
-    foreground until SIGTERM or SIGINT, without C{twist} (C{twist curvetun
-    --workers N} is the way to run one).
+    ... [--forward ENDPOINT] [--grace SECONDS] [--metrics ENDPOINT]}: run a
+    supervisor in the foreground until SIGTERM or SIGINT, without C{twist}
+    (C{twist curvetun --workers N} is the way to run one).
     """
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -583,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
             ["workers", None, "2", "How many worker processes."],
             ["forward", None, None, "Forward each connection here (default: echo)."],
             ["grace", None, "10", "Seconds open connections may take to finish."],
+            ["metrics", None, None, "Serve /metrics, /status and /healthz on this endpoint."],
         ]
 
         def __init__(self) -> None:
@@ -603,7 +942,9 @@ def main(argv: list[str] | None = None) -> int:
             forward=options["forward"],
             grace=float(options["grace"]),
         )
-        supervisor = Supervisor(reactor, config, int(options["workers"]))
+        supervisor = Supervisor(
+            reactor, config, int(options["workers"]), metrics=options["metrics"]
+        )
     except (usage.UsageError, ValueError, StartupError) as error:
         sys.stderr.write(f"curvetun workers: {error}\n")
         return getattr(error, "status", EX_USAGE)

@@ -68,12 +68,21 @@ class Child:
     at the end of the test if it is still running.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, argv: list[str], name: str) -> None:
+    def __init__(
+        self,
+        testcase: SynchronousTestCase,
+        argv: list[str],
+        name: str,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         self.stderr_path = Path(testcase.mktemp() + f".{name}.stderr")
         self.stdout_path = Path(str(self.stderr_path)[: -len(".stderr")] + ".stdout")
         with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as out:
             self.process = subprocess.Popen(
-                [sys.executable, *argv], stdout=out, stderr=err, env=child_environment()
+                [sys.executable, *argv],
+                stdout=out,
+                stderr=err,
+                env={**child_environment(), **(environ or {})},
             )
         testcase.addCleanup(self.kill)
 

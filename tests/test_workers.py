@@ -7,6 +7,7 @@ every worker, and a vault that cannot start stops the supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun.config import TunnelConfig
 from curvetun.keys import format_public_key
+from curvetun.metrics import Figures
 from curvetun.tap import Options
 from curvetun.workers import Backoff, Supervisor
 
@@ -50,14 +52,20 @@ class BackoffTests(SynchronousTestCase):
         self.assertEqual(backoff.delay_after(uptime=59.0), 1.0)
 
 
-def start_supervisor(
-    testcase: SynchronousTestCase, keydir: str, workers: int = 2, grace: float = 5.0
-) -> tuple[Child, int]:
+def start_supervisor_process(
+    testcase: SynchronousTestCase,
+    keydir: str,
+    workers: int = 2,
+    grace: float = 5.0,
+    extra: tuple[str, ...] = (),
+    listen: str = "tcp:0:interface=127.0.0.1",
+    environ: dict[str, str] | None = None,
+) -> Child:
     """
     Start C{python -m curvetun.workers} echoing on a free port on
-    127.0.0.1; wait until every worker listens. Return it and the port.
+    127.0.0.1, and return at once.
     """
-    supervisor = Child(
+    return Child(
         testcase,
         [
             "-m",
@@ -69,18 +77,38 @@ def start_supervisor(
             "--grace",
             str(grace),
             "--listen",
-            "tcp:0:interface=127.0.0.1",
+            listen,
+            *extra,
         ],
         "supervisor",
+        environ,
     )
-    wait_for(
-        lambda: (
-            supervisor.stderr().count("): echo") >= workers or supervisor.process.poll() is not None
-        )
-    )
+
+
+def start_supervisor(
+    testcase: SynchronousTestCase,
+    keydir: str,
+    workers: int = 2,
+    grace: float = 5.0,
+    extra: tuple[str, ...] = (),
+    listen: str = "tcp:0:interface=127.0.0.1",
+) -> tuple[Child, int]:
+    """
+    Start C{python -m curvetun.workers} echoing on a free port on
+    127.0.0.1; wait until every worker is ready. Return it and the port.
+    """
+    supervisor = start_supervisor_process(testcase, keydir, workers, grace, extra, listen)
+    wait_for(lambda: ready_count(supervisor) >= workers or supervisor.process.poll() is not None)
     match = re.search(r"\(127\.0\.0\.1:(\d+)\) in \d+ worker", supervisor.stderr())
     assert match is not None, supervisor.stderr()
     return supervisor, int(match.group(1))
+
+
+def ready_count(supervisor: Child) -> int:
+    """
+    How many workers have said they are ready, so far.
+    """
+    return len(re.findall(r"worker \d+ \(pid \d+\) is ready", supervisor.stderr()))
 
 
 def worker_pids(log: str) -> dict[str, list[int]]:
@@ -167,10 +195,66 @@ class SupervisorTests(SynchronousTestCase):
         supervisor.signal(signal.SIGHUP)
         wait_for(lambda: supervisor.stderr().count("SIGHUP: reloading") >= 3)
         log = supervisor.stderr()
+        self.assertIn("SIGHUP: reloading 2 worker(s)", log)
         self.assertIn("worker 1: SIGHUP: reloading", log)
         self.assertIn("worker 2: SIGHUP: reloading", log)
         self.assertIsNone(supervisor.process.poll())
         self.assertEqual(stop(supervisor), 0)
+
+    def test_sighup_before_the_workers_are_ready_reaches_each_once(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor = start_supervisor_process(self, keydir)
+        # The workers are spawned, and still starting Python: none is ready.
+        wait_for(lambda: "worker 2 started" in supervisor.stderr())
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: ready_count(supervisor) >= 2)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") >= 2)
+        time.sleep(0.5)  # time for a second, wrong, reload to show
+        self.assertEqual(stop(supervisor), 0)
+        log = supervisor.stderr()
+        self.assertEqual(log.count("worker 1: SIGHUP: reloading"), 1, log)
+        self.assertEqual(log.count("worker 2: SIGHUP: reloading"), 1, log)
+        self.assertNotIn("killed by", log)
+        self.assertEqual([len(pids) for pids in worker_pids(log).values()], [1, 1])
+
+    def test_sighup_reaches_a_worker_just_started_again(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        signal_pid(worker_pids(supervisor.stderr())["worker 1"][0], signal.SIGKILL)
+        wait_for(lambda: len(worker_pids(supervisor.stderr())["worker 1"]) == 2)
+        # The new worker 1 has been spawned and is not ready yet.
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: ready_count(supervisor) >= 3)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") >= 2)
+        time.sleep(0.5)
+        self.assertEqual(stop(supervisor), 0)
+        log = supervisor.stderr()
+        self.assertEqual(log.count("worker 1: SIGHUP: reloading"), 1, log)
+        self.assertEqual(log.count("worker 2: SIGHUP: reloading"), 1, log)
+        self.assertNotIn("killed by SIGHUP", log)
+        self.assertEqual(len(worker_pids(log)["worker 1"]), 2)
+
+    def test_an_operator_may_sighup_one_worker(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, port = start_supervisor(self, keydir)
+        signal_pid(worker_pids(supervisor.stderr())["worker 2"][0], signal.SIGHUP)
+        wait_for(lambda: "worker 2: SIGHUP: reloading" in supervisor.stderr())
+        self.assertNotIn("worker 1: SIGHUP", supervisor.stderr())
+        self.assertEqual(echo(port), b"ping")
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(len(worker_pids(supervisor.stderr())["worker 2"]), 1)
+
+    def test_workers_exit_when_the_supervisor_dies(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        supervisor, _ = start_supervisor(self, keydir)
+        pids = [started[0] for started in worker_pids(supervisor.stderr()).values()]
+        vault = int(re.findall(r"vault started \(pid (\d+)\)", supervisor.stderr())[0])
+        # The vault has no control channel: it would outlive the test.
+        self.addCleanup(_kill_quietly, vault)
+        supervisor.signal(signal.SIGKILL)
+        supervisor.wait()
+        wait_for(lambda: not any(_alive(pid) for pid in pids))
+        self.assertEqual(supervisor.stderr().count("the supervisor is gone"), 2)
 
     def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
         keydir, _, _, _ = make_keydir(self)
@@ -196,6 +280,22 @@ class SupervisorTests(SynchronousTestCase):
 
 def signal_pid(pid: int, number: int) -> None:
     os.kill(pid, number)
+
+
+def _alive(pid: int) -> bool:
+    """
+    Does process C{pid} run (a zombie, exited and not yet reaped, does not)?
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _kill_quietly(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _refused(port: int) -> bool:
@@ -356,12 +456,26 @@ class VaultCommandLineTests(SynchronousTestCase):
         self.assertNotIn("--statedir", supervisor.vault.argv)
         self.assertNotIn("--instance", supervisor.vault.argv)
 
-    def test_metrics_with_several_workers_is_a_usage_error(self) -> None:
+    def test_metrics_with_several_workers_is_accepted(self) -> None:
         options = Options()
+        options.parseOptions(["--workers", "2", "--metrics", "tcp:0"])
+        self.assertEqual((options["workers"], options["metrics"]), (2, "tcp:0"))
+
+    def test_a_bad_metrics_endpoint_is_a_startup_error(self) -> None:
+        from curvetun.tunnel_service import StartupError
+
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",))
         error = self.assertRaises(
-            UsageError, options.parseOptions, ["--workers", "2", "--metrics", "tcp:0"]
+            StartupError, Supervisor, Clock(), config, 2, listens=[], metrics="nonsense:1"
         )
-        self.assertIn("not summed over workers", str(error))
+        self.assertEqual(error.status, 64)
+
+    def test_the_workers_do_not_see_the_notify_socket(self) -> None:
+        config = TunnelConfig(keydir="/k", listen=("tcp:0",))
+        environ = {"NOTIFY_SOCKET": "/run/n", "PATH": "/bin"}
+        supervisor = Supervisor(Clock(), config, 2, listens=[], environ=environ)
+        self.assertEqual(supervisor.environment, {"PATH": "/bin"})
+        self.assertEqual(supervisor.notify_environ, environ)
 
     def test_the_vault_process_refuses_an_instance_out_of_range(self) -> None:
         from curvetun import vault_process
@@ -372,3 +486,250 @@ class VaultCommandLineTests(SynchronousTestCase):
             options.parseOptions,
             ["--keydir", "/k", "--socket", "/s", "--instance", "70000"],
         )
+
+
+# -- metrics summed over the workers ------------------------------------------------------
+
+
+class FakeProcess:
+    """
+    Stands for a running process: the observer only asks whether one runs.
+    """
+
+    pid = 4242
+
+
+def observed_supervisor(workers: int = 2) -> Supervisor:
+    """
+    A supervisor of C{workers} workers that are never started, running as
+    far as its observer can tell, with its vault "running".
+    """
+    from curvetun.workers import _Worker
+
+    config = TunnelConfig(keydir="/k", listen=("curvetun:7700",))
+    supervisor = Supervisor(Clock(), config, workers, listens=[])
+    supervisor.running = 1
+    supervisor.vault.process = FakeProcess()  # type: ignore[assignment]
+    supervisor.workers = [
+        _Worker(supervisor, f"worker {n}", [], {}, 3) for n in range(1, workers + 1)
+    ]
+    return supervisor
+
+
+def figures(ok: int, connections: int, received: int) -> Figures:
+    these = Figures(connections=connections, bytes_received=received)
+    these.handshakes["ok"] = ok
+    return these
+
+
+class SupervisorObserverTests(SynchronousTestCase):
+    """
+    The supervisor serves the sum of its workers' figures; its counters
+    never go back when a worker ends; it is healthy only with every worker
+    ready and the vault running.
+    """
+
+    def test_the_figures_are_summed_over_the_workers(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.figures = {"curvetun:7700": figures(ok=3, connections=1, received=10)}
+        second.figures = {"curvetun:7700": figures(ok=4, connections=2, received=5)}
+        total = supervisor.observer.figures()["curvetun:7700"]
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (7, 3, 15)
+        )
+
+    def test_the_counters_of_a_worker_that_ended_are_kept(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.figures = {"curvetun:7700": figures(ok=3, connections=1, received=10)}
+        second.figures = {"curvetun:7700": figures(ok=4, connections=2, received=5)}
+        first.gone()
+        total = supervisor.observer.figures()["curvetun:7700"]
+        # Its counters stay in; its connections are gone with it.
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (7, 2, 15)
+        )
+        # Started again, it counts from 0: the sum goes on from there.
+        first.figures = {"curvetun:7700": figures(ok=1, connections=1, received=1)}
+        total = supervisor.observer.figures()["curvetun:7700"]
+        self.assertEqual(
+            (total.handshakes["ok"], total.connections, total.bytes_received), (8, 3, 16)
+        )
+
+    def test_every_tunnel_is_reported_before_any_worker_answered(self) -> None:
+        supervisor = observed_supervisor()
+        self.assertEqual(supervisor.observer.figures(), {"curvetun:7700": Figures()})
+
+    def test_healthy_only_with_every_worker_ready_and_the_vault_running(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        self.assertEqual(supervisor.observer.health(), "0 of 2 workers ready")
+        first.ready = True
+        self.assertEqual(supervisor.observer.health(), "1 of 2 workers ready")
+        second.ready = True
+        self.assertIsNone(supervisor.observer.health())
+        supervisor.vault.process = None
+        self.assertEqual(supervisor.observer.health(), "the vault process is not running")
+
+    def test_the_status_lists_each_worker(self) -> None:
+        supervisor = observed_supervisor()
+        first, second = supervisor.workers
+        first.ready = True
+        first.figures = {"curvetun:7700": figures(ok=3, connections=2, received=10)}
+        status = supervisor.observer.status()
+        self.assertEqual(
+            [(w["name"], w["ready"], w["connections"]) for w in status["workers"]],
+            [("worker 1", True, 2), ("worker 2", False, 0)],
+        )
+        self.assertEqual([t["name"] for t in status["tunnels"]], ["curvetun:7700"])
+
+
+def get(url: str) -> tuple[int, bytes]:
+    """
+    GET C{url}, blocking: the status and the body.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def ok_handshakes(base: str) -> float:
+    """
+    The C{ok} handshakes of C{/metrics} at C{base}.
+    """
+    _, body = get(base + "/metrics")
+    match = re.search(rb'curvetun_handshakes_total\{[^}]*result="ok"[^}]*\} (\S+)', body)
+    assert match is not None, body
+    return float(match.group(1))
+
+
+class SupervisorMetricsTests(TestCase):
+    """
+    C{--metrics} with workers, on real processes: the supervisor serves the
+    figures summed over them, lists them in /status, and /healthz says
+    whether every worker is ready.
+    """
+
+    async def test_the_supervisor_serves_the_sum_over_its_workers(self) -> None:
+        keys = KeyDirs(self)
+        supervisor, port = start_supervisor(
+            self,
+            keys.server,
+            listen="curvetun:0:interface=127.0.0.1",
+            extra=("--metrics", "tcp:0:interface=127.0.0.1"),
+        )
+        match = re.search(r"\(127\.0\.0\.1:(\d+)\): metrics", supervisor.stderr())
+        assert match is not None, supervisor.stderr()
+        base = f"http://127.0.0.1:{match.group(1)}"
+        self.assertEqual(get(base + "/healthz"), (200, b"ok\n"))
+        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
+        for number in range(10):
+            client = await endpoint.connect(Factory.forProtocol(Collector))
+            assert isinstance(client, Collector)
+            self.assertEqual(await round_trip(client, b"%d" % number), b"%d" % number)
+            assert client.transport is not None
+            client.transport.loseConnection()
+            await client.lost
+        wait_for(lambda: ok_handshakes(base) == 10)
+        code, body = get(base + "/status")
+        status = json.loads(body)
+        pids = worker_pids(supervisor.stderr())
+        self.assertEqual(
+            [(w["name"], w["pid"], w["ready"]) for w in status["workers"]],
+            [("worker 1", pids["worker 1"][0], True), ("worker 2", pids["worker 2"][0], True)],
+        )
+        # A worker killed: unhealthy until it is back, and the counter
+        # does not go back.
+        signal_pid(pids["worker 1"][0], signal.SIGKILL)
+        wait_for(lambda: get(base + "/healthz")[0] == 503)
+        self.assertEqual(get(base + "/healthz")[1], b"1 of 2 workers ready\n")
+        wait_for(lambda: get(base + "/healthz")[0] == 200)
+        self.assertEqual(ok_handshakes(base), 10)
+        self.assertEqual(stop(supervisor), 0)
+
+
+# -- readiness for a service manager ------------------------------------------------------
+
+
+class NotifySocket:
+    """
+    A UNIX datagram socket bound where C{$NOTIFY_SOCKET} names it, as a
+    service manager's: what it received, one dict of fields per datagram.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase) -> None:
+        from ._process_support import socket_path
+
+        self.path = socket_path(testcase)
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.bind(self.path)
+        self.socket.setblocking(False)
+        testcase.addCleanup(self.socket.close)
+        self.received: list[dict[str, str]] = []
+
+    def read(self) -> list[dict[str, str]]:
+        """
+        Everything received so far.
+        """
+        while True:
+            try:
+                datagram = self.socket.recv(4096)
+            except BlockingIOError:
+                return self.received
+            fields = dict(line.split("=", 1) for line in datagram.decode().splitlines() if line)
+            self.received.append(fields)
+
+    def kinds(self) -> list[str]:
+        """
+        What each datagram said: READY, RELOADING or STOPPING.
+        """
+        return [
+            next(kind for kind in ("READY", "RELOADING", "STOPPING") if kind in fields)
+            for fields in self.read()
+        ]
+
+
+class SupervisorNotifyTests(SynchronousTestCase):
+    """
+    With C{$NOTIFY_SOCKET}, the supervisor (and it alone) tells the manager
+    READY=1 once every worker is ready, RELOADING=1 and READY=1 around a
+    reload, and STOPPING=1 on SIGTERM.
+    """
+
+    def test_ready_reloading_and_stopping_come_from_the_supervisor(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        manager = NotifySocket(self)
+        supervisor = start_supervisor_process(self, keydir, environ={"NOTIFY_SOCKET": manager.path})
+        wait_for(lambda: manager.kinds() == ["READY"])
+        # Not before every worker said it was ready.
+        self.assertEqual(ready_count(supervisor), 2)
+        ready = manager.read()[0]
+        self.assertEqual(ready["MAINPID"], str(supervisor.pid))
+        self.assertIn("2 workers listening on 127.0.0.1:", ready["STATUS"])
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: manager.kinds() == ["READY", "RELOADING", "READY"])
+        # READY=1 once both workers have reloaded.
+        self.assertEqual(supervisor.stderr().count(": SIGHUP: reloading"), 2)
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(manager.kinds(), ["READY", "RELOADING", "READY", "STOPPING"])
+        self.assertEqual(
+            {fields.get("MAINPID") for fields in manager.read()} - {None}, {str(supervisor.pid)}
+        )
+
+    def test_a_sighup_before_ready_tells_no_ready_early(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        manager = NotifySocket(self)
+        supervisor = start_supervisor_process(self, keydir, environ={"NOTIFY_SOCKET": manager.path})
+        wait_for(lambda: "worker 2 started" in supervisor.stderr())
+        supervisor.signal(signal.SIGHUP)
+        wait_for(lambda: supervisor.stderr().count(": SIGHUP: reloading") == 2)
+        wait_for(lambda: manager.kinds() == ["READY"])
+        self.assertEqual(ready_count(supervisor), 2)
+        self.assertEqual(stop(supervisor), 0)
+        self.assertEqual(manager.kinds(), ["READY", "STOPPING"])
