@@ -3,7 +3,7 @@ The vault process: the only process that reads a key directory's secret
 key. It answers the handshake questions of curvetun workers
 (L{curvetun.vault_protocol}) on a UNIX socket.
 
-    python -m curvetun.vault_process --keydir DIR --socket PATH [--create]
+    python -m curvetun.vault_process --keydir DIR --socket PATH [--create] [--supervised]
 
 With C{--create}, a key directory that holds no key yet is made, with a
 new key, here: the new secret key, too, exists in this process only.
@@ -13,6 +13,12 @@ workers run as can ask. A stale socket left by a killed vault is replaced
 (Twisted's C{wantPID} lock file tells a live vault from a dead one). The
 key directory's lock is held while the process runs, so no second vault
 (nor a single-process server) hands out nonces from the same counter.
+
+With C{--supervised} (the C{--workers} supervisor gives it) the vault's
+standard input is a pipe from its supervisor, and the vault stops when
+that pipe ends: a supervisor killed with SIGKILL leaves no vault behind
+holding the key directory's lock (the workers stop the same way, when
+their control channel closes).
 
 A request the vault cannot parse is logged in one line and answered with
 an error (C{BAD_REQUEST}); a connection that breaks the AMP framing is
@@ -35,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python import usage
@@ -299,9 +305,12 @@ class Options(usage.Options):
     The options of C{python -m curvetun.vault_process}.
     """
 
-    synopsis = "--keydir DIR --socket PATH [--create] [--statedir DIR] [--instance ID]"
+    synopsis = (
+        "--keydir DIR --socket PATH [--create] [--statedir DIR] [--instance ID] [--supervised]"
+    )
     optFlags: ClassVar[list[list[str | None]]] = [
-        ["create", None, "Create the key directory if it holds no key yet."]
+        ["create", None, "Create the key directory if it holds no key yet."],
+        ["supervised", None, "Standard input is a pipe from the supervisor: stop when it ends."],
     ]
     optParameters: ClassVar[list[list[str | None]]] = [
         ["keydir", None, None, "The key directory whose secret key this process holds."],
@@ -367,8 +376,30 @@ def main(argv: list[str] | None = None, reactor: Any = None) -> int:
         return EX_UNAVAILABLE
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    if options["supervised"]:
+        from twisted.internet.stdio import StandardIO
+
+        StandardIO(_StopWhenTheSupervisorIsGone(reactor), reactor=reactor)
     reactor.run()
     return 0
+
+
+class _StopWhenTheSupervisorIsGone(Protocol):
+    """
+    Reads the pipe from the supervisor on standard input (nothing is sent
+    on it); its end means the supervisor is gone: stop the reactor, and
+    with it the vault (its socket is removed and its lock released).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._reactor.running:
+            self.log.info("The supervisor is gone (its pipe closed): stopping")
+            self._reactor.stop()
 
 
 if __name__ == "__main__":

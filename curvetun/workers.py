@@ -527,6 +527,8 @@ class Supervisor(Service):
                 "--socket",
                 vault_socket,
                 "--create",
+                # Its standard input is our pipe: it ends with us.
+                "--supervised",
                 # The vault makes every nonce: the counters' place and the
                 # instance's part of the counter space are its.
                 *(["--statedir", config.statedir] if config.statedir else []),

@@ -27,6 +27,7 @@ from curvetun.config import TunnelConfig
 from curvetun.keys import format_public_key
 from curvetun.metrics import Figures
 from curvetun.tap import Options
+from curvetun.vault import FileVault
 from curvetun.workers import Backoff, Supervisor
 
 from ._process_support import HELLO_CLIENT, Child, make_keydir, memory_holds, stop, wait_for
@@ -244,17 +245,21 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(stop(supervisor), 0)
         self.assertEqual(len(worker_pids(supervisor.stderr())["worker 2"]), 1)
 
-    def test_workers_exit_when_the_supervisor_dies(self) -> None:
+    def test_workers_and_the_vault_exit_when_the_supervisor_dies(self) -> None:
         keydir, _, _, _ = make_keydir(self)
         supervisor, _ = start_supervisor(self, keydir)
         pids = [started[0] for started in worker_pids(supervisor.stderr()).values()]
         vault = int(re.findall(r"vault started \(pid (\d+)\)", supervisor.stderr())[0])
-        # The vault has no control channel: it would outlive the test.
+        # Should it outlive the supervisor, it must not outlive the test.
         self.addCleanup(_kill_quietly, vault)
         supervisor.signal(signal.SIGKILL)
         supervisor.wait()
-        wait_for(lambda: not any(_alive(pid) for pid in pids))
-        self.assertEqual(supervisor.stderr().count("the supervisor is gone"), 2)
+        wait_for(lambda: not any(_alive(pid) for pid in [*pids, vault]))
+        log = supervisor.stderr()
+        self.assertEqual(log.count("the supervisor is gone"), 2)
+        self.assertIn("The supervisor is gone (its pipe closed): stopping", log)
+        # It let go of the key directory: a single-process server may start.
+        FileVault(keydir).close()
 
     def test_a_vault_that_cannot_start_stops_the_supervisor(self) -> None:
         keydir, _, _, _ = make_keydir(self)
