@@ -1,0 +1,558 @@
+"""
+C{curvetun bench --workers N}: how C{twist curvetun} scales with worker
+processes. The same load against C{twist curvetun --workers 1} and
+C{--workers N}, both started as an operator starts them (echo mode, a key
+directory of their own, a registry that admits the clients), measured
+run by run in turn.
+
+The load comes from several client processes (L{curvetun.bench.load}),
+each with a client key directory of its own: two processes must never
+hand out nonces from one counter. The benchmark's own process only
+coordinates: it starts the servers and the clients, starts each load,
+reads the CPU time of every process of the server's tree (the
+supervisor, the vault and the workers: C{/proc/PID/stat} of each) just
+before and just after a window of C{--duration} seconds in which every
+client counts what it completes, and adds up.
+
+Each window is steady state: the load is running before the window opens
+(every handshake loop has finished a handshake, every bulk connection has
+had data back) and keeps running until every client has answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+from typing import IO, Any
+
+import attrs
+from twisted.python.failure import Failure
+
+from .figures import (
+    LOCALHOST,
+    SCALE_BULK_CONNECTIONS,
+    SCALE_FIGURES_BY_KEY,
+    SCALE_HANDSHAKE_LOOPS,
+    BenchError,
+    Report,
+    Summary,
+)
+from .options import Settings
+from .processes import Children, cpu_between, listening_ports, process_tree, tree_cpu
+from .report import format_summary, render, write_outcome
+from .runner import Progress, environment, perf_counter
+from .server import child_environment, raise_file_limit
+from .transports import make_keydir, write_registry
+
+_START_TIMEOUT = 60.0
+"""
+Seconds a server may take to listen, serve and settle (its processes
+import Twisted and curvetun on a busy machine).
+"""
+
+_QUIET = 0.02
+"""
+CPU seconds a server process may use in 0.2 s and still count as having
+settled after its start.
+"""
+
+
+def _answer_timeout(settings: Settings) -> float:
+    return max(60.0, 30 * settings.duration)
+
+
+# -- the server ---------------------------------------------------------------------
+
+
+@attrs.define
+class Server:
+    """
+    One running C{twist curvetun --workers W} and what clients need to
+    reach it.
+    """
+
+    workers: int
+    process: subprocess.Popen[bytes]
+    log_path: str
+    key: bytes
+    port: int = 0
+
+    def cpu(self) -> dict[int, float]:
+        """
+        The CPU seconds of each process of the server's tree so far.
+        """
+        return tree_cpu(self.process.pid)
+
+    def processes(self) -> int:
+        """
+        How many processes the server runs now (itself included).
+        """
+        return len(process_tree(self.process.pid))
+
+    def expected_processes(self) -> int:
+        """
+        At least how many processes a started server runs: one; or the
+        supervisor, the vault and every worker.
+        """
+        return 1 if self.workers == 1 else self.workers + 2
+
+    def check_running(self) -> None:
+        """
+        @raise BenchError: the server has exited.
+        """
+        if self.process.poll() is not None:
+            raise BenchError(
+                f"twist curvetun --workers {self.workers} exited with status"
+                f" {self.process.returncode}: {_log_tail(self.log_path)}"
+            )
+
+
+def _log_tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as log:
+            return " | ".join(line.strip() for line in log.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def server_command(keydir: str, registry: str, workers: int) -> list[str]:
+    """
+    C{twist curvetun} in echo mode (no C{--forward}) on 127.0.0.1, port 0,
+    with C{workers} worker processes; every other setting at its default.
+    """
+    return [
+        *(sys.executable, "-m", "twisted", "curvetun"),
+        *("--keydir", keydir, "--registry", registry),
+        *("--workers", str(workers)),
+        *("--listen", f"curvetun:0:interface={LOCALHOST}"),
+    ]
+
+
+# -- the clients ----------------------------------------------------------------------
+
+
+class LoadProcess:
+    """
+    One load client process (L{curvetun.bench.load}) and its command
+    channel: one JSON line to it, one back.
+    """
+
+    def __init__(self, name: str, process: subprocess.Popen[bytes], log_path: str) -> None:
+        self.name = name
+        self.process = process
+        self.log_path = log_path
+        self._buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        """
+        Write one command.
+        """
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps(message).encode() + b"\n")
+            self.process.stdin.flush()
+        except OSError as error:
+            raise BenchError(f"{self.name} is gone: {error}") from None
+
+    def receive(self, deadline: float) -> dict[str, Any]:
+        """
+        Read one answer, waiting until C{deadline} (C{time.monotonic}) at
+        most.
+
+        @raise BenchError: no answer in time, the process ended, or it
+            answered with an error.
+        """
+        assert self.process.stdout is not None
+        descriptor = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(f"{self.name} did not answer in time")
+            readable, _, _ = select.select([descriptor], [], [], left)
+            if not readable:
+                continue
+            data = os.read(descriptor, 65536)
+            if not data:
+                raise BenchError(
+                    f"{self.name} exited with status {self.process.wait()}:"
+                    f" {_log_tail(self.log_path)}"
+                )
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise BenchError(f"{self.name}: {answer['error']}")
+        return answer
+
+
+def ask_all(clients: list[LoadProcess], message: dict[str, Any], timeout: float) -> list[Any]:
+    """
+    Send C{message} to every client at once, then read every answer.
+    """
+    for client in clients:
+        client.send(message)
+    deadline = time.monotonic() + timeout
+    return [client.receive(deadline) for client in clients]
+
+
+# -- the report ---------------------------------------------------------------------
+
+
+@attrs.define
+class ScaleReport(Report):
+    """
+    What C{--workers} measured. Its columns (C{transports}) are the
+    worker counts, C{"1"} and C{"N"}.
+
+    @ivar workers: N.
+    @ivar clients: the client processes.
+    @ivar processes: per column, how many processes the server ran.
+    @ivar failed: per column, handshakes that failed (the load goes on).
+    """
+
+    workers: int = 0
+    clients: int = 0
+    processes: dict[str, int] = attrs.field(factory=dict)
+    failed: dict[str, int] = attrs.field(factory=dict)
+
+    def scaling(self, key: str) -> float | None:
+        """
+        The median with N workers over the median with one.
+        """
+        one = self.summary(key, "1")
+        many = self.summary(key, str(self.workers))
+        if one is None or many is None or one.median == 0:
+            return None
+        return many.median / one.median
+
+
+def _load_line(report: ScaleReport) -> str:
+    clients = report.clients
+    return (
+        f"load: {clients} client processes, each with its own key directory; handshakes:"
+        f" {SCALE_HANDSHAKE_LOOPS} loops each ({clients * SCALE_HANDSHAKE_LOOPS} in flight);"
+        f" bulk: {SCALE_BULK_CONNECTIONS} connections each"
+        f" ({clients * SCALE_BULK_CONNECTIONS}), 65503-byte writes echoed back"
+    )
+
+
+def format_scale_report(report: ScaleReport) -> str:
+    """
+    The worker scaling for people: each figure with 1 and N workers, and
+    the scaling factor.
+    """
+    env = report.environment
+    many = str(report.workers)
+    processes = "; ".join(
+        f"--workers {column}: {report.processes.get(column, '?')}" for column in report.transports
+    )
+    lines = [
+        f"curvetun worker scaling: twist curvetun --workers 1 and --workers {many} (echo),"
+        f" 127.0.0.1, {report.runs} run{'s' if report.runs != 1 else ''} interleaved"
+        + (" (--quick: smoke run, not a measurement)" if report.quick else ""),
+        f"curvetun {env.get('curvetun', '')}; {env.get('python', '')};"
+        f" Twisted {env.get('twisted', '')}; PyNaCl {env.get('pynacl', '')};"
+        f" {env.get('cpus', '')} CPUs (shared by server and clients),"
+        f" load {env.get('load', '?')} at start; {env.get('date', '')}",
+        _load_line(report),
+        f"server processes: {processes} (supervisor, vault and workers)",
+        "values: median (min-max) of the runs; CPU in % of one core, of every process;"
+        f" {many}/1: ratio of the medians",
+    ]
+    failed = {column: count for column, count in report.failed.items() if count}
+    if failed:
+        lines.append(
+            "failed handshakes (not counted): "
+            + ", ".join(f"--workers {column}: {count}" for column, count in failed.items())
+        )
+    rows = [["figure", "unit", "1 worker", f"{many} workers", f"{many}/1"]]
+    for figure in report.figures:
+        ratio = report.scaling(figure.key)
+        rows.append(
+            [
+                figure.title,
+                figure.unit,
+                *(format_summary(report.summary(figure.key, c)) for c in report.transports),
+                "n/a" if ratio is None else f"{ratio:.2f}",
+            ]
+        )
+    lines += ["", *render(rows), "", f"({report.seconds:.1f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_json(summary: Summary | None) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    return {
+        "median": summary.median,
+        "min": summary.low,
+        "max": summary.high,
+        "runs": list(summary.runs),
+    }
+
+
+def scale_report_json(report: ScaleReport) -> dict[str, Any]:
+    """
+    The worker scaling for machines (C{--workers N --json}).
+    """
+    many = str(report.workers)
+    figures = [
+        {
+            "key": figure.key,
+            "title": figure.title,
+            "unit": figure.unit,
+            "higher_is_better": figure.higher_is_better,
+            "results": {c: _summary_json(report.summary(figure.key, c)) for c in report.transports},
+            "ratios": {f"{many}/1": report.scaling(figure.key)},
+        }
+        for figure in report.figures
+    ]
+    return {
+        "mode": "workers",
+        "runs": report.runs,
+        "quick": report.quick,
+        "argv": report.argv,
+        "environment": report.environment,
+        "workers": [int(column) for column in report.transports],
+        "load": {
+            "client_processes": report.clients,
+            "handshake_loops_per_process": SCALE_HANDSHAKE_LOOPS,
+            "bulk_connections_per_process": SCALE_BULK_CONNECTIONS,
+        },
+        "server_processes": dict(report.processes),
+        "failed_handshakes": dict(report.failed),
+        "seconds": report.seconds,
+        "figures": figures,
+    }
+
+
+# -- measuring -------------------------------------------------------------------
+
+
+@attrs.frozen
+class Window:
+    """
+    One measured window of a load against one server.
+
+    @ivar rate: what every client completed per second, summed
+        (handshakes, or bytes echoed).
+    @ivar server_cores: the server's CPU seconds (all its processes) per
+        second of the window.
+    @ivar client_cores: the clients' CPU seconds per second, summed.
+    @ivar busiest_client: the busiest client's CPU seconds per second.
+    @ivar failed: handshakes that failed.
+    """
+
+    rate: float
+    server_cores: float
+    client_cores: float
+    busiest_client: float
+    failed: int
+
+
+class ScaleBench:
+    """
+    One run of C{--workers}: the servers, the clients, the measurements,
+    the report.
+    """
+
+    def __init__(
+        self, settings: Settings, report: ScaleReport, workdir: str, children: Children
+    ) -> None:
+        self.settings = settings
+        self.report = report
+        self.workdir = workdir
+        self.children = children
+        self.servers: dict[int, Server] = {}
+        self.clients: list[LoadProcess] = []
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def _environment(self) -> dict[str, str]:
+        env = child_environment()
+        # Nothing falls back on the user's own key directory.
+        env["CURVETUN_HOME"] = self._path("no-default-keydir")
+        return env
+
+    def start(self) -> None:
+        """
+        Make the key directories and registries, start both servers and
+        every client process, and wait until each server serves.
+        """
+        client_keys = []
+        for number in range(1, self.settings.clients + 1):
+            keydir = self._path(f"client-{number}-keys")
+            client_keys.append(make_keydir(keydir))
+            log_path = self._path(f"client-{number}.log")
+            command = [sys.executable, "-m", "curvetun.bench.load", keydir]
+            process = self.children.start_piped(command, log_path, self._environment())
+            self.clients.append(LoadProcess(f"client process {number}", process, log_path))
+        for workers in (1, self.settings.workers):
+            keydir = self._path(f"server-{workers}-keys")
+            key = make_keydir(keydir)
+            registry = self._path(f"server-{workers}.registry")
+            write_registry(registry, *client_keys)
+            log_path = self._path(f"server-{workers}.log")
+            process = self.children.start(
+                server_command(keydir, registry, workers), log_path, self._environment()
+            )
+            self.servers[workers] = Server(workers, process, log_path, key)
+        for server in self.servers.values():
+            self._wait_serving(server)
+
+    def _wait_serving(self, server: Server) -> None:
+        """
+        Wait until C{server} listens, completes a handshake, and every one
+        of its processes has started and settled.
+        """
+        deadline = time.monotonic() + _START_TIMEOUT
+        what = f"twist curvetun --workers {server.workers}"
+        while not server.port:
+            server.check_running()
+            ports = listening_ports(server.process.pid)
+            if ports:
+                server.port = min(ports)
+            elif time.monotonic() > deadline:
+                raise BenchError(f"{what} did not listen within {_START_TIMEOUT:.0f} s")
+            else:
+                time.sleep(0.05)
+        probe = {"do": "probe", "port": server.port, "key": server.key.hex(), "timeout": 30}
+        ask_all(self.clients[:1], probe, _START_TIMEOUT)
+        # A handshake shows that one worker serves; the others may still
+        # be importing. Wait until all are there and none is busy.
+        before = server.cpu()
+        while True:
+            time.sleep(0.2)
+            server.check_running()
+            after = server.cpu()
+            busy = [pid for pid, used in after.items() if used - before.get(pid, 0.0) > _QUIET]
+            if len(after) >= server.expected_processes() and not busy:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{what} did not settle within {_START_TIMEOUT:.0f} s"
+                    f" ({len(after)} processes, {len(busy)} busy)"
+                )
+            before = after
+        self.report.processes[str(server.workers)] = server.processes()
+
+    def window(self, kind: str, server: Server) -> Window:
+        """
+        Start load C{kind} (C{handshakes} or C{bulk}) from every client
+        against C{server}, measure one window, stop the load.
+        """
+        timeout = _answer_timeout(self.settings)
+        start: dict[str, Any] = {"do": kind, "port": server.port, "key": server.key.hex()}
+        if kind == "handshakes":
+            start["loops"] = SCALE_HANDSHAKE_LOOPS
+        else:
+            start["connections"] = SCALE_BULK_CONNECTIONS
+        ask_all(self.clients, start, timeout)
+        try:
+            before = server.cpu()
+            started = perf_counter()
+            answers = ask_all(
+                self.clients, {"do": "window", "seconds": self.settings.duration}, timeout
+            )
+            used = cpu_between(before, server.cpu())
+            wall = perf_counter() - started
+        finally:
+            ask_all(self.clients, {"do": "stop"}, timeout)
+        server.check_running()
+        return Window(
+            rate=sum(a["done"] / a["seconds"] for a in answers),
+            server_cores=used / wall,
+            client_cores=sum(a["cpu"] / a["seconds"] for a in answers),
+            busiest_client=max(a["cpu"] / a["seconds"] for a in answers),
+            failed=sum(a["failed"] for a in answers),
+        )
+
+    def measure(self, group: str, workers: int) -> None:
+        """
+        One run of figure group C{group} with C{workers} workers.
+        """
+        column = str(workers)
+        measured = self.window(group, self.servers[workers])
+        if group == "handshakes":
+            values = {
+                "handshakes": measured.rate,
+                "cpu_per_handshake": 1000 * measured.server_cores / measured.rate,
+            }
+        else:
+            megabytes = measured.rate / 1e6
+            values = {"bulk": megabytes, "cpu_per_mb": 1000 * measured.server_cores / megabytes}
+        values[f"server_cpu_{group}"] = 100 * measured.server_cores
+        values[f"client_cpu_{group}"] = 100 * measured.client_cores
+        values[f"busiest_client_{group}"] = 100 * measured.busiest_client
+        self.report.failed[column] = self.report.failed.get(column, 0) + measured.failed
+        for key, value in values.items():
+            if any(f.key == key for f in self.report.figures):
+                self.report.add(SCALE_FIGURES_BY_KEY[key], column, value)
+
+    def groups(self) -> list[str]:
+        """
+        The figure groups to measure, in order.
+        """
+        return list(dict.fromkeys(f.group for f in self.settings.figures))
+
+    def run(self) -> None:
+        """
+        Start everything, then measure run by run: each group, with one
+        worker and then with N.
+        """
+        columns = (1, self.settings.workers)
+        progress = Progress(1 + self.settings.runs * len(self.groups()) * len(columns))
+        started = perf_counter()
+        try:
+            progress.step("starting the servers and the client processes")
+            self.start()
+            for run in range(1, self.settings.runs + 1):
+                for group in self.groups():
+                    for workers in columns:
+                        progress.step(
+                            f"run {run}/{self.settings.runs}: {group} with --workers {workers}"
+                        )
+                        self.measure(group, workers)
+        finally:
+            progress.finish()
+            self.report.seconds = perf_counter() - started
+
+
+def run_scale_benchmark(settings: Settings, argv: list[str], out: IO[str], as_json: bool) -> int:
+    """
+    Measure the worker scaling and write its report to C{out}.
+
+    @return: the exit status.
+    """
+    columns = ("1", str(settings.workers))
+    report = ScaleReport(
+        transports=columns,
+        figures=settings.figures,
+        runs=settings.runs,
+        quick=settings.quick,
+        argv=list(argv),
+        environment=environment(),
+        workers=settings.workers,
+        clients=settings.clients,
+    )
+    raise_file_limit()
+    outcome: list[object] = []
+    children = Children()
+    with tempfile.TemporaryDirectory(prefix="curvetun-bench-workers-") as workdir:
+        bench = ScaleBench(settings, report, workdir, children)
+        try:
+            bench.run()
+            outcome.append(None)
+        except BenchError as error:
+            outcome.append(Failure(error))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            children.stop_all()
+    return write_outcome(outcome, report, as_json, out, scale_report_json, format_scale_report)
