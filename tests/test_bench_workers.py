@@ -312,6 +312,17 @@ class ProcessTreeTests(SynchronousTestCase):
             pass
         self.assertGreater(processes.cpu_between(before, processes.tree_cpu(os.getpid())), 0)
 
+    def test_the_time_spent_waiting_for_a_cpu_is_read_for_every_process_and_never_shrinks(
+        self,
+    ) -> None:
+        parent, grandchild = self._grandchild()
+        first = processes.tree_run_queue(parent.pid)
+        self.assertEqual(set(first), {parent.pid, grandchild})
+        later = processes.tree_run_queue(parent.pid)
+        for pid, waited in first.items():
+            self.assertGreaterEqual(waited, 0)
+            self.assertGreaterEqual(later[pid], waited)
+
     def test_a_process_new_since_the_first_reading_counts_all_its_time(self) -> None:
         before = {1: 5.0}
         self.assertAlmostEqual(processes.cpu_between(before, {1: 5.5, 2: 0.25}), 0.75)

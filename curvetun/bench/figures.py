@@ -441,6 +441,20 @@ SCALE_FIGURES = (
         "% of a core",
         higher_is_better=False,
     ),
+    Figure(
+        "server_wait_handshakes",
+        "handshakes",
+        "server waiting for a CPU during handshakes",
+        "% of the time",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_wait_handshakes",
+        "handshakes",
+        "clients waiting for a CPU during handshakes",
+        "% of the time",
+        higher_is_better=False,
+    ),
     Figure("bulk", "bulk", "bulk echoed, 65503-byte writes", "MB/s"),
     Figure(
         "cpu_per_mb",
@@ -468,6 +482,20 @@ SCALE_FIGURES = (
         "bulk",
         "busiest client process during bulk",
         "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "server_wait_bulk",
+        "bulk",
+        "server waiting for a CPU during bulk",
+        "% of the time",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_wait_bulk",
+        "bulk",
+        "clients waiting for a CPU during bulk",
+        "% of the time",
         higher_is_better=False,
     ),
 )

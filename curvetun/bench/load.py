@@ -22,9 +22,10 @@ line on stdout:
   - C{{"do": "window", "seconds": S}}: counts what the running load
     completes in the next S seconds (or until its first completion after
     them, if none came within: the count is never 0); answers
-    C{{"done": N, "seconds": ELAPSED, "cpu": CPU, "failed": F}}: the
-    handshakes (or bytes echoed) completed, the window's length, this
-    process's CPU seconds meanwhile, and the handshakes that failed;
+    C{{"done": N, "seconds": ELAPSED, "cpu": CPU, "waited": W, "failed":
+    F}}: the handshakes (or bytes echoed) completed, the window's length,
+    this process's CPU seconds meanwhile and the seconds it waited for a
+    CPU, and the handshakes that failed;
   - C{{"do": "stop"}}: stops the load, answers C{{"stopped": true}}.
 
 Any error is answered C{{"error": "one line"}}. The end of stdin ends the
@@ -52,6 +53,7 @@ from twisted.python.failure import Failure
 
 from .client import Pump, connect_endpoint
 from .figures import LOCALHOST, SMALL, STREAM_CHUNK
+from .processes import run_queue_seconds
 from .server import log_warnings_only, set_no_delay
 
 
@@ -61,6 +63,17 @@ def _cpu() -> float:
     """
     times = os.times()
     return times.user + times.system
+
+
+def _waited() -> float:
+    """
+    The seconds this process has waited for a CPU so far (0 where Linux's
+    C{/proc} cannot say).
+    """
+    try:
+        return run_queue_seconds(os.getpid())
+    except OSError:
+        return 0.0
 
 
 class Load:
@@ -294,7 +307,7 @@ class LoadClient(LineReceiver):
         load = self.load
         if load is None:
             raise ValueError("no load is running")
-        done, failed, cpu = load.done, load.failed, _cpu()
+        done, failed, cpu, waited = load.done, load.failed, _cpu(), _waited()
         started = time.perf_counter()
         await deferLater(self.reactor, seconds, lambda: None)
         if load.done == done:
@@ -303,6 +316,7 @@ class LoadClient(LineReceiver):
             "done": load.done - done,
             "seconds": time.perf_counter() - started,
             "cpu": _cpu() - cpu,
+            "waited": _waited() - waited,
             "failed": load.failed - failed,
         }
 

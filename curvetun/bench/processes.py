@@ -34,6 +34,23 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _TICKS
 
 
+def run_queue_seconds(pid: int) -> float:
+    """
+    The seconds process C{pid}'s threads have spent so far ready to run
+    but waiting for a CPU (the second field of each
+    C{/proc/PID/task/TID/schedstat}): how much a busy machine held it
+    back.
+    """
+    waited = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                waited += int(schedstat.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited / 1e9
+
+
 def _parent_pids() -> dict[int, int]:
     """
     Every living process's parent, from field 4 of each C{/proc/PID/stat}.
@@ -81,9 +98,24 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return used
 
 
+def tree_run_queue(pid: int) -> dict[int, float]:
+    """
+    L{run_queue_seconds} of process C{pid} and of each of its living
+    descendants, by process id.
+    """
+    waited = {}
+    for member in process_tree(pid):
+        try:
+            waited[member] = run_queue_seconds(member)
+        except OSError:
+            continue
+    return waited
+
+
 def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
     """
-    The CPU seconds a process tree used between two L{tree_cpu} readings:
+    The CPU seconds a process tree used between two L{tree_cpu} readings
+    (or the seconds it waited, between two L{tree_run_queue} readings):
     each process's growth, and all of the time of a process that started
     in between (a restarted worker). A process that ended in between is
     lost: the kernel keeps its time only for a parent that waits for it.

@@ -43,7 +43,14 @@ from .figures import (
     Summary,
 )
 from .options import Settings
-from .processes import Children, cpu_between, listening_ports, process_tree, tree_cpu
+from .processes import (
+    Children,
+    cpu_between,
+    listening_ports,
+    process_tree,
+    tree_cpu,
+    tree_run_queue,
+)
 from .report import format_summary, render, write_outcome
 from .runner import Progress, environment, perf_counter
 from .server import child_environment, raise_file_limit
@@ -87,6 +94,13 @@ class Server:
         The CPU seconds of each process of the server's tree so far.
         """
         return tree_cpu(self.process.pid)
+
+    def waited(self) -> dict[int, float]:
+        """
+        The seconds each process of the server's tree has waited for a
+        CPU so far.
+        """
+        return tree_run_queue(self.process.pid)
 
     def processes(self) -> int:
         """
@@ -261,8 +275,8 @@ def format_scale_report(report: ScaleReport) -> str:
         f" load {env.get('load', '?')} at start; {env.get('date', '')}",
         _load_line(report),
         f"server processes: {processes} (supervisor, vault and workers)",
-        "values: median (min-max) of the runs; CPU in % of one core, of every process;"
-        f" {many}/1: ratio of the medians",
+        "values: median (min-max) of the runs; CPU in % of one core and waiting for a CPU"
+        f" in % of the time, summed over the processes; {many}/1: ratio of the medians",
     ]
     failed = {column: count for column, count in report.failed.items() if count}
     if failed:
@@ -345,6 +359,9 @@ class Window:
         second of the window.
     @ivar client_cores: the clients' CPU seconds per second, summed.
     @ivar busiest_client: the busiest client's CPU seconds per second.
+    @ivar server_waited: the seconds the server's processes waited for a
+        CPU (ready to run, another process running) per second, summed.
+    @ivar clients_waited: the same for the clients, summed.
     @ivar failed: handshakes that failed.
     """
 
@@ -352,6 +369,8 @@ class Window:
     server_cores: float
     client_cores: float
     busiest_client: float
+    server_waited: float
+    clients_waited: float
     failed: int
 
 
@@ -455,12 +474,13 @@ class ScaleBench:
             start["connections"] = SCALE_BULK_CONNECTIONS
         ask_all(self.clients, start, timeout)
         try:
-            before = server.cpu()
+            before, waited_before = server.cpu(), server.waited()
             started = perf_counter()
             answers = ask_all(
                 self.clients, {"do": "window", "seconds": self.settings.duration}, timeout
             )
             used = cpu_between(before, server.cpu())
+            waited = cpu_between(waited_before, server.waited())
             wall = perf_counter() - started
         finally:
             ask_all(self.clients, {"do": "stop"}, timeout)
@@ -470,6 +490,8 @@ class ScaleBench:
             server_cores=used / wall,
             client_cores=sum(a["cpu"] / a["seconds"] for a in answers),
             busiest_client=max(a["cpu"] / a["seconds"] for a in answers),
+            server_waited=waited / wall,
+            clients_waited=sum(a["waited"] / a["seconds"] for a in answers),
             failed=sum(a["failed"] for a in answers),
         )
 
@@ -490,6 +512,8 @@ class ScaleBench:
         values[f"server_cpu_{group}"] = 100 * measured.server_cores
         values[f"client_cpu_{group}"] = 100 * measured.client_cores
         values[f"busiest_client_{group}"] = 100 * measured.busiest_client
+        values[f"server_wait_{group}"] = 100 * measured.server_waited
+        values[f"client_wait_{group}"] = 100 * measured.clients_waited
         self.report.failed[column] = self.report.failed.get(column, 0) + measured.failed
         for key, value in values.items():
             if any(f.key == key for f in self.report.figures):
