@@ -148,6 +148,16 @@ class QuickWorkersRunTests(SynchronousTestCase):
                 ):
                     self.assertLessEqual(busiest, everyone + 1e-9)
 
+    def test_the_server_cpu_by_process_adds_up_to_the_whole(self) -> None:
+        by_process = self.data["server_cpu_by_process"]
+        self.assertEqual(set(by_process["1"]["handshakes"]), {"server"})
+        self.assertEqual(set(by_process["2"]["handshakes"]), {"supervisor", "vault", "workers"})
+        for column in ("1", "2"):
+            for group, whole in (("handshakes", "cpu_per_handshake"), ("bulk", "cpu_per_mb")):
+                parts = [summary["runs"] for summary in by_process[column][group].values()]
+                for run, total in enumerate(self._runs(whole, column)):
+                    self.assertAlmostEqual(sum(part[run] for part in parts), total, places=6)
+
     def test_the_load_and_the_server_processes_are_reported(self) -> None:
         self.assertEqual(
             self.data["load"],
@@ -342,6 +352,9 @@ class ScaleReportTests(SynchronousTestCase):
             processes={"1": 1, "2": 4},
             failed={"1": 0, "2": 3},
         )
+        for role, cost in (("workers", 0.75), ("vault", 0.25), ("supervisor", 0.0)):
+            report.add_by_role("2", "handshakes", role, cost)
+        report.add_by_role("1", "handshakes", "server", 1.0)
         for column, values in (("1", [400.0, 500.0, 450.0]), ("2", [900.0, 800.0, 850.0])):
             for value in values:
                 report.add(SCALE_FIGURES_BY_KEY["handshakes"], column, value)
@@ -361,6 +374,13 @@ class ScaleReportTests(SynchronousTestCase):
         self.assertTrue(row.endswith("1.89"), row)
         self.assertIn("server processes: --workers 1: 1; --workers 2: 4", text)
         self.assertIn("failed handshakes (not counted): --workers 2: 3", text)
+        self.assertIn(
+            "server CPU per handshake by process, ms (medians):\n"
+            "  --workers 1: server 1.00\n"
+            "  --workers 2: supervisor 0.00, vault 0.25, workers 0.75\n",
+            text,
+        )
+        self.assertNotIn("per MB by process", text)
 
     def test_json_gives_every_run_and_the_factor(self) -> None:
         data = scale.scale_report_json(self._report())
@@ -368,4 +388,5 @@ class ScaleReportTests(SynchronousTestCase):
         self.assertEqual(figure["results"]["2"]["runs"], [900.0, 800.0, 850.0])
         self.assertAlmostEqual(figure["ratios"]["2/1"], 850 / 450)
         self.assertEqual(data["server_processes"], {"1": 1, "2": 4})
+        self.assertEqual(data["server_cpu_by_process"]["2"]["handshakes"]["vault"]["runs"], [0.25])
         json.dumps(data)

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import IO, Any
 
 import attrs
@@ -51,7 +52,7 @@ from .processes import (
     tree_cpu,
     tree_run_queue,
 )
-from .report import format_summary, render, write_outcome
+from .report import format_number, format_summary, render, write_outcome
 from .runner import Progress, environment, perf_counter
 from .server import child_environment, raise_file_limit
 from .transports import make_keydir, write_registry
@@ -101,6 +102,30 @@ class Server:
         CPU so far.
         """
         return tree_run_queue(self.process.pid)
+
+    def roles(self, pids: Iterable[int]) -> dict[int, str]:
+        """
+        What each of C{pids} (of the server's tree) is, by its command
+        line: C{"vault"}, C{"workers"}, or C{"supervisor"} (the server
+        itself, with more than one worker) or C{"server"} (with one).
+        """
+        roles = {}
+        for pid in pids:
+            if pid == self.process.pid:
+                roles[pid] = "server" if self.workers == 1 else "supervisor"
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    argv = cmdline.read().split(b"\0")
+            except OSError:
+                argv = []
+            if b"curvetun.vault_process" in argv:
+                roles[pid] = "vault"
+            elif b"curvetun.worker_main" in argv:
+                roles[pid] = "workers"
+            else:
+                roles[pid] = "other"
+        return roles
 
     def processes(self) -> int:
         """
@@ -227,12 +252,23 @@ class ScaleReport(Report):
     @ivar clients: the client processes.
     @ivar processes: per column, how many processes the server ran.
     @ivar failed: per column, handshakes that failed (the load goes on).
+    @ivar by_role: per column, per figure group, per kind of server process
+        (L{Server.roles}), each run's CPU per handshake or per MB, in ms.
     """
 
     workers: int = 0
     clients: int = 0
     processes: dict[str, int] = attrs.field(factory=dict)
     failed: dict[str, int] = attrs.field(factory=dict)
+    by_role: dict[str, dict[str, dict[str, list[float]]]] = attrs.field(factory=dict)
+
+    def add_by_role(self, column: str, group: str, role: str, cost: float) -> None:
+        """
+        Record one run's server CPU per handshake (C{group} C{handshakes})
+        or per MB (C{bulk}) of the server processes of one kind, in ms.
+        """
+        runs = self.by_role.setdefault(column, {}).setdefault(group, {})
+        runs.setdefault(role, []).append(cost)
 
     def scaling(self, key: str) -> float | None:
         """
@@ -295,8 +331,28 @@ def format_scale_report(report: ScaleReport) -> str:
                 "n/a" if ratio is None else f"{ratio:.2f}",
             ]
         )
-    lines += ["", *render(rows), "", f"({report.seconds:.1f} s)"]
+    lines += ["", *render(rows)]
+    for group, unit in (("handshakes", "handshake"), ("bulk", "MB")):
+        parts = []
+        for column in report.transports:
+            roles = report.by_role.get(column, {}).get(group, {})
+            if roles:
+                costs = ", ".join(
+                    f"{role} {format_number(Summary.of(runs).median)}"
+                    for role, runs in sorted(roles.items(), key=_role_order)
+                )
+                parts.append(f"  --workers {column}: {costs}")
+        if parts:
+            lines += [f"server CPU per {unit} by process, ms (medians):", *parts]
+    lines += ["", f"({report.seconds:.1f} s)"]
     return "\n".join(lines) + "\n"
+
+
+_ROLES = ("server", "supervisor", "vault", "workers", "other")
+
+
+def _role_order(item: tuple[str, list[float]]) -> int:
+    return _ROLES.index(item[0]) if item[0] in _ROLES else len(_ROLES)
 
 
 def _summary_json(summary: Summary | None) -> dict[str, Any] | None:
@@ -340,6 +396,13 @@ def scale_report_json(report: ScaleReport) -> dict[str, Any]:
         },
         "server_processes": dict(report.processes),
         "failed_handshakes": dict(report.failed),
+        "server_cpu_by_process": {
+            column: {
+                group: {role: _summary_json(Summary.of(runs)) for role, runs in roles.items()}
+                for group, roles in groups.items()
+            }
+            for column, groups in report.by_role.items()
+        },
         "seconds": report.seconds,
         "figures": figures,
     }
@@ -363,6 +426,8 @@ class Window:
         CPU (ready to run, another process running) per second, summed.
     @ivar clients_waited: the same for the clients, summed.
     @ivar failed: handshakes that failed.
+    @ivar server_cores_by_role: L{server_cores} by the kind of server
+        process (L{Server.roles}).
     """
 
     rate: float
@@ -372,6 +437,7 @@ class Window:
     server_waited: float
     clients_waited: float
     failed: int
+    server_cores_by_role: dict[str, float]
 
 
 class ScaleBench:
@@ -479,20 +545,25 @@ class ScaleBench:
             answers = ask_all(
                 self.clients, {"do": "window", "seconds": self.settings.duration}, timeout
             )
-            used = cpu_between(before, server.cpu())
+            after = server.cpu()
             waited = cpu_between(waited_before, server.waited())
             wall = perf_counter() - started
         finally:
             ask_all(self.clients, {"do": "stop"}, timeout)
         server.check_running()
+        by_role: dict[str, float] = {}
+        for pid, role in server.roles(after).items():
+            used_by = cpu_between({pid: before.get(pid, 0.0)}, {pid: after[pid]})
+            by_role[role] = by_role.get(role, 0.0) + used_by / wall
         return Window(
             rate=sum(a["done"] / a["seconds"] for a in answers),
-            server_cores=used / wall,
+            server_cores=cpu_between(before, after) / wall,
             client_cores=sum(a["cpu"] / a["seconds"] for a in answers),
             busiest_client=max(a["cpu"] / a["seconds"] for a in answers),
             server_waited=waited / wall,
             clients_waited=sum(a["waited"] / a["seconds"] for a in answers),
             failed=sum(a["failed"] for a in answers),
+            server_cores_by_role=by_role,
         )
 
     def measure(self, group: str, workers: int) -> None:
@@ -501,14 +572,12 @@ class ScaleBench:
         """
         column = str(workers)
         measured = self.window(group, self.servers[workers])
-        if group == "handshakes":
-            values = {
-                "handshakes": measured.rate,
-                "cpu_per_handshake": 1000 * measured.server_cores / measured.rate,
-            }
-        else:
-            megabytes = measured.rate / 1e6
-            values = {"bulk": megabytes, "cpu_per_mb": 1000 * measured.server_cores / megabytes}
+        # What the per-unit costs are counted in: handshakes, or MB.
+        units = measured.rate if group == "handshakes" else measured.rate / 1e6
+        per_unit = "cpu_per_handshake" if group == "handshakes" else "cpu_per_mb"
+        values = {group: units, per_unit: 1000 * measured.server_cores / units}
+        for role, cores in measured.server_cores_by_role.items():
+            self.report.add_by_role(column, group, role, 1000 * cores / units)
         values[f"server_cpu_{group}"] = 100 * measured.server_cores
         values[f"client_cpu_{group}"] = 100 * measured.client_cores
         values[f"busiest_client_{group}"] = 100 * measured.busiest_client
