@@ -158,6 +158,14 @@ class QuickWorkersRunTests(SynchronousTestCase):
                 for run, total in enumerate(self._runs(whole, column)):
                     self.assertAlmostEqual(sum(part[run] for part in parts), total, places=6)
 
+    def test_the_busiest_worker_share_is_between_even_and_everything(self) -> None:
+        shares = self.data["busiest_worker_share"]
+        self.assertEqual(set(shares), {"handshakes", "bulk"})
+        for group, summary in shares.items():
+            for share in summary["runs"]:
+                self.assertGreaterEqual(share, 50 - 1e-9, group)
+                self.assertLessEqual(share, 100 + 1e-9, group)
+
     def test_the_load_and_the_server_processes_are_reported(self) -> None:
         self.assertEqual(
             self.data["load"],
@@ -355,6 +363,7 @@ class ScaleReportTests(SynchronousTestCase):
         for role, cost in (("workers", 0.75), ("vault", 0.25), ("supervisor", 0.0)):
             report.add_by_role("2", "handshakes", role, cost)
         report.add_by_role("1", "handshakes", "server", 1.0)
+        report.busiest_worker["handshakes"] = [52.0, 50.0, 55.0]
         for column, values in (("1", [400.0, 500.0, 450.0]), ("2", [900.0, 800.0, 850.0])):
             for value in values:
                 report.add(SCALE_FIGURES_BY_KEY["handshakes"], column, value)
@@ -381,6 +390,11 @@ class ScaleReportTests(SynchronousTestCase):
             text,
         )
         self.assertNotIn("per MB by process", text)
+        self.assertIn(
+            "the busiest of the 2 workers' share of their CPU (median; even: 50.0 %):"
+            " handshakes 52.0 %",
+            text,
+        )
 
     def test_json_gives_every_run_and_the_factor(self) -> None:
         data = scale.scale_report_json(self._report())

@@ -254,6 +254,9 @@ class ScaleReport(Report):
     @ivar failed: per column, handshakes that failed (the load goes on).
     @ivar by_role: per column, per figure group, per kind of server process
         (L{Server.roles}), each run's CPU per handshake or per MB, in ms.
+    @ivar busiest_worker: per figure group, each run's share of the N
+        workers' CPU that the busiest worker used, in %: how evenly the
+        shared listening socket spread the connections (100 / N is even).
     """
 
     workers: int = 0
@@ -261,6 +264,7 @@ class ScaleReport(Report):
     processes: dict[str, int] = attrs.field(factory=dict)
     failed: dict[str, int] = attrs.field(factory=dict)
     by_role: dict[str, dict[str, dict[str, list[float]]]] = attrs.field(factory=dict)
+    busiest_worker: dict[str, list[float]] = attrs.field(factory=dict)
 
     def add_by_role(self, column: str, group: str, role: str, cost: float) -> None:
         """
@@ -344,6 +348,15 @@ def format_scale_report(report: ScaleReport) -> str:
                 parts.append(f"  --workers {column}: {costs}")
         if parts:
             lines += [f"server CPU per {unit} by process, ms (medians):", *parts]
+    if report.busiest_worker:
+        shares = ", ".join(
+            f"{group} {format_number(Summary.of(runs).median)} %"
+            for group, runs in report.busiest_worker.items()
+        )
+        lines.append(
+            f"the busiest of the {report.workers} workers' share of their CPU (median;"
+            f" even: {format_number(100 / report.workers)} %): {shares}"
+        )
     lines += ["", f"({report.seconds:.1f} s)"]
     return "\n".join(lines) + "\n"
 
@@ -396,6 +409,9 @@ def scale_report_json(report: ScaleReport) -> dict[str, Any]:
         },
         "server_processes": dict(report.processes),
         "failed_handshakes": dict(report.failed),
+        "busiest_worker_share": {
+            group: _summary_json(Summary.of(runs)) for group, runs in report.busiest_worker.items()
+        },
         "server_cpu_by_process": {
             column: {
                 group: {role: _summary_json(Summary.of(runs)) for role, runs in roles.items()}
@@ -428,6 +444,7 @@ class Window:
     @ivar failed: handshakes that failed.
     @ivar server_cores_by_role: L{server_cores} by the kind of server
         process (L{Server.roles}).
+    @ivar worker_cores: each worker process's CPU seconds per second.
     """
 
     rate: float
@@ -438,6 +455,7 @@ class Window:
     clients_waited: float
     failed: int
     server_cores_by_role: dict[str, float]
+    worker_cores: tuple[float, ...] = ()
 
 
 class ScaleBench:
@@ -552,9 +570,12 @@ class ScaleBench:
             ask_all(self.clients, {"do": "stop"}, timeout)
         server.check_running()
         by_role: dict[str, float] = {}
+        workers = []
         for pid, role in server.roles(after).items():
-            used_by = cpu_between({pid: before.get(pid, 0.0)}, {pid: after[pid]})
-            by_role[role] = by_role.get(role, 0.0) + used_by / wall
+            used_by = cpu_between({pid: before.get(pid, 0.0)}, {pid: after[pid]}) / wall
+            by_role[role] = by_role.get(role, 0.0) + used_by
+            if role == "workers":
+                workers.append(used_by)
         return Window(
             rate=sum(a["done"] / a["seconds"] for a in answers),
             server_cores=cpu_between(before, after) / wall,
@@ -564,6 +585,7 @@ class ScaleBench:
             clients_waited=sum(a["waited"] / a["seconds"] for a in answers),
             failed=sum(a["failed"] for a in answers),
             server_cores_by_role=by_role,
+            worker_cores=tuple(workers),
         )
 
     def measure(self, group: str, workers: int) -> None:
@@ -578,6 +600,9 @@ class ScaleBench:
         values = {group: units, per_unit: 1000 * measured.server_cores / units}
         for role, cores in measured.server_cores_by_role.items():
             self.report.add_by_role(column, group, role, 1000 * cores / units)
+        if len(measured.worker_cores) > 1 and sum(measured.worker_cores) > 0:
+            share = 100 * max(measured.worker_cores) / sum(measured.worker_cores)
+            self.report.busiest_worker.setdefault(group, []).append(share)
         values[f"server_cpu_{group}"] = 100 * measured.server_cores
         values[f"client_cpu_{group}"] = 100 * measured.client_cores
         values[f"busiest_client_{group}"] = 100 * measured.busiest_client
