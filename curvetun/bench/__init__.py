@@ -14,6 +14,11 @@ installed) and no tunnel, each tunnel end its own process::
 
     python -m curvetun.bench --tunnel [--quick] [--json] [--runs N] ...
 
+The worker scaling: C{twist curvetun --workers 1} and C{--workers N}
+under the same load from several client processes::
+
+    python -m curvetun.bench --workers N|auto [--clients P] [--quick] [--json] [--runs N] ...
+
 The figures, how they are measured, and how to read them are in
 C{docs/performance.md}. The modules, by job:
 
@@ -24,7 +29,9 @@ C{docs/performance.md}. The modules, by job:
   - L{curvetun.bench.client}: the client protocols and the measurements;
   - L{curvetun.bench.runner}: the library benchmark's run;
   - L{curvetun.bench.report}: the library report, as a table or JSON;
-  - L{curvetun.bench.tunnel}: the tunnel comparison, run and report.
+  - L{curvetun.bench.tunnel}: the tunnel comparison, run and report;
+  - L{curvetun.bench.scale}: the worker scaling, run and report;
+  - L{curvetun.bench.load}: a client process of the worker scaling.
 """
 
 from __future__ import annotations
@@ -69,6 +76,10 @@ def main(argv: list[str]) -> int:
         return serve(options["serve"], identity, options["profile-to"], options["cpu"])
     log_warnings_only()
     settings = settings_from(options)
+    if settings.workers:
+        from .scale import run_scale_benchmark
+
+        return run_scale_benchmark(settings, argv, sys.stdout, bool(options["json"]))
     if settings.tunnel:
         from .tunnel import run_tunnel_benchmark
 

@@ -16,7 +16,12 @@ import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -213,7 +218,14 @@ async def connect(connector: Connector, port: int, server_key: bytes) -> _Client
     Connect a L{_Client} through C{connector} (through the whole
     handshake, for curvetun).
     """
-    protocol = await connector.endpoint(port, server_key).connect(Factory.forProtocol(_Client))
+    return await connect_endpoint(connector.endpoint(port, server_key))
+
+
+async def connect_endpoint(endpoint: IStreamClientEndpoint) -> _Client:
+    """
+    Connect a L{_Client} through C{endpoint}.
+    """
+    protocol = await endpoint.connect(Factory.forProtocol(_Client))
     assert isinstance(protocol, _Client)
     return protocol
 

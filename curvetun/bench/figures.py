@@ -393,3 +393,117 @@ The figures of C{--tunnel}, in the order shown.
 TUNNEL_GROUPS = tuple(dict.fromkeys(figure.group for figure in TUNNEL_FIGURES))
 
 TUNNEL_FIGURES_BY_KEY = {figure.key: figure for figure in TUNNEL_FIGURES}
+
+
+# -- worker scaling (--workers) ------------------------------------------------------
+
+SCALE_HANDSHAKE_LOOPS = 4
+"""
+Handshake loops each client process of C{--workers} keeps going (each:
+connect, 100 bytes echoed, close, again): with the default client
+processes, at most 16 handshakes in flight from 127.0.0.1, half the
+server's default C{--max-handshakes-per-address} (32), which is counted
+per worker process.
+"""
+
+SCALE_BULK_CONNECTIONS = 2
+"""
+Bulk connections each client process of C{--workers} keeps writing to.
+"""
+
+SCALE_FIGURES = (
+    Figure("handshakes", "handshakes", "handshakes (connect, 100 B echoed, close)", "handshakes/s"),
+    Figure(
+        "cpu_per_handshake",
+        "handshakes",
+        "server CPU per handshake (every server process)",
+        "ms",
+        higher_is_better=False,
+    ),
+    Figure(
+        "server_cpu_handshakes",
+        "handshakes",
+        "server CPU during handshakes (every server process)",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_cpu_handshakes",
+        "handshakes",
+        "client CPU during handshakes (every client process)",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "busiest_client_handshakes",
+        "handshakes",
+        "busiest client process during handshakes",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "server_wait_handshakes",
+        "handshakes",
+        "server waiting for a CPU during handshakes",
+        "% of the time",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_wait_handshakes",
+        "handshakes",
+        "clients waiting for a CPU during handshakes",
+        "% of the time",
+        higher_is_better=False,
+    ),
+    Figure("bulk", "bulk", "bulk echoed, 65503-byte writes", "MB/s"),
+    Figure(
+        "cpu_per_mb",
+        "bulk",
+        "server CPU per MB echoed (every server process)",
+        "ms",
+        higher_is_better=False,
+    ),
+    Figure(
+        "server_cpu_bulk",
+        "bulk",
+        "server CPU during bulk (every server process)",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_cpu_bulk",
+        "bulk",
+        "client CPU during bulk (every client process)",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "busiest_client_bulk",
+        "bulk",
+        "busiest client process during bulk",
+        "% of a core",
+        higher_is_better=False,
+    ),
+    Figure(
+        "server_wait_bulk",
+        "bulk",
+        "server waiting for a CPU during bulk",
+        "% of the time",
+        higher_is_better=False,
+    ),
+    Figure(
+        "client_wait_bulk",
+        "bulk",
+        "clients waiting for a CPU during bulk",
+        "% of the time",
+        higher_is_better=False,
+    ),
+)
+"""
+The figures of C{--workers}, in the order shown; each is measured with
+one server worker and with N.
+"""
+
+SCALE_GROUPS = tuple(dict.fromkeys(figure.group for figure in SCALE_FIGURES))
+
+SCALE_FIGURES_BY_KEY = {figure.key: figure for figure in SCALE_FIGURES}

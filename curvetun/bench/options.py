@@ -5,6 +5,7 @@ curvetun.bench}), and the L{Settings} it asks for.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -17,6 +18,9 @@ from .figures import (
     FIGURES,
     FIGURES_BY_KEY,
     GROUPS,
+    SCALE_FIGURES,
+    SCALE_FIGURES_BY_KEY,
+    SCALE_GROUPS,
     TRANSPORTS,
     TUNNEL_FIGURES,
     TUNNEL_FIGURES_BY_KEY,
@@ -35,6 +39,9 @@ class Settings:
     @ivar connections: idle connections opened for the memory figure.
     @ivar tunnel: measure the tunnel comparison (C{--tunnel}); then
         C{transports} are its columns (L{TUNNELS}).
+    @ivar workers: measure worker scaling (C{--workers N}) with 1 and with
+        this many server workers (0: not this mode).
+    @ivar clients: the client processes of the worker scaling.
     """
 
     runs: int
@@ -46,12 +53,26 @@ class Settings:
     profile: str | None = None
     pin: str = "none"
     tunnel: bool = False
+    workers: int = 0
+    clients: int = 0
 
 
 PINNINGS = ("none", "same", "split")
 """
 Where C{--pin} puts the processes: where the system likes; client and
 servers on one CPU; client on one CPU and servers on another.
+"""
+
+MAX_WORKERS = 64
+"""
+The most server workers C{--workers} measures (as C{twist curvetun
+--workers} takes).
+"""
+
+SCALE_QUICK_DURATION = 0.3
+"""
+The window of C{--workers --quick}: the kernel counts CPU time in ticks
+of 10 ms, and the library's quick 0.03 s would be three of them.
 """
 
 NORMAL = {"runs": 5, "duration": 1.0, "connections": 1000}
@@ -123,6 +144,24 @@ def _integer(option: str) -> Callable[[str], int]:
     return parse
 
 
+def _workers(text: str) -> int:
+    """
+    The parser of C{--workers}: a whole number from 2 to L{MAX_WORKERS},
+    or C{auto} for as many as this machine has usable CPUs (at least 2).
+    """
+    if text == "auto":
+        return max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--workers: not a number or auto: {text!r}") from None
+    if not 2 <= value <= MAX_WORKERS:
+        raise usage.UsageError(
+            f"--workers: must be from 2 to {MAX_WORKERS} (1 worker is always measured): {text!r}"
+        )
+    return value
+
+
 _SERVER_PARAMETERS: list[list[Any]] = [
     # The server process's options (internal: see ServerProcess.spawn), left
     # out of --help by BenchOptions.getUsage:
@@ -159,7 +198,9 @@ class BenchOptions(usage.Options):
     longdesc = (
         "Measure curvetun beside plain TCP and TLS 1.3 (Twisted) on 127.0.0.1,"
         " server and client in separate processes; with --tunnel, twist curvetun"
-        " beside spiped and stunnel. See docs/performance.md."
+        " beside spiped and stunnel; with --workers N, twist curvetun with 1 and with"
+        " N worker processes under load from several client processes."
+        " See docs/performance.md."
         " Exit status: 0 on success, 1 when the benchmark failed, 2 for a"
         " wrong command line."
     )
@@ -195,7 +236,8 @@ class BenchOptions(usage.Options):
             "duration",
             None,
             None,
-            "Seconds each timed measurement aims to take (default 1; --quick: 0.03).",
+            "Seconds each timed measurement aims to take (default 1; --quick: 0.03,"
+            " with --workers 0.3).",
             _positive(float, "duration"),
         ],
         [
@@ -221,6 +263,23 @@ class BenchOptions(usage.Options):
             " split (client on one, servers on another).",
             _choice(PINNINGS, "pin"),
         ],
+        [
+            "workers",
+            None,
+            None,
+            "N: measure worker scaling instead: handshakes/s and bulk MB/s of twist curvetun"
+            " --workers 1 and --workers N (2 to 64, or auto: one per CPU), with the server's"
+            " CPU per handshake and per MB.",
+            _workers,
+        ],
+        [
+            "clients",
+            None,
+            None,
+            "With --workers: the client processes that make the load, each with its own key"
+            " directory (default: twice N).",
+            _positive(int, "clients"),
+        ],
         *_SERVER_PARAMETERS,
     ]
 
@@ -238,7 +297,13 @@ class BenchOptions(usage.Options):
             raise usage.UsageError(f"unrecognized arguments: {' '.join(arguments)}")
 
     def postOptions(self) -> None:
-        if self["tunnel"]:
+        if self["workers"] is not None:
+            self._check_workers()
+            groups, keys = SCALE_GROUPS, SCALE_FIGURES_BY_KEY
+            transports: tuple[str, ...] = ()
+        elif self["clients"] is not None:
+            raise usage.UsageError("--clients: goes with --workers N")
+        elif self["tunnel"]:
             groups, keys, transports = TUNNEL_GROUPS, TUNNEL_FIGURES_BY_KEY, TUNNELS
             if self["profile"] is not None:
                 raise usage.UsageError(
@@ -269,6 +334,22 @@ class BenchOptions(usage.Options):
             if self[needed] is None:
                 raise usage.UsageError(f"--serve {self['serve']} needs --{needed}")
 
+    def _check_workers(self) -> None:
+        """
+        Refuse what C{--workers} does not take, each in one line.
+        """
+        if self["tunnel"]:
+            raise usage.UsageError("--workers: measures one tunnel program, not with --tunnel")
+        for option in ("transports", "connections", "profile"):
+            if self[option] is not None:
+                raise usage.UsageError(
+                    f"--{option}: not with --workers (it measures twist curvetun only)"
+                )
+        if self["pin"] != "none":
+            raise usage.UsageError("--pin: pins the library figures' processes only")
+        if self["clients"] is not None and self["clients"] > 256:
+            raise usage.UsageError(f"--clients: at most 256: {self['clients']}")
+
     def getUsage(self, width: int | None = None) -> str:
         # usage.Options lists every option it parses: hide the server
         # process's while it writes the help.
@@ -287,13 +368,17 @@ def settings_from(options: BenchOptions) -> Settings:
     """
     quick = bool(options["quick"])
     tunnel = bool(options["tunnel"])
+    workers = int(options["workers"] or 0)
     defaults = QUICK if quick else NORMAL
     only = options["only"]
-    every = TUNNEL_FIGURES if tunnel else FIGURES
-    columns = TUNNELS if tunnel else TRANSPORTS
+    every = SCALE_FIGURES if workers else TUNNEL_FIGURES if tunnel else FIGURES
+    columns = () if workers else TUNNELS if tunnel else TRANSPORTS
+    duration = defaults["duration"]
+    if workers and quick:
+        duration = SCALE_QUICK_DURATION
     return Settings(
         runs=int(options["runs"] or defaults["runs"]),
-        duration=float(options["duration"] or defaults["duration"]),
+        duration=float(options["duration"] or duration),
         connections=int(options["connections"] or defaults["connections"]),
         quick=quick,
         transports=tuple(t for t in columns if t in options["transports"]),
@@ -301,4 +386,6 @@ def settings_from(options: BenchOptions) -> Settings:
         profile=options["profile"],
         pin=options["pin"],
         tunnel=tunnel,
+        workers=workers,
+        clients=int(options["clients"] or 2 * workers),
     )

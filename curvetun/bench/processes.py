@@ -1,7 +1,8 @@
 """
 Watching and ending other processes from outside, through C{/proc}: their
-CPU time, resident memory and listening ports; and L{Children}, which
-starts processes and makes sure every one of them ends with the benchmark.
+CPU time (of one process, or of a process and all its descendants),
+resident memory and listening ports; and L{Children}, which starts
+processes and makes sure every one of them ends with the benchmark.
 """
 
 from __future__ import annotations
@@ -31,6 +32,95 @@ def cpu_seconds(pid: int) -> float:
     fields = text[text.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / _TICKS
+
+
+def run_queue_seconds(pid: int) -> float:
+    """
+    The seconds process C{pid}'s threads have spent so far ready to run
+    but waiting for a CPU (the second field of each
+    C{/proc/PID/task/TID/schedstat}): how much a busy machine held it
+    back.
+    """
+    waited = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                waited += int(schedstat.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited / 1e9
+
+
+def _parent_pids() -> dict[int, int]:
+    """
+    Every living process's parent, from field 4 of each C{/proc/PID/stat}.
+    """
+    parents = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            # It ended while we looked.
+            continue
+        parents[int(name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    return parents
+
+
+def process_tree(pid: int) -> list[int]:
+    """
+    Process C{pid} and all its living descendants (children, their
+    children...), C{pid} first.
+    """
+    children: dict[int, list[int]] = {}
+    for child, parent in _parent_pids().items():
+        children.setdefault(parent, []).append(child)
+    tree = [pid]
+    for member in tree:
+        tree.extend(sorted(children.get(member, ())))
+    return tree
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """
+    The CPU seconds used so far by process C{pid} and by each of its
+    living descendants, by process id (a process's own time only: what
+    its children used is theirs).
+    """
+    used = {}
+    for member in process_tree(pid):
+        try:
+            used[member] = cpu_seconds(member)
+        except OSError:
+            continue
+    return used
+
+
+def tree_run_queue(pid: int) -> dict[int, float]:
+    """
+    L{run_queue_seconds} of process C{pid} and of each of its living
+    descendants, by process id.
+    """
+    waited = {}
+    for member in process_tree(pid):
+        try:
+            waited[member] = run_queue_seconds(member)
+        except OSError:
+            continue
+    return waited
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """
+    The CPU seconds a process tree used between two L{tree_cpu} readings
+    (or the seconds it waited, between two L{tree_run_queue} readings):
+    each process's growth, and all of the time of a process that started
+    in between (a restarted worker). A process that ended in between is
+    lost: the kernel keeps its time only for a parent that waits for it.
+    """
+    return sum(seconds - before.get(member, 0.0) for member, seconds in after.items())
 
 
 def resident_bytes(pid: int) -> int:
@@ -140,6 +230,26 @@ class Children:
         self.processes.append(process)
         return process
 
+    def start_piped(
+        self, command: list[str], log_path: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """
+        Start C{command} with pipes to its stdin and from its stdout (to
+        talk to it), its stderr into C{log_path}.
+        """
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        self.processes.append(process)
+        return process
+
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
         """
         End C{process}: SIGTERM, then SIGKILL if it has not exited within
@@ -152,6 +262,9 @@ class Children:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
         if process in self.processes:
             self.processes.remove(process)
 

@@ -57,13 +57,13 @@ def make_keydir(keydir: str) -> bytes:
     return public_key
 
 
-def write_registry(path: str, key: bytes) -> None:
+def write_registry(path: str, *keys: bytes) -> None:
     """
-    Write a registry with one entry, C{key} for 127.0.0.1 (as C{curvetun
-    trust 127.0.0.1 KEY} does).
+    Write a registry with an entry for each of C{keys} from 127.0.0.1 (as
+    C{curvetun trust 127.0.0.1 KEY} does, once per key).
     """
     with open(path, "w") as registry:
-        registry.write(f"{LOCALHOST} {format_public_key(key)}\n")
+        registry.write("".join(f"{LOCALHOST} {format_public_key(key)}\n" for key in keys))
 
 
 @attrs.frozen
