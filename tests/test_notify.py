@@ -14,6 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from curvetun import notify
 
+from ._support import short_socket_dir
+
 
 class _Manager:
     """
@@ -28,7 +30,7 @@ class _Manager:
             self.sock.bind(b"\0" + name.encode())
             self.name = "@" + name
         else:
-            self.name = os.path.abspath(test.mktemp())
+            self.name = os.path.join(short_socket_dir(test), "notify")
             self.sock.bind(self.name)
         self.sock.settimeout(5)
 
