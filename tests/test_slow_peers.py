@@ -40,7 +40,9 @@ from curvetun.vault import MemoryVault
 
 from ._support import AllowList
 
-HANDSHAKE_TIMEOUT = 1.0
+# Long enough that a client gets through on a loaded machine while every
+# attacker is still held; the test waits about this long.
+HANDSHAKE_TIMEOUT = 2.0
 SLACK = 4.0
 """How late after the timeout a close may come on a busy machine."""
 
@@ -143,6 +145,9 @@ class SilentPeerTests(TestCase):
             self.server_vault,
             AllowList(clients=[(self.client_vault.public_key, "127.0.0.2")]),
             handshake_timeout=HANDSHAKE_TIMEOUT,
+            # The whole handshake's timeout is what this shows (the first
+            # packet's own timeout would close the silent ones too).
+            hello_timeout=None,
             limits=limits,
         )
         self.client_service = CurveTunService(self.client_vault, AllowList())
@@ -217,6 +222,8 @@ class SilentPeerTests(TestCase):
         self,
     ) -> None:
         await self.start_server(NO_LIMITS)
+        # The server cannot have accepted any of them before this.
+        began = now()
         attackers, all_connected = await self.attack()
 
         await self.exchange_messages()
@@ -230,8 +237,13 @@ class SilentPeerTests(TestCase):
             assert attacker.closed_at is not None and attacker.reason is not None
             lifetime = attacker.closed_at - attacker.connected_at
             self.assertLess(lifetime, HANDSHAKE_TIMEOUT + SLACK, attacker.kind)
-            # The server closed it, cleanly, when the time was up.
-            self.assertGreater(lifetime, HANDSHAKE_TIMEOUT * 0.9, attacker.kind)
+            # The server closed it, cleanly, when the time was up: not
+            # before the timeout had run from the earliest accept. (From
+            # the attacker's own connectionMade, which a loaded reactor may
+            # run late, it can look shorter.)
+            self.assertGreaterEqual(
+                attacker.closed_at - began, HANDSHAKE_TIMEOUT * 0.99, attacker.kind
+            )
             self.assertTrue(attacker.reason.check(ConnectionDone), attacker.reason)
         # Each valid hello was answered with a cookie, and only those.
         answers = {a.kind: len(a.received) for a in attackers}
