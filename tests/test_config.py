@@ -178,7 +178,7 @@ class ConfigFileErrorTests(SynchronousTestCase):
 
     def test_an_unknown_top_level_key_or_table_names_its_line(self) -> None:
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\n\n[listener]\nport = 1\n')
-        self.assertEqual(message, f"{path}:4: unknown key 'listener' (known: tunnel, metrics)")
+        self.assertEqual(message, f"{path}:4: unknown key 'listener' (known: tunnel, metrics, workers)")
         message, path = self.fails('grace = 3\n[[tunnel]]\nlisten = "tcp:0"\n')
         self.assertEqual(message, f"{path}:1: unknown key 'grace' (known: tunnel, metrics)")
 
