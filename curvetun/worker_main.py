@@ -337,6 +337,7 @@ def build_worker_tunnels(
     vaults: Sequence[IHandshakeVault],
     numbers: Sequence[int],
     adopted: list[tuple[int, str]],
+    name: str = "worker",
 ) -> WorkerTunnels:
     """
     Every tunnel of a worker: one identity per vault (C{vaults[n]} for the
@@ -362,7 +363,7 @@ def build_worker_tunnels(
     # As in a single process: strings that name no key directory are the
     # first tunnel's.
     adopt_identity(services[numbers[0]], configs[0], default=True)
-    return WorkerTunnels(identities, tunnels)
+    return WorkerTunnels(identities, tunnels, name)
 
 
 @attrs.define
@@ -377,6 +378,7 @@ class WorkerTunnels:
 
     identities: list[Identity]
     tunnels: list[TunnelService]
+    name: str = "worker"
 
     @property
     def running(self) -> int:
@@ -411,8 +413,9 @@ class WorkerTunnels:
 
     def reload(self) -> Deferred[object]:
         """
-        Read every identity's registry again (a registry error is logged by
-        the registry itself, and keeps the entries it had).
+        Read every identity's registry again, and log one line for each
+        (a registry error is logged by the registry itself, and keeps the
+        entries it had).
 
         @return: fires once every registry has been read.
         """
@@ -425,9 +428,17 @@ class WorkerTunnels:
             if rereading is not None:
                 # One registry that fails does not keep the others stale.
                 try:
-                    await rereading()
+                    change = await rereading()
                 except Exception as error:
                     failed.append(error)
+                    continue
+                log.info(
+                    "{name}: registry of {keydir} read again: {added} added, {removed} removed",
+                    name=self.name,
+                    keydir=identity.keydir,
+                    added=len(getattr(change, "added", ())),
+                    removed=len(getattr(change, "removed", ())),
+                )
         if failed:
             raise failed[0]
         return None
@@ -487,7 +498,7 @@ async def run(reactor: Any, options: Options) -> int:
     configs: list[TunnelConfig] = options["config"]
     try:
         tunnels = build_worker_tunnels(
-            reactor, configs, vaults, options["vaults"], options["adopt"]
+            reactor, configs, vaults, options["vaults"], options["adopt"], name
         )
     except StartupError as error:
         sys.stderr.write(f"curvetun {name}: {error}\n")
