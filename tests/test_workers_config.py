@@ -23,12 +23,17 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from curvetun import worker_main
-from curvetun.config import ConfigFileError, TunnelConfig, read_config
+from curvetun.config import ConfigFileError, ProcessConfig, TunnelConfig, read_config
 from curvetun.keys import format_public_key
 from curvetun.tap import Options
 from curvetun.tunnel import EchoFactory
 from curvetun.tunnel_service import StartupError
-from curvetun.workers import FIRST_CHILD_FD, Supervisor, listens_for_tunnels
+from curvetun.workers import (
+    FIRST_CHILD_FD,
+    Supervisor,
+    listens_for_tunnels,
+    make_supervisor_service_from_file,
+)
 
 from ._process_support import Child, memory_holds, stop, wait_for
 from ._support import Collector, KeyDirs, round_trip
@@ -74,8 +79,45 @@ def ports(server: Child) -> list[int]:
     return [
         int(event["address"].rpartition(":")[2])
         for event in events(server)
-        if str(event.get("log_format", "")).startswith("Listening on {endpoint}")
+        if event.get("log_format") == "Listening on {endpoint} ({address}) in {workers} worker(s)"
     ]
+
+
+def metrics_base(server: Child) -> str:
+    """
+    The URL of the supervisor's monitoring endpoint.
+    """
+    for event in events(server):
+        listening = event.get("log_format") == "Listening on {endpoint} ({address}): {what}"
+        if listening and str(event.get("what")).startswith("metrics"):
+            return f"http://{event['address']}"
+    raise AssertionError(server.stdout())
+
+
+def get(url: str) -> tuple[int, bytes]:
+    """
+    GET C{url}, blocking: the status and the body.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def ok_handshakes(base: str, tunnel: str) -> float:
+    """
+    The C{ok} handshakes of tunnel C{tunnel} in C{/metrics} at C{base}.
+    """
+    _, body = get(base + "/metrics")
+    for line in body.decode().splitlines():
+        ours = f'tunnel="{tunnel}"' in line and 'result="ok"' in line
+        if line.startswith("curvetun_handshakes_total{") and ours:
+            return float(line.rpartition(" ")[2])
+    return 0.0
 
 
 def write_config(testcase: SynchronousTestCase, text: str) -> str:
@@ -248,6 +290,57 @@ keydir = "{self.far.client}"
         self.assertEqual(stop(server), -signal.SIGTERM)
 
 
+class FileMetricsTests(TestCase):
+    """
+    The file's C{workers} and C{metrics}, without C{--workers}: the
+    supervisor serves each tunnel's figures summed over the workers, and
+    its health covers every vault.
+    """
+
+    async def test_the_files_workers_and_metrics(self) -> None:
+        one, two = KeyDirs(self), KeyDirs(self)
+        config = write_config(
+            self,
+            f"""
+workers = 2
+metrics = "tcp:0:interface=127.0.0.1"
+
+[[tunnel]]
+name = "one"
+listen = "curvetun:0:interface=127.0.0.1"
+keydir = "{one.server}"
+
+[[tunnel]]
+name = "two"
+listen = "curvetun:0:interface=127.0.0.1"
+keydir = "{two.server}"
+""",
+        )
+        server = Child(self, ["-m", "twisted", "curvetun", "--config", config], "twist")
+        wait_for(lambda: ready(server) >= 2 or server.process.poll() is not None, 60)
+        assert server.process.poll() is None, server.stderr()
+        base = metrics_base(server)
+        self.assertEqual(get(base + "/healthz"), (200, b"ok\n"))
+        first, second = ports(server)
+        for port, keys, count in [(first, one, 3), (second, two, 2)]:
+            for _ in range(count):
+                through = f"curvetun:127.0.0.1:{port}:keydir={keys.client}"
+                self.assertEqual(await talk(through, b"m"), b"m")
+        wait_for(lambda: (ok_handshakes(base, "one"), ok_handshakes(base, "two")) == (3, 2))
+        status = json.loads(get(base + "/status")[1])
+        self.assertEqual([t["name"] for t in status["tunnels"]], ["one", "two"])
+        self.assertEqual(
+            [(v["name"], v["keydir"]) for v in status["vaults"]],
+            [("vault 1", one.server), ("vault 2", two.server)],
+        )
+        # A vault killed: unhealthy until it is back.
+        os.kill(started(server)["vault 2"][0], signal.SIGKILL)
+        wait_for(lambda: get(base + "/healthz")[0] == 503)
+        wait_for(lambda: get(base + "/healthz")[0] == 200)
+        self.assertEqual(len(started(server)["vault 2"]), 2)
+        self.assertEqual(stop(server), -signal.SIGTERM)
+
+
 def _forget(keydir: str) -> None:
     from curvetun.endpoints import service_pool
 
@@ -366,6 +459,30 @@ class FileWorkersTests(SynchronousTestCase):
             self.assertEqual(
                 str(error), f"{path}:2: workers must be a whole number from 1 to 64, not {shown}"
             )
+
+
+class FileServiceTests(SynchronousTestCase):
+    """
+    The supervisor of a file's tunnels: the command line's C{--metrics}
+    overrides the file's.
+    """
+
+    def process(self) -> ProcessConfig:
+        path = write_config(
+            self, 'metrics = "tcp:9100"\n[[tunnel]]\nlisten = "tcp:0"\nkeydir = "/a"\n'
+        )
+        return read_config(path)
+
+    def test_the_files_metrics_is_served(self) -> None:
+        service = make_supervisor_service_from_file(self.process(), 2, Clock())
+        supervisor = service.supervisor  # type: ignore[attr-defined]
+        self.assertEqual(supervisor.monitor.description, "tcp:9100")
+
+    def test_the_command_lines_metrics_overrides_the_files(self) -> None:
+        service = make_supervisor_service_from_file(self.process(), 2, Clock(), "tcp:9200")
+        supervisor = service.supervisor  # type: ignore[attr-defined]
+        self.assertEqual(supervisor.monitor.description, "tcp:9200")
+        self.assertEqual(supervisor.configs, self.process().tunnels)
 
 
 class SupervisorPlanTests(SynchronousTestCase):
