@@ -73,8 +73,7 @@ class Options(usage.Options):
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
         "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
         "[--keep-sessions-on-revoke] [--statedir DIR] [--instance ID [--change-instance]] "
-        "[--metrics ENDPOINT]"
-        "[--workers N]"
+        "[--metrics ENDPOINT] [--workers N]"
         "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT] [--workers N]"
     )
     longdesc = (
@@ -180,7 +179,7 @@ class Options(usage.Options):
                 "Worker processes, each running every tunnel; with more than one, a "
                 "supervisor runs them and one vault process per key directory, the only one "
                 f"that reads it (1 to {MAX_WORKERS}; with --config it overrides the file's "
-                "workers; see docs/deploy.md)" + _default(1)
+                "workers; see docs/deploy.md)." + _default(1)
             ),
         ],
         [
