@@ -1,17 +1,22 @@
 """
-A supervisor for worker processes behind one vault process.
+A supervisor for worker processes behind vault processes.
 
-    supervisor --+-- vault process  (the only holder of the secret key;
-                 |                   python -m curvetun.vault_process)
+    supervisor --+-- vault process(es)  (the only holder of a secret key;
+                 |                       python -m curvetun.vault_process)
                  +-- worker 1 ... worker N  (python -m curvetun.worker_main)
 
-The supervisor binds every listening socket itself, then starts the vault
-and N workers. Each worker inherits the listening sockets as file
-descriptors and adopts them (C{reactor.adoptStreamPort}); the kernel hands
-each new connection to one of the workers waiting in C{accept}, and the
-connection then stays with that worker. Workers ask the vault, over a
-UNIX socket, for the long-term-key operations of each handshake
-(L{curvetun.remote_vault}); they never read the key directory.
+The supervisor binds every listening socket of every tunnel itself, then
+starts one vault process per identity of the tunnels (tunnels that would
+share an identity in a single process,
+L{curvetun.tunnel_service.check_shared_identities}, share a vault) and
+N workers, each of which runs every tunnel. Each worker inherits the
+listening sockets as file descriptors (the tunnels' in order, from 3 on)
+and adopts them (C{reactor.adoptStreamPort}); the kernel
+hands each new connection to one of the workers waiting in C{accept}, and
+the connection then stays with that worker. Workers ask each tunnel's
+vault, over a UNIX socket of its own, for the long-term-key operations of
+each handshake (L{curvetun.remote_vault}), the client end of a tunnel (a
+curvetun C{--forward}) too; they never read a key directory.
 
 Inherited sockets rather than C{SO_REUSEPORT}: one bind, by the
 supervisor, works for every kind of inner endpoint (TCP on IPv4 or IPv6,
@@ -25,7 +30,8 @@ and drops the connections waiting in a dying worker's queue.
 A worker or vault that exits is started again after a back-off: 0.5
 seconds, doubling after each exit up to 30 seconds, back to 0.5 once the
 process had run for a minute. A vault that exits with status 64 or 78 (a
-bad option, an unusable key directory) is not: the supervisor stops.
+bad option, an unusable key directory) is not: the supervisor stops, and
+exits with that status.
 
 Each worker has a control channel to the supervisor
 (L{curvetun.worker_control}): an AF_UNIX socket pair, one end inherited by
@@ -36,7 +42,7 @@ supervisor send it commands.
 SIGTERM (or SIGINT) to the supervisor: it stops listening itself, sends
 SIGTERM to every worker (each stops listening and lets its open
 connections finish for up to its grace time), waits for them, then stops
-the vault. SIGHUP to the supervisor: C{Reload} to every ready worker; a
+the vaults. SIGHUP to the supervisor: C{Reload} to every ready worker; a
 worker not yet ready gets it once it says C{Ready} (it may have read the
 registry before the SIGHUP). No signal is forwarded: a signal that
 reaches a worker before its handler is installed would end it or be lost.
@@ -45,12 +51,12 @@ exits.
 
 Metrics (C{--metrics}): the supervisor serves C{/metrics}, C{/status} and
 C{/healthz} (L{curvetun.monitoring}) with the figures summed over the
-workers, as L{SupervisorObserver} says.
+workers, as L{SupervisorObserver} says; its health covers every vault.
 
 A service manager (C{$NOTIFY_SOCKET}, L{curvetun.notify}) is told
 C{READY=1} once every worker has said C{Ready}, C{RELOADING=1} then
 C{READY=1} around a reload, and C{STOPPING=1} when the drain begins. The
-workers and the vault do not see C{$NOTIFY_SOCKET}: only the supervisor
+workers and the vaults do not see C{$NOTIFY_SOCKET}: only the supervisor
 speaks for the service.
 """
 
