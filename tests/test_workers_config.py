@@ -17,8 +17,8 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, serverFromString
-from twisted.internet.protocol import Factory
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -338,6 +338,70 @@ keydir = "{two.server}"
         wait_for(lambda: get(base + "/healthz")[0] == 503)
         wait_for(lambda: get(base + "/healthz")[0] == 200)
         self.assertEqual(len(started(server)["vault 2"]), 2)
+        self.assertEqual(stop(server), -signal.SIGTERM)
+
+
+class Backend(Protocol):
+    """
+    A backend that keeps what it receives in C{received}, shared.
+    """
+
+    def __init__(self, received: bytearray) -> None:
+        self.received = received
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class BackendFactory(Factory):
+    """
+    Backends that keep what they receive in C{received}.
+    """
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+
+    def buildProtocol(self, addr: object) -> Backend:
+        return Backend(self.received)
+
+
+class ForwardSettingsTests(TestCase):
+    """
+    A worker forwards as the single process does: with the PROXY header a
+    tunnel asks for.
+    """
+
+    async def test_a_worker_sends_the_proxy_header(self) -> None:
+        keys = KeyDirs(self)
+        backend = BackendFactory()
+        port = await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(backend)
+        self.addCleanup(port.stopListening)
+        config = write_config(
+            self,
+            f"""
+[[tunnel]]
+listen = "curvetun:0:interface=127.0.0.1"
+forward = "tcp:127.0.0.1:{port.getHost().port}"
+send_proxy = "v1"
+keydir = "{keys.server}"
+""",
+        )
+        server = start_twist(self, config)
+        [listen] = ports(server)
+        through = f"curvetun:127.0.0.1:{listen}:keydir={keys.client}"
+        client = await clientFromString(reactor, through).connect(Factory.forProtocol(Collector))
+        assert isinstance(client, Collector) and client.transport is not None
+        client.transport.write(b"after the header")
+        for _ in range(200):
+            if backend.received.endswith(b"after the header"):
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(
+            backend.received.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 "), backend.received
+        )
+        self.assertTrue(backend.received.endswith(b"\r\nafter the header"), backend.received)
+        client.transport.loseConnection()
+        await client.lost
         self.assertEqual(stop(server), -signal.SIGTERM)
 
 
