@@ -8,10 +8,12 @@ its status. Also the option combinations and the file's C{workers}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +27,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from curvetun import worker_main
 from curvetun.config import ConfigFileError, ProcessConfig, TunnelConfig, read_config
 from curvetun.keys import format_public_key
-from curvetun.tap import Options
+from curvetun.tap import Options, makeService
 from curvetun.tunnel import EchoFactory
-from curvetun.tunnel_service import StartupError
+from curvetun.tunnel_service import StartupError, Tunnels
 from curvetun.workers import (
     FIRST_CHILD_FD,
     Supervisor,
@@ -523,6 +525,45 @@ class FileWorkersTests(SynchronousTestCase):
             self.assertEqual(
                 str(error), f"{path}:2: workers must be a whole number from 1 to 64, not {shown}"
             )
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """
+    C{twist curvetun --config FILE}: the file's C{workers} decides how many
+    processes, unless C{--workers} says.
+    """
+
+    def path(self) -> str:
+        keydir = os.path.abspath(self.mktemp())
+        return write_config(
+            self, f'workers = 3\n[[tunnel]]\nlisten = "tcp:0"\nkeydir = "{keydir}"\n'
+        )
+
+    def service(self, *argv: str) -> Any:
+        options = Options()
+        options.parseOptions(list(argv))
+        return makeService(options)
+
+    def test_the_files_workers(self) -> None:
+        self.assertEqual(self.service("--config", self.path()).supervisor.worker_count, 3)
+
+    def test_the_command_line_overrides_the_files_workers(self) -> None:
+        path = self.path()
+        self.assertEqual(
+            self.service("--config", path, "--workers", "2").supervisor.worker_count, 2
+        )
+        single = self.service("--config", path, "--workers", "1")
+        self.addCleanup(single.release)
+        self.assertIsInstance(single, Tunnels)
+
+    def test_change_instance_with_the_files_workers_exits_64(self) -> None:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(
+            SystemExit, self.service, "--config", self.path(), "--change-instance"
+        )
+        self.assertEqual(error.code, 64)
+        self.assertIn("--change-instance is not taken with --workers", stderr.getvalue())
 
 
 class FileServiceTests(SynchronousTestCase):
