@@ -27,7 +27,8 @@ Every key of a C{[[tunnel]]} table is one of L{TUNNEL_KEYS}; the top level
 holds only L{TOP_LEVEL_KEYS}. Anything else is an error naming the file,
 the line and the key. Settings not built yet are
 refused like any unknown key until they are added to those tuples and to
-L{tunnel_config}. The top level may also hold C{metrics} (L{read_config}).
+L{tunnel_config}. The top level may also hold C{metrics} and C{workers}
+(L{read_config}).
 """
 
 from __future__ import annotations
@@ -122,12 +123,16 @@ The keys of a C{[[tunnel]]} table; without C{name}, also the settings of
 the command line (C{handshake_timeout} is C{--handshake-timeout}).
 """
 
-TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel", "metrics")
+TOP_LEVEL_KEYS: tuple[str, ...] = ("tunnel", "metrics", "workers")
 """
 The keys of the file's top level: the C{[[tunnel]]} tables, and the
 process-wide settings (C{metrics}: the server endpoint string of the
-monitoring endpoint, as C{--metrics}).
+monitoring endpoint, as C{--metrics}; C{workers}: how many worker
+processes run every tunnel, as C{--workers}).
 """
+
+MAX_WORKERS = 64
+"""The most worker processes C{--workers} (or C{workers}) takes."""
 
 
 # -- one tunnel -----------------------------------------------------------------
@@ -477,11 +482,14 @@ class ProcessConfig:
         L{None}.
     @ivar metrics_where: what a message about C{metrics} starts with
         (C{"FILE:LINE: "}).
+    @ivar workers: how many worker processes run the tunnels, or L{None}
+        (not set: one process, unless C{--workers} says otherwise).
     """
 
     tunnels: list[TunnelConfig]
     metrics: str | None = None
     metrics_where: str = ""
+    workers: int | None = None
 
 
 def read_config_file(path: str) -> list[TunnelConfig]:
@@ -502,7 +510,8 @@ def read_config(path: str) -> ProcessConfig:
     the TOML file at C{path}.
 
     @raise ConfigFileError: as L{read_config_file}; also for a C{metrics}
-        that is not a non-empty string.
+        that is not a non-empty string, or a C{workers} that is not a whole
+        number from 1 to L{MAX_WORKERS}.
     """
     try:
         with open(path, "rb") as f:
@@ -551,7 +560,15 @@ def read_config(path: str) -> ProcessConfig:
         raise ConfigFileError(
             f'{where}metrics must be a server endpoint string, e.g. "tcp:9100:interface=127.0.0.1"'
         )
-    return ProcessConfig(configs, metrics, where)
+    workers = document.get("workers")
+    if workers is not None:
+        number = isinstance(workers, int) and not isinstance(workers, bool)
+        if not number or not 1 <= cast("int", workers) <= MAX_WORKERS:
+            raise ConfigFileError(
+                f"{path}:{top.get('workers', 1)}: workers must be a whole number from 1 to "
+                f"{MAX_WORKERS}, not {workers if number else _toml_type(workers)}"
+            )
+    return ProcessConfig(configs, metrics, where, cast("int | None", workers))
 
 
 def _decode(path: str, text: str) -> dict[str, object]:

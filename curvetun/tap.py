@@ -5,7 +5,7 @@ may be a curvetun endpoint, or echo them.
     twist curvetun [--listen ENDPOINT]... [--forward ENDPOINT]
                    [--keydir DIR] [--registry FILE] [--grace SECONDS]
                    [--handshake-timeout SECONDS] [--send-proxy v1|v2] ...
-    twist curvetun --config FILE [--metrics ENDPOINT]
+    twist curvetun --config FILE [--metrics ENDPOINT] [--workers N]
 
 The server end of a tunnel to a local service::
 
@@ -36,6 +36,7 @@ from .admission import ConnectionLimits
 from .config import (
     DEFAULT_GRACE,
     LIMITS,
+    MAX_WORKERS,
     NETWORK_PREFIXES,
     TUNNEL_KEYS,
     SettingError,
@@ -45,9 +46,6 @@ from .config import (
 )
 from .factories import DEFAULT_HANDSHAKE_TIMEOUT
 from .tunnel_service import make_service, make_service_from_file
-
-MAX_WORKERS = 64
-"""The most worker processes C{--workers} takes."""
 
 
 def _default(text: object) -> str:
@@ -65,7 +63,9 @@ class Options(usage.Options):
     C{"idle-timeout"} floats (the last L{None} for none), C{"limits"} a
     L{ConnectionLimits}, C{"send-proxy"} C{"v1"}, C{"v2"} or L{None}, and
     C{"metrics"} (also with C{--config}) an endpoint string or L{None}.
-    C{"keep-sessions-on-revoke"} a bool.
+    C{"keep-sessions-on-revoke"} a bool. C{"workers"} is a number from 1
+    to L{MAX_WORKERS}; with C{--config}, L{None} when not given (then the
+    file's C{workers} says, else 1).
     """
 
     synopsis = (
@@ -73,8 +73,8 @@ class Options(usage.Options):
         "[--registry FILE] [--grace SECONDS] [--handshake-timeout SECONDS] "
         "[--idle-timeout SECONDS] [--max-connections N] ... [--send-proxy v1|v2] "
         "[--keep-sessions-on-revoke] [--statedir DIR] [--instance ID [--change-instance]] "
-        "[--metrics ENDPOINT]"
-        "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT]"
+        "[--metrics ENDPOINT] [--workers N]"
+        "\n       twist [options] curvetun --config FILE [--metrics ENDPOINT] [--workers N]"
     )
     longdesc = (
         "Forward each connection accepted on a --listen endpoint to a connection "
@@ -82,14 +82,20 @@ class Options(usage.Options):
         "is authenticated; either may be a curvetun: endpoint. Without --forward, "
         "echo what is received. The key directory is created, with a fresh key, "
         "if it does not exist. --config FILE runs the tunnels a TOML file describes "
-        "instead (see docs/usage.md)."
+        "instead (see docs/usage.md). --workers N runs them in N worker processes "
+        "behind one vault process per key directory (see docs/deploy.md)."
     )
 
     # Every tunnel option defaults to None here, so that postOptions can
     # tell what was given (to refuse it with --config); the defaults are
     # filled in by tunnel_config, and shown in the help text.
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["config", "c", None, "TOML file describing the tunnels to run (only --metrics besides)."],
+        [
+            "config",
+            "c",
+            None,
+            "TOML file describing the tunnels to run (only --metrics and --workers besides).",
+        ],
         [
             "keydir",
             "k",
@@ -168,11 +174,12 @@ class Options(usage.Options):
         [
             "workers",
             None,
-            "1",
+            None,
             (
-                "Worker processes; with more than one, a supervisor runs them and one vault "
-                f"process, the only one that reads the key directory (1 to {MAX_WORKERS}; "
-                "see docs/deploy.md)."
+                "Worker processes, each running every tunnel; with more than one, a "
+                "supervisor runs them and one vault process per key directory, the only one "
+                f"that reads it (1 to {MAX_WORKERS}; with --config it overrides the file's "
+                "workers; see docs/deploy.md)." + _default(1)
             ),
         ],
         [
@@ -257,12 +264,15 @@ class Options(usage.Options):
         # and goes with --config as it is.
         if self["metrics"] is not None and not self["metrics"].strip():
             raise usage.UsageError("--metrics needs an endpoint, e.g. tcp:9100:interface=127.0.0.1")
-        try:
-            self["workers"] = parse_count("--workers", str(self["workers"]))
-        except ValueError as error:
-            raise usage.UsageError(str(error)) from None
-        if not 1 <= self["workers"] <= MAX_WORKERS:
-            raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
+        if self["workers"] is not None:
+            try:
+                self["workers"] = parse_count("--workers", str(self["workers"]))
+            except ValueError as error:
+                raise usage.UsageError(str(error)) from None
+            if not 1 <= self["workers"] <= MAX_WORKERS:
+                raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}")
+            if self["workers"] > 1 and self["change-instance"]:
+                raise usage.UsageError(_CHANGE_INSTANCE_WITH_WORKERS)
         given = {
             key: self[key.replace("_", "-")]
             for key in TUNNEL_KEYS
@@ -271,8 +281,6 @@ class Options(usage.Options):
         if self["config"] is not None:
             if not self["config"].strip():
                 raise usage.UsageError("--config needs a path")
-            if self["workers"] > 1:
-                raise usage.UsageError("--workers runs one tunnel: give it without --config")
             mixed = [f"--{key.replace('_', '-')}" for key in given]
             if mixed:
                 raise usage.UsageError(
@@ -280,6 +288,8 @@ class Options(usage.Options):
                     "set it in the config file's [[tunnel]] tables"
                 )
             return
+        if self["workers"] is None:
+            self["workers"] = 1
         try:
             config = tunnel_config(given)
         except SettingError as error:
@@ -299,19 +309,34 @@ class Options(usage.Options):
         self["keep-sessions-on-revoke"] = config.keep_sessions_on_revoke
 
 
+_CHANGE_INSTANCE_WITH_WORKERS = (
+    "--change-instance is not taken with --workers: change the stored instance ID "
+    "with one process first"
+)
+
+
 def makeService(options: Options) -> IService:
     """
     The L{IServiceMaker} entry point: the service of the tunnels C{options}
-    describe (with C{--workers} above 1, a supervisor of worker processes
-    that run the tunnel). A configuration error exits with a one-line
-    message.
+    describe (with more than one worker, from C{--workers} or the config
+    file's C{workers}, a supervisor of worker processes that each run
+    every tunnel). A configuration error exits with a one-line message.
     """
-    if options["workers"] > 1:
+    workers = options["workers"]
+    if options["config"] is not None and workers != 1:
+        from .workers import exit_usage, make_supervisor_service_from_file, read_config_or_exit
+
+        process = read_config_or_exit(options["config"])
+        if workers is None:
+            workers = process.workers or 1
+        if workers > 1:
+            if options["change-instance"]:
+                exit_usage(_CHANGE_INSTANCE_WITH_WORKERS)
+            return make_supervisor_service_from_file(process, workers, metrics=options["metrics"])
+    elif workers > 1:
         from .workers import make_supervisor_service
 
-        return make_supervisor_service(
-            options.tunnels[0], options["workers"], metrics=options["metrics"]
-        )
+        return make_supervisor_service(options.tunnels[0], workers, metrics=options["metrics"])
     if options["config"] is not None:
         return make_service_from_file(
             options["config"],

@@ -1,17 +1,23 @@
 """
 One worker process under the supervisor of L{curvetun.workers}.
 
-    python -m curvetun.worker_main --vault-socket PATH --config JSON
+    python -m curvetun.worker_main --vault-socket PATH ... --config JSON
         --adopt FD:KIND ... [--control-fd FD] [--name NAME]
 
-It connects to the vault process at C{PATH} and learns the public key from
-it (it never opens the key directory's key files; it reads the registry),
-adopts each inherited listening socket C{FD} (one per listen endpoint of
-the tunnel configuration C{JSON}; C{KIND} is C{plain}, C{curvetun} or
-C{curvetun-proxied}), and runs the tunnel on them as C{twist curvetun}
-would, asking the vault for each handshake's long-term-key operations.
-SIGTERM: stop accepting, let open connections finish for up to the grace
-time, exit. SIGHUP: read the registry again.
+C{JSON} is the list of the tunnels to run (L{config_to_json}). The worker
+connects to each vault process (one C{--vault-socket PATH} per identity
+of the tunnels, numbered as L{vault_numbers} says: tunnels that would
+share an identity in a single process share a vault) and learns each
+public key from it (it never opens a key directory's key files; it reads
+the registries), builds one identity per vault, adopts each inherited
+listening socket C{FD} (one per listen endpoint of each tunnel, in the
+order of the tunnels and their endpoints; C{KIND} is C{plain},
+C{curvetun} or C{curvetun-proxied}), and runs the tunnels on them as
+C{twist curvetun} would, asking the vaults for each handshake's
+long-term-key operations. A tunnel's C{curvetun:} endpoint strings (a
+curvetun C{--forward}: the client end of a tunnel) use that tunnel's
+identity, and so its vault. SIGTERM: stop accepting, let open connections
+finish for up to the grace time, exit. SIGHUP: read every registry again.
 
 With C{--control-fd FD} (the supervisor always gives it) the inherited
 socket C{FD} is the worker's end of its control channel
@@ -24,7 +30,7 @@ a starting worker is not its end. When the channel closes, the supervisor
 is gone: the worker stops as on SIGTERM (it drains) and exits, rather
 than serve on as an orphan nobody restarts or stops.
 
-Exit status 69 (C{EX_UNAVAILABLE}) if the vault does not answer at start,
+Exit status 69 (C{EX_UNAVAILABLE}) if a vault does not answer at start,
 64 for a bad option, 78 for an unusable registry.
 """
 
@@ -35,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -47,6 +54,7 @@ from zope.interface import implementer
 from curvetun.admission import ConnectionLimits
 from curvetun.config import TunnelConfig
 from curvetun.handshake_vault import IHandshakeVault
+from curvetun.service import CurveTunService
 from curvetun.tunnel_service import Identity, TunnelService
 
 log = Logger()
@@ -105,37 +113,70 @@ def parse_adopt(value: str) -> tuple[int, str]:
     return int(fd_text), kind
 
 
-def config_to_json(config: TunnelConfig) -> str:
+def config_to_json(configs: TunnelConfig | Sequence[TunnelConfig]) -> str:
     """
-    The tunnel's configuration, for a worker's command line.
+    The tunnels' configurations, for a worker's command line: a JSON list
+    (of one object per tunnel, in order).
     """
+    if isinstance(configs, TunnelConfig):
+        configs = [configs]
     # Where it was read from (a file, the command line) stays behind: it
     # only places the supervisor's own error messages.
     return json.dumps(
-        attrs.asdict(config, recurse=True, filter=lambda field, _: field.name != "source")
+        [
+            attrs.asdict(config, recurse=True, filter=lambda field, _: field.name != "source")
+            for config in configs
+        ]
     )
 
 
-def config_from_json(text: str) -> TunnelConfig:
+def config_from_json(text: str) -> list[TunnelConfig]:
     """
-    The inverse of L{config_to_json}.
+    The inverse of L{config_to_json} (one object, not in a list, is one
+    tunnel).
 
     @raise ValueError: it is not one.
     """
-    data = json.loads(text)
-    data["listen"] = tuple(data["listen"])
-    data["limits"] = ConnectionLimits(**data["limits"])
-    return TunnelConfig(**data)
+    document = json.loads(text)
+    if isinstance(document, dict):
+        document = [document]
+    if not isinstance(document, list) or not document:
+        raise ValueError("not a list of tunnels")
+    configs = []
+    for data in document:
+        data["listen"] = tuple(data["listen"])
+        data["limits"] = ConnectionLimits(**data["limits"])
+        configs.append(TunnelConfig(**data))
+    return configs
+
+
+def vault_numbers(configs: Sequence[TunnelConfig]) -> list[int]:
+    """
+    Which vault process each tunnel's identity is in: tunnels that share an
+    identity in a single process (L{check_shared_identities}: one key
+    directory and registry, agreeing on the settings of the identity) share
+    a vault; the vaults are numbered from 0 in the order of their first
+    tunnel. The supervisor and every worker number them by this one rule.
+
+    @raise StartupError: two tunnels cannot share the key directory they
+        name (status 64).
+    """
+    from curvetun.tunnel_service import check_shared_identities
+
+    numbers: dict[int, int] = {}
+    return [numbers.setdefault(owner, len(numbers)) for owner in check_shared_identities(configs)]
 
 
 class Options(usage.Options):
     """
-    The options of a worker (the supervisor gives them).
+    The options of a worker (the supervisor gives them). After parsing,
+    C{"config"} is the list of tunnels, C{"vault-socket"} the vaults'
+    sockets (one per identity, in the order of L{vault_numbers}) and
+    C{"vaults"} the vault number of each tunnel.
     """
 
     optParameters: ClassVar[list[list[str | None]]] = [
-        ["vault-socket", None, None, "The vault process's UNIX socket."],
-        ["config", None, None, "The tunnel's configuration, as JSON."],
+        ["config", None, None, "The tunnels' configuration, as JSON."],
         ["name", None, "worker", "This worker's name in the logs."],
         ["control-fd", None, None, "The inherited end of the supervisor's control channel."],
     ]
@@ -143,6 +184,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["adopt"] = []
+        self["vault-socket"] = []
 
     def opt_adopt(self, value: str) -> None:
         """
@@ -152,15 +194,30 @@ class Options(usage.Options):
         """
         self["adopt"].append(parse_adopt(value))
 
+    def opt_vault_socket(self, path: str) -> None:
+        """
+        The UNIX socket of a vault process: one per identity of the
+        configuration, in the order of their first tunnel.
+        """
+        self["vault-socket"].append(path)
+
     def postOptions(self) -> None:
+        from curvetun.tunnel_service import StartupError
+
         if not self["vault-socket"] or not self["config"]:
             raise usage.UsageError("--vault-socket and --config are required")
         try:
             self["config"] = config_from_json(self["config"])
         except (ValueError, TypeError, KeyError) as error:
             raise usage.UsageError(f"--config is not a tunnel configuration: {error}") from None
-        if len(self["adopt"]) != len(self["config"].listen):
+        if len(self["adopt"]) != sum(len(config.listen) for config in self["config"]):
             raise usage.UsageError("one --adopt for each listen endpoint")
+        try:
+            self["vaults"] = vault_numbers(self["config"])
+        except StartupError as error:
+            raise usage.UsageError(str(error)) from None
+        if len(self["vault-socket"]) != max(self["vaults"]) + 1:
+            raise usage.UsageError("one --vault-socket for each identity of the configuration")
         if self["control-fd"] is not None:
             text = self["control-fd"]
             if not (text.isascii() and text.isdigit() and len(text) < 6):
@@ -168,55 +225,85 @@ class Options(usage.Options):
             self["control-fd"] = int(text)
 
 
-def build_worker_tunnel(
-    reactor: Any, config: TunnelConfig, vault: IHandshakeVault, adopted: list[tuple[int, str]]
-) -> TunnelService:
+def build_worker_identity(
+    reactor: Any, config: TunnelConfig, vault: IHandshakeVault
+) -> CurveTunService:
     """
-    The tunnel of one worker: the identity of C{config} with C{vault} for
-    its long-term key (the key directory is not opened), serving on the
-    adopted sockets.
+    The identity of C{config} (and of the tunnels sharing it) with C{vault}
+    for its long-term key: the key directory is not opened, only the
+    registry is read.
 
-    @raise StartupError: the registry or the forward endpoint is unusable.
+    @raise StartupError: the registry is unusable (status 78).
     """
-    import os
-
-    from twisted.internet.endpoints import clientFromString
-    from twisted.protocols.haproxy import proxyEndpoint
-
-    from curvetun.endpoints import CurveTunServerEndpoint, service_pool
     from curvetun.errors import RegistryError
     from curvetun.keydir import REGISTRY_FILE
-    from curvetun.listeners import OpenConnections, TunnelListener
     from curvetun.registry import FileRegistry
-    from curvetun.service import CurveTunService
-    from curvetun.tunnel import EchoFactory, ForwardingFactory, TrackingFactory
-    from curvetun.tunnel_service import EX_CONFIG, StartupError, parse_endpoint
+    from curvetun.tunnel_service import EX_CONFIG, StartupError
 
     registry_path = config.registry or os.path.join(config.keydir, REGISTRY_FILE)
     try:
         registry = FileRegistry(registry_path)
     except RegistryError as error:
-        raise StartupError(str(error), EX_CONFIG) from error
-    identity = CurveTunService(
+        where = config.source.where("registry" if config.registry else "keydir")
+        raise StartupError(where + str(error), EX_CONFIG) from error
+    return CurveTunService(
         vault,  # type: ignore[arg-type]
         registry,
         clock=reactor,
         handshake_timeout=config.handshake_timeout,
         idle_timeout=config.idle_timeout,
         limits=config.limits,
+        revoke_sessions=not config.keep_sessions_on_revoke,
     )
-    # curvetun: endpoint strings in this worker (a curvetun --forward) use
-    # the vault's identity too: the pool must never load the key directory.
-    service_pool.adopt(identity, config.keydir, config.registry, default=True)
-    if config.registry is not None:
-        service_pool.adopt(
-            identity, config.keydir, os.path.join(config.keydir, REGISTRY_FILE), default=False
-        )
+
+
+def adopt_identity(identity: CurveTunService, config: TunnelConfig, default: bool) -> None:
+    """
+    Make C{identity} that of the C{curvetun:} endpoint strings in this
+    worker that name C{config}'s key directory (and, with C{default}, of
+    those that name none): a curvetun C{--forward} uses the vault's
+    identity, and the pool never loads a key directory in a worker.
+    """
+    from curvetun.tunnel_service import Identity
+
+    Identity(identity, config.keydir, config.registry, False).adopt(default)
+
+
+def build_worker_tunnel(
+    reactor: Any,
+    config: TunnelConfig,
+    identity: CurveTunService,
+    adopted: list[tuple[int, str]],
+) -> TunnelService:
+    """
+    One tunnel of a worker: C{identity} (L{build_worker_identity}, run by
+    the worker, possibly shared with other tunnels), serving on the
+    adopted sockets, one per listen endpoint of C{config}.
+
+    @raise StartupError: the forward endpoint is unusable.
+    """
+    from twisted.internet.endpoints import clientFromString
+    from twisted.protocols.haproxy import proxyEndpoint
+
+    from curvetun.endpoints import CurveTunServerEndpoint
+    from curvetun.listeners import OpenConnections, TunnelListener
+    from curvetun.tunnel import EchoFactory, ForwardingFactory, TrackingFactory
+    from curvetun.tunnel_service import parse_endpoint
+
+    # While this tunnel's strings are parsed, those that name no key
+    # directory are this tunnel's (as in a single process).
+    adopt_identity(identity, config, default=True)
     forward = None
     if config.forward is not None:
-        forward = parse_endpoint("--forward", config.forward, clientFromString, reactor)
-    tunnel = TunnelService(config, identity)
-    for (fd, kind), description in zip(adopted, config.listen, strict=False):
+        forward = parse_endpoint(
+            config.source.option("forward"),
+            config.forward,
+            clientFromString,
+            reactor,
+            config.source.where("forward"),
+        )
+    tunnel = TunnelService(config, identity, owns_identity=False)
+    for (fd, kind), description in zip(adopted, config.listen, strict=True):
         endpoint: IStreamServerEndpoint = AdoptedPortEndpoint(reactor, fd)
         if kind == "curvetun-proxied":
             endpoint = CurveTunServerEndpoint(proxyEndpoint(endpoint), identity, proxied=True)
@@ -227,7 +314,9 @@ def build_worker_tunnel(
         if forward is None:
             factory = EchoFactory(connections)
         else:
-            factory = ForwardingFactory(forward, config.forward or "", connections)
+            factory = ForwardingFactory(
+                forward, config.forward or "", connections, send_proxy=config.send_proxy
+            )
         tunnel.add_listener(
             TunnelListener(
                 endpoint,
@@ -242,16 +331,54 @@ def build_worker_tunnel(
     return tunnel
 
 
+def build_worker_tunnels(
+    reactor: Any,
+    configs: Sequence[TunnelConfig],
+    vaults: Sequence[IHandshakeVault],
+    numbers: Sequence[int],
+    adopted: list[tuple[int, str]],
+    name: str = "worker",
+) -> WorkerTunnels:
+    """
+    Every tunnel of a worker: one identity per vault (C{vaults[n]} for the
+    tunnels whose L{vault_numbers} is C{n}), and each tunnel on its share
+    of the adopted sockets (in the order of the tunnels and their listen
+    endpoints).
+
+    @raise StartupError: a registry or a forward endpoint is unusable.
+    """
+    identities: list[Identity] = []
+    services: dict[int, CurveTunService] = {}
+    for config, number in zip(configs, numbers, strict=True):
+        if number not in services:
+            services[number] = build_worker_identity(reactor, config, vaults[number])
+            identities.append(Identity(services[number], config.keydir, config.registry, False))
+            adopt_identity(services[number], config, default=False)
+    tunnels = []
+    first = 0
+    for config, number in zip(configs, numbers, strict=True):
+        mine = adopted[first : first + len(config.listen)]
+        first += len(config.listen)
+        tunnels.append(build_worker_tunnel(reactor, config, services[number], mine))
+    # As in a single process: strings that name no key directory are the
+    # first tunnel's.
+    adopt_identity(services[numbers[0]], configs[0], default=True)
+    return WorkerTunnels(identities, tunnels, name)
+
+
 @attrs.define
 class WorkerTunnels:
     """
-    The tunnels of one worker and their identity, as an
+    The tunnels of one worker and their identities, as an
     L{curvetun.metrics.Observer} observes them (their figures go to the
-    supervisor, which serves the sum).
+    supervisor, which serves the sum). The worker runs the identities: it
+    starts them before the tunnels and stops them once the tunnels have
+    drained.
     """
 
     identities: list[Identity]
     tunnels: list[TunnelService]
+    name: str = "worker"
 
     @property
     def running(self) -> int:
@@ -260,10 +387,87 @@ class WorkerTunnels:
         """
         return int(all(tunnel.running for tunnel in self.tunnels))
 
+    def start(self) -> None:
+        """
+        Start the identities, then listen.
+
+        @raise StartupError: a listener cannot listen (what had started is
+            stopped again by its tunnel).
+        """
+        for identity in self.identities:
+            identity.service.startService()
+        for tunnel in self.tunnels:
+            tunnel.privilegedStartService()
+        for tunnel in self.tunnels:
+            tunnel.startService()
+
+    def when_listening(self) -> Deferred[list[list[IListeningPort]]]:
+        """
+        Fires once every listener of every tunnel listens.
+        """
+        from twisted.internet.defer import gatherResults
+
+        return gatherResults(
+            [tunnel.when_listening() for tunnel in self.tunnels], consumeErrors=True
+        )
+
+    def reload(self) -> Deferred[object]:
+        """
+        Read every identity's registry again, and log one line for each
+        (a registry error is logged by the registry itself, and keeps the
+        entries it had).
+
+        @return: fires once every registry has been read.
+        """
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> object:
+        failed: list[Exception] = []
+        for identity in self.identities:
+            rereading = getattr(identity.service.registry, "reload", None)
+            if rereading is not None:
+                # One registry that fails does not keep the others stale.
+                try:
+                    change = await rereading()
+                except Exception as error:
+                    failed.append(error)
+                    continue
+                log.info(
+                    "{name}: registry of {keydir} read again: {added} added, {removed} removed",
+                    name=self.name,
+                    keydir=identity.keydir,
+                    added=len(getattr(change, "added", ())),
+                    removed=len(getattr(change, "removed", ())),
+                )
+        if failed:
+            raise failed[0]
+        return None
+
+    async def stop(self) -> None:
+        """
+        Drain every tunnel at once, then stop the identities.
+        """
+        from twisted.internet.defer import DeferredList
+
+        await DeferredList(
+            [Deferred.fromCoroutine(_stopped(tunnel)) for tunnel in self.tunnels],
+            consumeErrors=True,
+        )
+        for identity in self.identities:
+            if identity.service.running:
+                await _stopped(identity.service)
+
+
+async def _stopped(service: Any) -> None:
+    if service.running:
+        stopping = service.stopService()
+        if stopping is not None:
+            await stopping
+
 
 async def run(reactor: Any, options: Options) -> int:
     """
-    Connect to the vault, serve on every adopted socket until SIGTERM (or
+    Connect to every vault, serve on every adopted socket until SIGTERM (or
     until the control channel closes), and drain.
     """
     from twisted.internet.endpoints import UNIXClientEndpoint
@@ -272,42 +476,43 @@ async def run(reactor: Any, options: Options) -> int:
     from curvetun.keys import fingerprint
     from curvetun.metrics import Observer
     from curvetun.remote_vault import RemoteVault
-    from curvetun.tunnel_service import StartupError
+    from curvetun.tunnel_service import StartupError, announce
     from curvetun.worker_control import WorkerControl, adopt
 
     name = options["name"]
+    vaults: list[RemoteVault] = []
+
+    async def close_vaults() -> None:
+        for vault in vaults:
+            await vault.stop()
+
+    for path in options["vault-socket"]:
+        try:
+            vault = await RemoteVault.connect(UNIXClientEndpoint(reactor, path), reactor)
+        except VaultUnavailable as error:
+            sys.stderr.write(f"curvetun {name}: {error}\n")
+            await close_vaults()
+            return EX_UNAVAILABLE
+        vaults.append(vault)
+        log.info("{name}: vault key {key}", name=name, key=fingerprint(vault.public_key))
+    configs: list[TunnelConfig] = options["config"]
     try:
-        vault = await RemoteVault.connect(
-            UNIXClientEndpoint(reactor, options["vault-socket"]), reactor
+        tunnels = build_worker_tunnels(
+            reactor, configs, vaults, options["vaults"], options["adopt"], name
         )
-    except VaultUnavailable as error:
-        sys.stderr.write(f"curvetun {name}: {error}\n")
-        return EX_UNAVAILABLE
-    log.info("{name}: vault key {key}", name=name, key=fingerprint(vault.public_key))
-    config: TunnelConfig = options["config"]
-    try:
-        tunnel = build_worker_tunnel(reactor, config, vault, options["adopt"])
     except StartupError as error:
         sys.stderr.write(f"curvetun {name}: {error}\n")
-        await vault.stop()
+        await close_vaults()
         return error.status
     # Made before the listeners start: it follows the server factories as
     # they are made.
-    observer = Observer(
-        WorkerTunnels([Identity(tunnel.identity, config.keydir, config.registry, False)], [tunnel]),
-        reactor,
-    )
+    observer = Observer(tunnels, reactor)
 
     stopped: Deferred[None] = Deferred()
 
     def reload() -> Deferred[object]:
         log.info("{name}: SIGHUP: reloading", name=name)
-        rereading = getattr(tunnel.identity.registry, "reload", None)
-        if rereading is None:
-            return succeed(None)
-        # A registry error is logged by the registry itself.
-        reloaded: Deferred[object] = rereading()
-        return reloaded
+        return tunnels.reload()
 
     def on_sighup(number: int, frame: object) -> None:
         reactor.callFromThread(lambda: reload().addErrback(lambda _: None))
@@ -330,25 +535,27 @@ async def run(reactor: Any, options: Options) -> int:
             stop()
 
         control.lost.addCallback(supervisor_gone)
+    for identity in tunnels.identities:
+        announce(identity.service, identity.keydir, False)
     try:
-        tunnel.privilegedStartService()
-        tunnel.startService()
+        tunnels.start()
     except StartupError as error:
         sys.stderr.write(f"curvetun {name}: {error}\n")
-        await vault.stop()
+        await tunnels.stop()
+        await close_vaults()
         return error.status
     signal.signal(signal.SIGHUP, on_sighup)
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, terminate)
     if control is not None and not stopped.called:
-        await tunnel.when_listening()
+        await tunnels.when_listening()
         # Ready means: every listener listens and the handlers above are
         # installed, so whatever the supervisor sends from now on is acted on.
         control.ready().addErrback(lambda _: None)
     await stopped
     log.info("{name}: stopping", name=name)
-    await tunnel.stopService()
-    await vault.stop()
+    await tunnels.stop()
+    await close_vaults()
     return 0
 
 

@@ -1,17 +1,22 @@
 """
-A supervisor for worker processes behind one vault process.
+A supervisor for worker processes behind vault processes.
 
-    supervisor --+-- vault process  (the only holder of the secret key;
-                 |                   python -m curvetun.vault_process)
+    supervisor --+-- vault process(es)  (the only holder of a secret key;
+                 |                       python -m curvetun.vault_process)
                  +-- worker 1 ... worker N  (python -m curvetun.worker_main)
 
-The supervisor binds every listening socket itself, then starts the vault
-and N workers. Each worker inherits the listening sockets as file
-descriptors and adopts them (C{reactor.adoptStreamPort}); the kernel hands
-each new connection to one of the workers waiting in C{accept}, and the
-connection then stays with that worker. Workers ask the vault, over a
-UNIX socket, for the long-term-key operations of each handshake
-(L{curvetun.remote_vault}); they never read the key directory.
+The supervisor binds every listening socket of every tunnel itself, then
+starts one vault process per identity of the tunnels (tunnels that would
+share an identity in a single process,
+L{curvetun.tunnel_service.check_shared_identities}, share a vault) and
+N workers, each of which runs every tunnel. Each worker inherits the
+listening sockets as file descriptors (the tunnels' in order, from 3 on)
+and adopts them (C{reactor.adoptStreamPort}); the kernel
+hands each new connection to one of the workers waiting in C{accept}, and
+the connection then stays with that worker. Workers ask each tunnel's
+vault, over a UNIX socket of its own, for the long-term-key operations of
+each handshake (L{curvetun.remote_vault}), the client end of a tunnel (a
+curvetun C{--forward}) too; they never read a key directory.
 
 Inherited sockets rather than C{SO_REUSEPORT}: one bind, by the
 supervisor, works for every kind of inner endpoint (TCP on IPv4 or IPv6,
@@ -25,7 +30,8 @@ and drops the connections waiting in a dying worker's queue.
 A worker or vault that exits is started again after a back-off: 0.5
 seconds, doubling after each exit up to 30 seconds, back to 0.5 once the
 process had run for a minute. A vault that exits with status 64 or 78 (a
-bad option, an unusable key directory) is not: the supervisor stops.
+bad option, an unusable key directory) is not: the supervisor stops, and
+exits with that status.
 
 Each worker has a control channel to the supervisor
 (L{curvetun.worker_control}): an AF_UNIX socket pair, one end inherited by
@@ -36,7 +42,7 @@ supervisor send it commands.
 SIGTERM (or SIGINT) to the supervisor: it stops listening itself, sends
 SIGTERM to every worker (each stops listening and lets its open
 connections finish for up to its grace time), waits for them, then stops
-the vault. SIGHUP to the supervisor: C{Reload} to every ready worker; a
+the vaults. SIGHUP to the supervisor: C{Reload} to every ready worker; a
 worker not yet ready gets it once it says C{Ready} (it may have read the
 registry before the SIGHUP). No signal is forwarded: a signal that
 reaches a worker before its handler is installed would end it or be lost.
@@ -45,12 +51,12 @@ exits.
 
 Metrics (C{--metrics}): the supervisor serves C{/metrics}, C{/status} and
 C{/healthz} (L{curvetun.monitoring}) with the figures summed over the
-workers, as L{SupervisorObserver} says.
+workers, as L{SupervisorObserver} says; its health covers every vault.
 
 A service manager (C{$NOTIFY_SOCKET}, L{curvetun.notify}) is told
 C{READY=1} once every worker has said C{Ready}, C{RELOADING=1} then
 C{READY=1} around a reload, and C{STOPPING=1} when the drain begins. The
-workers and the vault do not see C{$NOTIFY_SOCKET}: only the supervisor
+workers and the vaults do not see C{$NOTIFY_SOCKET}: only the supervisor
 speaks for the service.
 """
 
@@ -76,7 +82,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from curvetun import __version__, notify
-from curvetun.config import TunnelConfig
+from curvetun.config import ProcessConfig, TunnelConfig
 from curvetun.metrics import Figures, sum_figures
 from curvetun.worker_control import ReloadFailed, SupervisorControl, adopt, channel
 
@@ -213,7 +219,7 @@ class _Child:
             log.info("{name} (pid {pid}) {end}", name=self.name, pid=pid, end=_describe_end(reason))
             return
         status = getattr(reason.value, "exitCode", None)
-        if self is self.supervisor.vault and status in (EX_USAGE, EX_CONFIG):
+        if self in self.supervisor.vaults and status in (EX_USAGE, EX_CONFIG):
             log.critical(
                 "{name} (pid {pid}) {end}: it cannot start; stopping",
                 name=self.name,
@@ -392,66 +398,143 @@ class Listen:
     @ivar kind: what the workers run on it (see
         L{curvetun.worker_main.KINDS}): C{plain}, C{curvetun} or
         C{curvetun-proxied}.
+    @ivar tunnel: the index of the tunnel it belongs to.
     """
 
     description: str
     endpoint: IStreamServerEndpoint
     kind: str
+    tunnel: int = 0
 
 
-def listens_for(config: TunnelConfig, reactor: Any) -> list[Listen]:
+def listens_for(config: TunnelConfig, reactor: Any, tunnel: int = 0) -> list[Listen]:
     """
     The sockets to bind for C{config}'s listen endpoints, parsed without
-    opening any key directory.
+    opening any key directory; C{tunnel} is the tunnel's index.
 
     @raise StartupError: a listen string is malformed (status 64), or a
-        C{curvetun:} one names another key directory or registry than the
-        tunnel's (the workers have one identity: the vault's).
+        C{curvetun:} one, or a curvetun C{forward}, names another key
+        directory or registry than the tunnel's (the workers have the
+        tunnel's identity only: its vault's).
     """
     from twisted.internet.endpoints import serverFromString
 
     from curvetun.endpoints import parse_server_parts, split_description
     from curvetun.tunnel_service import EX_USAGE, StartupError, parse_endpoint
 
+    source = config.source
     listens = []
     for description in config.listen:
         kind, _, rest = description.partition(":")
         if kind.lower() != "curvetun":
-            endpoint = parse_endpoint("--listen", description, serverFromString, reactor)
-            listens.append(Listen(description, endpoint, "plain"))
+            endpoint = parse_endpoint(
+                source.option("listen"),
+                description,
+                serverFromString,
+                reactor,
+                source.where("listen"),
+            )
+            listens.append(Listen(description, endpoint, "plain", tunnel))
             continue
         try:
             args, kwargs = split_description(rest)
             parts = parse_server_parts(reactor, *args, **kwargs)
         except ValueError as error:
             raise StartupError(
-                f"bad --listen endpoint {description[:80]!r}: {error}", EX_USAGE
+                f"{source.where('listen')}bad {source.option('listen')} endpoint "
+                f"{description[:80]!r}: {error}",
+                EX_USAGE,
             ) from None
-        for option, value, tunnel_value in [
-            ("keydir", parts.keydir, config.keydir),
-            ("registry", parts.registry, config.registry),
-        ]:
-            if value is not None and os.path.abspath(value) != os.path.abspath(tunnel_value or ""):
-                raise StartupError(
-                    f"--listen {description[:80]!r}: with --workers, listen endpoints use the "
-                    f"tunnel's {option} (give it as --{option})",
-                    EX_USAGE,
-                )
+        _same_identity(config, "listen", description, parts.keydir, parts.registry)
         kind = "curvetun-proxied" if parts.proxied else "curvetun"
-        listens.append(Listen(description, parts.wrapped, kind))
+        listens.append(Listen(description, parts.wrapped, kind, tunnel))
+    forward = config.forward
+    if forward is not None and forward.partition(":")[0].lower() == "curvetun":
+        # The client end of a tunnel: its curvetun: string is parsed in
+        # each worker, with the tunnel's identity (its vault's); a string
+        # naming another key directory would have the worker load it.
+        try:
+            _, kwargs = split_description(forward.partition(":")[2])
+        except ValueError:
+            kwargs = {}  # the worker's parse says what is wrong with it
+        _same_identity(config, "forward", forward, kwargs.get("keydir"), kwargs.get("registry"))
     return listens
+
+
+def _same_identity(
+    config: TunnelConfig, key: str, description: str, keydir: str | None, registry: str | None
+) -> None:
+    """
+    Refuse a C{curvetun:} string (the tunnel's setting C{key}) that names
+    another key directory or registry than the tunnel's.
+    """
+    from curvetun.tunnel_service import EX_USAGE, StartupError
+
+    source = config.source
+    for option, value, tunnel_value in [
+        ("keydir", keydir, config.keydir),
+        ("registry", registry, config.registry),
+    ]:
+        if option == "registry" and value == "dns" and key == "forward":
+            continue  # the server's key from DNS: no file of the identity
+        if value is not None and os.path.abspath(value) != os.path.abspath(tunnel_value or ""):
+            raise StartupError(
+                f"{source.where(key)}{source.option(key)} {description[:80]!r}: with --workers, "
+                f"curvetun: endpoints use the tunnel's {option} (give it as "
+                f"{source.option(option)})",
+                EX_USAGE,
+            )
+
+
+def listens_for_tunnels(configs: Sequence[TunnelConfig], reactor: Any) -> list[Listen]:
+    """
+    L{listens_for} every tunnel of C{configs}, in order: the order in which
+    the workers inherit the sockets.
+    """
+    return [
+        listen
+        for index, config in enumerate(configs)
+        for listen in listens_for(config, reactor, index)
+    ]
 
 
 class _NeverAccepts(Protocol):
     pass
 
 
+def _vault_argv(config: TunnelConfig, socket: str) -> list[str]:
+    """
+    The command line of the vault process of C{config}'s identity.
+    """
+    return [
+        "-m",
+        "curvetun.vault_process",
+        "--keydir",
+        config.keydir,
+        "--socket",
+        socket,
+        "--create",
+        # Its standard input is our pipe: it ends with us.
+        "--supervised",
+        # The vault makes every nonce: the counters' place and the
+        # instance's part of the counter space are its.
+        *(["--statedir", config.statedir] if config.statedir else []),
+        *(["--instance", str(config.instance)] if config.instance is not None else []),
+    ]
+
+
 class Supervisor(Service):
     """
-    Runs one vault process and C{workers} worker processes, and binds the
-    sockets that the workers accept on.
+    Runs one vault process per identity of its tunnels and C{workers}
+    worker processes, each running every tunnel, and binds the sockets
+    that the workers accept on.
 
-    @ivar vault: the vault process's L{_Child}.
+    @ivar configs: the tunnels every worker runs.
+    @ivar config: the first of them.
+    @ivar vaults: the vault processes' L{_Child}s, one per identity (as
+        L{curvetun.worker_main.vault_numbers} numbers them).
+    @ivar vault_sockets: the UNIX socket of each vault, in that order.
+    @ivar tunnel_vaults: the index in C{vaults} of each tunnel's vault.
     @ivar workers: the workers' L{_Worker}s.
     @ivar ports: the listening ports, once bound.
     @ivar exit_status: the status to exit with, once it gave up (or None).
@@ -463,7 +546,7 @@ class Supervisor(Service):
     def __init__(
         self,
         reactor: Any,
-        config: TunnelConfig,
+        config: TunnelConfig | Sequence[TunnelConfig],
         workers: int,
         listens: Sequence[Listen] | None = None,
         vault_socket: str | None = None,
@@ -473,69 +556,85 @@ class Supervisor(Service):
         metrics: str | None = None,
         environ: Mapping[str, str] | None = None,
         figures_interval: float = FIGURES_INTERVAL,
+        metrics_where: str = "",
     ) -> None:
         """
-        @param config: the tunnel every worker runs (its key directory is
-            read by the vault process only).
+        @param config: the tunnel, or the tunnels, every worker runs (their
+            key directories are read by the vault processes only).
         @param workers: how many worker processes.
-        @param listens: what to bind (default: L{listens_for} C{config}).
-        @param vault_socket: the vault's UNIX socket path; by default one in
-            a new private temporary directory, removed at the end.
+        @param listens: what to bind (default: L{listens_for_tunnels}
+            C{config}).
+        @param vault_socket: the first vault's UNIX socket path; by
+            default, and for every other vault, one in a new private
+            temporary directory, removed at the end.
         @param stop_timeout: seconds a worker may take to stop after SIGTERM
-            before it is killed (default: the grace time and 10 seconds).
+            before it is killed (default: the longest grace time and 10
+            seconds).
         @param backoff: keyword arguments for each process's L{Backoff}.
-        @param on_give_up: called with an exit status when the vault cannot
+        @param on_give_up: called with an exit status when a vault cannot
             start (default: stop the reactor).
         @param metrics: the server endpoint string of the monitoring
-            endpoint, or L{None} for none.
+            endpoint, or L{None} for none; C{metrics_where} starts a
+            message about it (the file and line).
         @param environ: the environment: the children's (without
             C{NOTIFY_SOCKET}) and where C{NOTIFY_SOCKET} is found (default:
             the process's).
         @param figures_interval: seconds between two requests for each
             worker's figures, with C{metrics}.
-        @raise StartupError: a listen or metrics endpoint string is unusable.
+        @raise StartupError: a listen or metrics endpoint string is
+            unusable, or two tunnels cannot share the identity they name.
         """
+        from curvetun.worker_main import vault_numbers
+
         if workers < 1:
             raise ValueError("at least one worker")
+        configs = [config] if isinstance(config, TunnelConfig) else list(config)
+        if not configs:
+            raise ValueError("at least one tunnel")
         self.reactor = reactor
-        self.config = config
-        self.listens = list(listens) if listens is not None else listens_for(config, reactor)
+        self.configs = configs
+        self.config = configs[0]
+        # The single-process rule for identities shared by tunnels, and
+        # its refusals, before anything is bound or started.
+        self.tunnel_vaults = vault_numbers(configs)
+        self.listens = (
+            list(listens) if listens is not None else listens_for_tunnels(configs, reactor)
+        )
         self.worker_count = workers
-        self.stop_timeout = config.grace + 10 if stop_timeout is None else stop_timeout
+        grace = max(c.grace for c in configs)
+        self.stop_timeout = grace + 10 if stop_timeout is None else stop_timeout
         self.backoff = backoff or {}
         self.on_give_up = on_give_up
         self.stopping = False
         self.exit_status: int | None = None
         self.ports: list[IListeningPort] = []
         self._own_socket_directory: str | None = None
-        if vault_socket is None:
+        count = max(self.tunnel_vaults) + 1
+        sockets = [] if vault_socket is None else [vault_socket]
+        if len(sockets) < count:
+            # Private: only this user may reach the vaults through it.
             self._own_socket_directory = tempfile.mkdtemp(prefix="curvetun-vault-")
-            vault_socket = os.path.join(self._own_socket_directory, "vault.sock")
-        self.vault_socket = vault_socket
+            sockets += [
+                os.path.join(self._own_socket_directory, f"vault{n}.sock")
+                for n in range(len(sockets) + 1, count + 1)
+            ]
+        self.vault_sockets = sockets
+        self.vault_socket = sockets[0]
         self.notify_environ = dict(os.environ if environ is None else environ)
         # Only the supervisor speaks for the service to its manager.
         self.environment = {k: v for k, v in self.notify_environ.items() if k != "NOTIFY_SOCKET"}
         self.told_ready = False
-        self.vault = _Child(
-            self,
-            "vault",
-            [
-                "-m",
-                "curvetun.vault_process",
-                "--keydir",
-                config.keydir,
-                "--socket",
-                vault_socket,
-                "--create",
-                # Its standard input is our pipe: it ends with us.
-                "--supervised",
-                # The vault makes every nonce: the counters' place and the
-                # instance's part of the counter space are its.
-                *(["--statedir", config.statedir] if config.statedir else []),
-                *(["--instance", str(config.instance)] if config.instance is not None else []),
-            ],
-            {0: "w", 1: 1, 2: 2},
-        )
+        owners = [configs[self.tunnel_vaults.index(n)] for n in range(count)]
+        self.vaults = [
+            _Child(
+                self,
+                "vault" if count == 1 else f"vault {number + 1}",
+                _vault_argv(owner, socket),
+                {0: "w", 1: 1, 2: 2},
+            )
+            for number, (owner, socket) in enumerate(zip(owners, sockets, strict=True))
+        ]
+        self.vault_keydirs = [owner.keydir for owner in owners]
         self.workers: list[_Worker] = []
         self._previous_sighup: Any = None
         self.observer = SupervisorObserver(self)
@@ -549,8 +648,19 @@ class Supervisor(Service):
             from curvetun.monitoring import MonitoringListener
             from curvetun.tunnel_service import parse_endpoint
 
-            endpoint = parse_endpoint("--metrics", metrics, serverFromString, reactor)
-            self.monitor = MonitoringListener(endpoint, metrics, self.observer, reactor)
+            endpoint = parse_endpoint(
+                "--metrics", metrics, serverFromString, reactor, metrics_where
+            )
+            self.monitor = MonitoringListener(
+                endpoint, metrics, self.observer, reactor, metrics_where
+            )
+
+    @property
+    def vault(self) -> _Child:
+        """
+        The first vault (the only one when every tunnel has one identity).
+        """
+        return self.vaults[0]
 
     def privilegedStartService(self) -> None:
         """
@@ -591,7 +701,7 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         """
-        Start the vault and the workers, and reload them on SIGHUP.
+        Start the vaults and the workers, and reload them on SIGHUP.
         """
         if not self.ports and self.listens:
             self.privilegedStartService()
@@ -601,6 +711,8 @@ class Supervisor(Service):
         self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
         child_fds: dict[int, int | str] = {0: "w", 1: 1, 2: 2}
         adopt: list[str] = []
+        # Every tunnel's listeners, in order, from descriptor 3 on; the
+        # control channel's after the last.
         for number, (port, listen) in enumerate(zip(self.ports, self.listens, strict=False)):
             fd = FIRST_CHILD_FD + number
             child_fds[fd] = port.fileno()  # type: ignore[attr-defined]
@@ -608,13 +720,13 @@ class Supervisor(Service):
         control_fd = FIRST_CHILD_FD + len(self.listens)
         from curvetun.worker_main import config_to_json
 
-        config = config_to_json(self.config)
+        config = config_to_json(self.configs)
+        vaults = [argument for path in self.vault_sockets for argument in ("--vault-socket", path)]
         for number in range(1, self.worker_count + 1):
             argv = [
                 "-m",
                 "curvetun.worker_main",
-                "--vault-socket",
-                self.vault_socket,
+                *vaults,
                 "--config",
                 config,
                 "--name",
@@ -622,7 +734,10 @@ class Supervisor(Service):
                 *adopt,
             ]
             self.workers.append(_Worker(self, f"worker {number}", argv, child_fds, control_fd))
-        self.vault.start()
+        for vault, keydir in zip(self.vaults, self.vault_keydirs, strict=True):
+            vault.start()
+            if len(self.vaults) > 1:
+                log.info("{name} holds the key of {keydir}", name=vault.name, keydir=keydir)
         for worker in self.workers:
             worker.start()
         if self.monitor is not None:
@@ -690,7 +805,7 @@ class Supervisor(Service):
 
     def give_up(self, status: int) -> None:
         """
-        The vault cannot start: stop everything, and exit with C{status}.
+        A vault cannot start: stop everything, and exit with C{status}.
         """
         self.exit_status = status
         if self.on_give_up is not None:
@@ -700,7 +815,7 @@ class Supervisor(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Stop listening, drain and stop every worker, then stop the vault.
+        Stop listening, drain and stop every worker, then stop the vaults.
         """
         if self.running:
             notify.stopping(self.notify_environ)
@@ -725,10 +840,10 @@ class Supervisor(Service):
         if self.monitor is not None and self.monitor.running:
             # Kept through the drain, so that it can be watched to its end.
             await _maybe(self.monitor.stopService())
-        await self.vault.stop(self.stop_timeout)
+        await DeferredList([vault.stop(self.stop_timeout) for vault in self.vaults])
         if self._own_socket_directory is not None:
             shutil.rmtree(self._own_socket_directory, ignore_errors=True)
-        log.info("All workers and the vault have stopped")
+        log.info("All workers and vaults have stopped")
 
 
 class SupervisorObserver:
@@ -753,8 +868,7 @@ class SupervisorObserver:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        config = supervisor.config
-        self._names = [config.name or config.listen[0]] if config.listen else []
+        self._names = [config.name or config.listen[0] for config in supervisor.configs]
         self.ended: dict[str, Figures] = {name: Figures() for name in self._names}
 
     def keep_counters(self, figures: Mapping[str, Figures]) -> None:
@@ -780,10 +894,19 @@ class SupervisorObserver:
     def status(self) -> dict[str, Any]:
         """
         The status document: the tunnels (without per-connection detail:
-        each connection is its worker's), each worker and the vault.
+        each connection is its worker's), each worker and each vault
+        (C{vault} is the first, C{vaults} every one).
         """
         supervisor = self.supervisor
-        config = supervisor.config
+        vaults = [
+            {
+                "name": vault.name,
+                "pid": vault.pid,
+                "running": vault.pid is not None,
+                "keydir": keydir,
+            }
+            for vault, keydir in zip(supervisor.vaults, supervisor.vault_keydirs, strict=True)
+        ]
         return {
             "version": __version__,
             "now": supervisor.reactor.seconds(),
@@ -795,7 +918,7 @@ class SupervisorObserver:
                     "server_keys": [],
                     "connections": [],
                 }
-                for name in self._names
+                for name, config in zip(self._names, supervisor.configs, strict=True)
             ],
             "workers": [
                 {
@@ -807,18 +930,22 @@ class SupervisorObserver:
                 for worker in supervisor.workers
             ],
             "vault": {"pid": supervisor.vault.pid, "running": supervisor.vault.pid is not None},
+            "vaults": vaults,
         }
 
     def health(self) -> str | None:
         """
-        L{None} while every worker is ready and the vault runs; otherwise
+        L{None} while every worker is ready and every vault runs; otherwise
         why not, in one line.
         """
         supervisor = self.supervisor
         if supervisor.stopping or not supervisor.running:
             return "the workers are not running"
-        if supervisor.vault.pid is None:
-            return "the vault process is not running"
+        for vault, keydir in zip(supervisor.vaults, supervisor.vault_keydirs, strict=True):
+            if vault.pid is None:
+                if len(supervisor.vaults) == 1:
+                    return "the vault process is not running"
+                return f"the vault process of {keydir} is not running"
         ready = sum(1 for worker in supervisor.workers if worker.ready)
         if ready < supervisor.worker_count:
             return f"{ready} of {supervisor.worker_count} workers ready"
@@ -868,14 +995,41 @@ def _exit(error: StartupError) -> NoReturn:
     raise SystemExit(error.status)
 
 
+def read_config_or_exit(path: str) -> ProcessConfig:
+    """
+    L{curvetun.config.read_config}; a file that cannot be used exits with
+    status 64 and one line naming the file, the line and the key.
+    """
+    from curvetun.config import ConfigFileError, read_config
+
+    try:
+        return read_config(path)
+    except ConfigFileError as error:
+        exit_usage(str(error))
+
+
+def exit_usage(message: str) -> NoReturn:
+    """
+    Exit with status 64 (C{EX_USAGE}) and the one line C{message}.
+    """
+    from curvetun.tunnel_service import StartupError
+
+    _exit(StartupError(message, EX_USAGE))
+
+
 def make_supervisor_service(
-    config: TunnelConfig, workers: int, reactor: Any = None, metrics: str | None = None
+    config: TunnelConfig | Sequence[TunnelConfig],
+    workers: int,
+    reactor: Any = None,
+    metrics: str | None = None,
+    metrics_where: str = "",
 ) -> IService:
     """
     What C{twist curvetun --workers N} runs: a L{Supervisor} of C{workers}
-    processes running the tunnel C{config}, with the monitoring endpoint
-    C{metrics} (an endpoint string) if given. A vault that cannot start
-    ends the process with its status (64 or 78) once everything stopped.
+    processes running the tunnel (or tunnels) C{config}, with the
+    monitoring endpoint C{metrics} (an endpoint string; C{metrics_where}
+    places a message about it) if given. A vault that cannot start ends
+    the process with its status (64 or 78) once everything stopped.
     """
     from curvetun.tunnel_service import StartupError
 
@@ -895,10 +1049,32 @@ def make_supervisor_service(
         reactor.stop()
 
     try:
-        supervisor = Supervisor(reactor, config, workers, on_give_up=give_up, metrics=metrics)
+        supervisor = Supervisor(
+            reactor,
+            config,
+            workers,
+            on_give_up=give_up,
+            metrics=metrics,
+            metrics_where=metrics_where,
+        )
     except StartupError as error:
         _exit(error)
     return _ExitOnStartupError(supervisor)
+
+
+def make_supervisor_service_from_file(
+    process: ProcessConfig, workers: int, reactor: Any = None, metrics: str | None = None
+) -> IService:
+    """
+    L{make_supervisor_service} for the tunnels of a config file (as
+    L{curvetun.config.read_config} read it): every worker runs every
+    tunnel; C{metrics} (C{--metrics}) overrides the file's C{metrics}.
+    """
+    if metrics is None:
+        return make_supervisor_service(
+            process.tunnels, workers, reactor, process.metrics, process.metrics_where
+        )
+    return make_supervisor_service(process.tunnels, workers, reactor, metrics)
 
 
 # -- a command line of its own ---------------------------------------------------------

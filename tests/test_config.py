@@ -178,9 +178,10 @@ class ConfigFileErrorTests(SynchronousTestCase):
 
     def test_an_unknown_top_level_key_or_table_names_its_line(self) -> None:
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\n\n[listener]\nport = 1\n')
-        self.assertEqual(message, f"{path}:4: unknown key 'listener' (known: tunnel, metrics)")
+        known = "(known: tunnel, metrics, workers)"
+        self.assertEqual(message, f"{path}:4: unknown key 'listener' {known}")
         message, path = self.fails('grace = 3\n[[tunnel]]\nlisten = "tcp:0"\n')
-        self.assertEqual(message, f"{path}:1: unknown key 'grace' (known: tunnel, metrics)")
+        self.assertEqual(message, f"{path}:1: unknown key 'grace' {known}")
 
     def test_a_quoted_or_dotted_unknown_key_is_found_too(self) -> None:
         message, path = self.fails('[[tunnel]]\nlisten = "tcp:0"\n"max conns" = 3\n')
