@@ -312,6 +312,29 @@ def _initiating(
     return Initiating(ephemeral, shared_key)
 
 
+# The data of the states after the handshake (server connected, client
+# vouched and connected): none. Automat keeps a state's data until a state
+# with data of its own replaces it, so without these an established
+# connection would hold its handshake's state data for its whole life (the
+# client's ephemeral secret key and the key shared with the server's
+# long-term key; the server's copy of EC). The session is the established
+# phase's.
+
+
+def _server_connected(
+    inputs: ServerInputs, core: ServerCore, session: Session, client_key: bytes
+) -> None:
+    return None
+
+
+def _client_vouched(inputs: ClientInputs, core: ClientCore, vouch: bytes, session: Session) -> None:
+    return None
+
+
+def _client_connected(inputs: ClientInputs, core: ClientCore) -> None:
+    return None
+
+
 def _closed_for(
     inputs: ConnectionInputs, core: ServerCore | ClientCore, reason: BaseException | Failure
 ) -> Failure:
@@ -434,7 +457,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
     accepting = builder.state("accepting", _accepting)
-    connected = builder.state("connected")
+    connected = builder.state("connected", _server_connected)
     closed = builder.state("closed", _closed_for)
 
     @pep614(ready.upon(ServerInputs.connection_made).loop())
@@ -523,17 +546,17 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
         core.owner.established(session, client_key, None)
         core.owner.handshake_confirmed()
 
-    # Closing, from every state: the plain states' outputs take the input's
-    # arguments only; accepting's do not want its data either.
-    for plain in (ready, connected):
-        plain.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
-        plain.upon(ServerInputs.close).to(closed)(_disconnect)
-        plain.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
+    # Closing, from every state: the outputs take the input's arguments
+    # only, not the state's data (accepting's; connected has none).
+    ready.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
+    ready.upon(ServerInputs.close).to(closed)(_disconnect)
+    ready.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
     ready.upon(ServerInputs._rejected).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
+    for with_data in (accepting, connected):
+        with_data.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     accepting.upon(ServerInputs._rejected, nodata=True).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ServerInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ServerInputs.connection_lost).loop()(_report_closed)
     return builder.build()
@@ -543,8 +566,8 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
     initiating = builder.state("initiating", _initiating)
-    vouched = builder.state("vouched")
-    connected = builder.state("connected")
+    vouched = builder.state("vouched", _client_vouched)
+    connected = builder.state("connected", _client_connected)
     closed = builder.state("closed", _closed_for)
 
     @pep614(ready.upon(ClientInputs.connection_made).loop())
@@ -629,7 +652,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
         core.owner.send_frame(vouch)
         core.owner.established(session, core.server_key, inputs.message_opened)
 
-    @pep614(vouched.upon(ClientInputs.message_opened).to(connected))
+    @pep614(vouched.upon(ClientInputs.message_opened, nodata=True).to(connected))
     def confirmed(inputs: ClientInputs, core: ClientCore) -> None:
         core.owner.handshake_confirmed()
 
@@ -646,7 +669,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
             )
         )
 
-    @pep614(vouched.upon(ClientInputs.connection_lost).to(closed))
+    @pep614(vouched.upon(ClientInputs.connection_lost, nodata=True).to(closed))
     def closed_after_vouch(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
         core.owner.lost(
             Failure(
@@ -666,10 +689,10 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     initiating.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs._rejected, nodata=True).to(closed)(_disconnect)
-    for plain in (vouched, connected):
-        plain.upon(ClientInputs.bad_packet).to(closed)(_disconnect)
-        plain.upon(ClientInputs.close).to(closed)(_disconnect)
-    connected.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
+    for with_data in (vouched, connected):
+        with_data.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
+    connected.upon(ClientInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ClientInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ClientInputs.connection_lost).loop()(_report_closed)
     return builder.build()
