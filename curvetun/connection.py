@@ -36,9 +36,10 @@ C{_rejected} on failure, otherwise the input that carries the answer (the
 cookie, the vouch, the session) and moves on. The frames are sent in those
 private transitions, never in the public ones.
 
-The in-process vault answers at once (its Deferreds have fired: Automat
-runs the private input right after the public one's transition); a vault
-process answers later. Meanwhile the machine stays in its state, the
+The in-process vault answers at once, during the call
+(L{curvetun.handshake_vault.IImmediateHandshakeVault}: no Deferred, and
+Automat runs the private input right after the public one's transition);
+a vault process answers later, through a Deferred. Meanwhile the machine stays in its state, the
 question is kept in the core (L{ServerCore.asking}), and the owner holds the
 frames that arrive (L{ConnectionOwner.hold_frames}): the client may send its
 first messages right after its vouch. Closing cancels a question still
@@ -50,7 +51,7 @@ scan of them all: every transition added costs every input.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 from automat import TypeMachine, TypeMachineBuilder, pep614
@@ -62,6 +63,7 @@ from .errors import BadPacket, CurveTunError, NotAuthorized, ReplayedVouch, Serv
 from .handshake import CookieSealer, EphemeralKeyPair
 from .handshake_vault import (
     IHandshakeVault,
+    IImmediateHandshakeVault,
     VaultUnavailable,
     client_vouch_key,
     client_vouch_packet,
@@ -220,6 +222,14 @@ class ServerCore:
     """
     The question the vault has not answered yet, if any.
     """
+    immediate: IImmediateHandshakeVault | None = attrs.field(init=False, repr=False)
+    """
+    C{vault}, if it answers during the call (see L{_answer_now}).
+    """
+
+    @immediate.default
+    def _immediate(self) -> IImmediateHandshakeVault | None:
+        return _immediate(self.vault)
 
 
 @attrs.define
@@ -244,6 +254,18 @@ class ClientCore:
     """
     The question the vault has not answered yet, if any.
     """
+    immediate: IImmediateHandshakeVault | None = attrs.field(init=False, repr=False)
+    """
+    C{vault}, if it answers during the call (see L{_answer_now}).
+    """
+
+    @immediate.default
+    def _immediate(self) -> IImmediateHandshakeVault | None:
+        return _immediate(self.vault)
+
+
+def _immediate(vault: IHandshakeVault) -> IImmediateHandshakeVault | None:
+    return vault if IImmediateHandshakeVault.providedBy(vault) else None
 
 
 @attrs.frozen
@@ -288,6 +310,29 @@ def _initiating(
     The data of the client's initiating state, from the hello it sends.
     """
     return Initiating(ephemeral, shared_key)
+
+
+# The data of the states after the handshake (server connected, client
+# vouched and connected): none. Automat keeps a state's data until a state
+# with data of its own replaces it, so without these an established
+# connection would hold its handshake's state data for its whole life (the
+# client's ephemeral secret key and the key shared with the server's
+# long-term key; the server's copy of EC). The session is the established
+# phase's.
+
+
+def _server_connected(
+    inputs: ServerInputs, core: ServerCore, session: Session, client_key: bytes
+) -> None:
+    return None
+
+
+def _client_vouched(inputs: ClientInputs, core: ClientCore, vouch: bytes, session: Session) -> None:
+    return None
+
+
+def _client_connected(inputs: ClientInputs, core: ClientCore) -> None:
+    return None
 
 
 def _closed_for(
@@ -374,6 +419,26 @@ def _ask(
     core.asking = question.addCallbacks(succeeded, failed)
 
 
+def _answer_now(
+    inputs: ConnectionInputs,
+    question: Callable[..., _Answer],
+    arguments: tuple[Any, ...],
+    answered: Callable[[_Answer], None],
+) -> None:
+    """
+    Ask a vault that answers during the call (L{IImmediateHandshakeVault}):
+    call C{answered} with what C{question(*arguments)} returns, or
+    C{_rejected} with the L{CurveTunError} it raises. The same outcome as
+    L{_ask} with that vault's fired Deferred, without making one.
+    """
+    try:
+        answer = question(*arguments)
+    except CurveTunError as error:
+        inputs._rejected(error)
+        return
+    answered(answer)
+
+
 def _forget_question(core: ServerCore | ClientCore) -> None:
     """
     Closing: cancel the question the vault has not answered.
@@ -392,7 +457,7 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
     builder = TypeMachineBuilder(ServerInputs, ServerCore)
     ready = builder.state("ready")
     accepting = builder.state("accepting", _accepting)
-    connected = builder.state("connected")
+    connected = builder.state("connected", _server_connected)
     closed = builder.state("closed", _closed_for)
 
     @pep614(ready.upon(ServerInputs.connection_made).loop())
@@ -407,14 +472,23 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
             return
         # One question: open the hello, make SN, seal the cookie. A failure
         # includes a nonce counter the vault could not store.
-        _ask(
-            inputs,
-            core,
-            core.vault.open_hello_and_seal_cookie(
-                hello, EphemeralKeyPair.generate(), core.cookie_keys
-            ),
-            lambda cookie: inputs._hello_answered(hello.client_ephemeral_key, cookie),
-        )
+        ephemeral = EphemeralKeyPair.generate()
+
+        def answered(cookie: bytes) -> None:
+            inputs._hello_answered(hello.client_ephemeral_key, cookie)
+
+        immediate = core.immediate
+        if immediate is not None:
+            _answer_now(
+                inputs, immediate.answer_hello_now, (hello, ephemeral, core.cookie_keys), answered
+            )
+        else:
+            _ask(
+                inputs,
+                core,
+                core.vault.open_hello_and_seal_cookie(hello, ephemeral, core.cookie_keys),
+                answered,
+            )
 
     @pep614(ready.upon(ServerInputs._hello_answered).to(accepting))
     def send_cookie(
@@ -453,7 +527,11 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
                 inputs._rejected(ReplayedVouch("replayed vouch: this session was accepted before"))
 
         # One question: does the inner box V from C hold EC?
-        _ask(inputs, core, core.vault.open_vouch(opened), verified)
+        immediate = core.immediate
+        if immediate is not None:
+            _answer_now(inputs, immediate.open_vouch_now, (opened,), verified)
+        else:
+            _ask(inputs, core, core.vault.open_vouch(opened), verified)
 
     @pep614(accepting.upon(ServerInputs._vouch_verified).to(connected))
     def accepted(
@@ -468,17 +546,17 @@ def _build_server_machine() -> TypeMachine[ServerInputs, ServerCore]:
         core.owner.established(session, client_key, None)
         core.owner.handshake_confirmed()
 
-    # Closing, from every state: the plain states' outputs take the input's
-    # arguments only; accepting's do not want its data either.
-    for plain in (ready, connected):
-        plain.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
-        plain.upon(ServerInputs.close).to(closed)(_disconnect)
-        plain.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
+    # Closing, from every state: the outputs take the input's arguments
+    # only, not the state's data (accepting's; connected has none).
+    ready.upon(ServerInputs.bad_packet).to(closed)(_disconnect)
+    ready.upon(ServerInputs.close).to(closed)(_disconnect)
+    ready.upon(ServerInputs.connection_lost).to(closed)(_report_lost)
     ready.upon(ServerInputs._rejected).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
+    for with_data in (accepting, connected):
+        with_data.upon(ServerInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ServerInputs.close, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     accepting.upon(ServerInputs._rejected, nodata=True).to(closed)(_disconnect)
-    accepting.upon(ServerInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ServerInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ServerInputs.connection_lost).loop()(_report_closed)
     return builder.build()
@@ -488,8 +566,8 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     builder = TypeMachineBuilder(ClientInputs, ClientCore)
     ready = builder.state("ready")
     initiating = builder.state("initiating", _initiating)
-    vouched = builder.state("vouched")
-    connected = builder.state("connected")
+    vouched = builder.state("vouched", _client_vouched)
+    connected = builder.state("connected", _client_connected)
     closed = builder.state("closed", _closed_for)
 
     @pep614(ready.upon(ClientInputs.connection_made).loop())
@@ -549,9 +627,21 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
                 inputs._vouch_made(vouch, session)
 
         # One question: make VN and box EC to the server under it.
-        _ask(
-            inputs, core, core.vault.seal_vouch(state.ephemeral.public_key, core.server_key), sealed
-        )
+        immediate = core.immediate
+        if immediate is not None:
+            _answer_now(
+                inputs,
+                immediate.seal_vouch_now,
+                (state.ephemeral.public_key, core.server_key),
+                sealed,
+            )
+        else:
+            _ask(
+                inputs,
+                core,
+                core.vault.seal_vouch(state.ephemeral.public_key, core.server_key),
+                sealed,
+            )
 
     @pep614(initiating.upon(ClientInputs._vouch_made).to(vouched))
     def send_vouch(
@@ -562,7 +652,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
         core.owner.send_frame(vouch)
         core.owner.established(session, core.server_key, inputs.message_opened)
 
-    @pep614(vouched.upon(ClientInputs.message_opened).to(connected))
+    @pep614(vouched.upon(ClientInputs.message_opened, nodata=True).to(connected))
     def confirmed(inputs: ClientInputs, core: ClientCore) -> None:
         core.owner.handshake_confirmed()
 
@@ -579,7 +669,7 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
             )
         )
 
-    @pep614(vouched.upon(ClientInputs.connection_lost).to(closed))
+    @pep614(vouched.upon(ClientInputs.connection_lost, nodata=True).to(closed))
     def closed_after_vouch(inputs: ClientInputs, core: ClientCore, reason: Failure) -> None:
         core.owner.lost(
             Failure(
@@ -599,10 +689,10 @@ def _build_client_machine() -> TypeMachine[ClientInputs, ClientCore]:
     initiating.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
     initiating.upon(ClientInputs._rejected, nodata=True).to(closed)(_disconnect)
-    for plain in (vouched, connected):
-        plain.upon(ClientInputs.bad_packet).to(closed)(_disconnect)
-        plain.upon(ClientInputs.close).to(closed)(_disconnect)
-    connected.upon(ClientInputs.connection_lost).to(closed)(_report_lost)
+    for with_data in (vouched, connected):
+        with_data.upon(ClientInputs.bad_packet, nodata=True).to(closed)(_disconnect)
+        with_data.upon(ClientInputs.close, nodata=True).to(closed)(_disconnect)
+    connected.upon(ClientInputs.connection_lost, nodata=True).to(closed)(_report_lost)
     closed.upon(ClientInputs.close, nodata=True).loop()(_already_closed)
     closed.upon(ClientInputs.connection_lost).loop()(_report_closed)
     return builder.build()

@@ -28,6 +28,7 @@ from .factories import (
     CurveTunClientFactory,
     CurveTunServerFactory,
 )
+from .handshake_vault import as_handshake_vault
 from .interfaces import IRegistry, IVault
 from .keys import fingerprint
 from .registry import FileRegistry
@@ -99,6 +100,9 @@ class CurveTunService(MultiService):
         assert clock is not None
         self.clock = clock
         self.vault = vault
+        # What the factories' machines ask, made once (not per connection:
+        # an endpoint makes a client factory for each connect).
+        self.handshake_vault = as_handshake_vault(vault)
         self.registry = registry
         self.cookie_keys = cookie_keys if cookie_keys is not None else CookieKeys(clock=clock)
         self.handshake_timeout = handshake_timeout
@@ -201,7 +205,7 @@ class CurveTunService(MultiService):
         """
         factory = CurveTunServerFactory(
             application_factory,
-            self.vault,
+            self.handshake_vault,
             self.cookie_keys,
             self.registry,
             self.replay_guard.remember,
@@ -230,7 +234,7 @@ class CurveTunService(MultiService):
         """
         return CurveTunClientFactory(
             application_factory,
-            self.vault,
+            self.handshake_vault,
             server_key,
             self.clock,
             self.handshake_timeout

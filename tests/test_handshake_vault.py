@@ -23,6 +23,7 @@ from curvetun.errors import BadPacket
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.handshake_vault import (
     IHandshakeVault,
+    IImmediateHandshakeVault,
     LocalHandshakeVault,
     client_vouch_key,
     client_vouch_packet,
@@ -73,7 +74,39 @@ class LocalHandshakeVaultTests(SynchronousTestCase):
     def test_it_provides_the_interface(self) -> None:
         vault = LocalHandshakeVault(MemoryVault.generate())
         self.assertTrue(verifyObject(IHandshakeVault, vault))
+        self.assertTrue(verifyObject(IImmediateHandshakeVault, vault))
         self.assertEqual(vault.public_key, vault.vault.public_key)
+
+    def test_its_immediate_answers_are_its_deferred_answers(self) -> None:
+        # Twin vaults make the same nonces: each step answered both ways
+        # gives the same bytes, and a refusal is the same BadPacket raised.
+        ours, theirs = twin_vaults()
+        now, later = LocalHandshakeVault(ours), LocalHandshakeVault(theirs)
+        server = MemoryVault.generate()
+        client = EphemeralKeyPair.generate()
+        self.assertEqual(
+            now.seal_vouch_now(client.public_key, server.public_key),
+            result_of(later.seal_vouch(client.public_key, server.public_key)),
+        )
+        hello = parse_as(handshake.client_hello(ours.public_key, client)[0], Hello)
+        ephemeral = EphemeralKeyPair.generate()
+        cookie_key = os.urandom(32)
+        clock = Clock()
+        self.assertEqual(
+            now.answer_hello_now(hello, ephemeral, CookieKeys(clock=clock, initial_key=cookie_key)),
+            result_of(
+                later.open_hello_and_seal_cookie(
+                    hello, ephemeral, CookieKeys(clock=clock, initial_key=cookie_key)
+                )
+            ),
+        )
+        stranger = parse_as(
+            handshake.client_hello(server.public_key, EphemeralKeyPair.generate())[0], Hello
+        )
+        with self.assertRaises(BadPacket):
+            now.answer_hello_now(stranger, ephemeral, CookieKeys(clock=clock))
+        with self.assertRaises(BadPacket):
+            now.seal_vouch_now(client.public_key, b"short")
 
     def test_the_hello_step_gives_the_pure_functions_cookie(self) -> None:
         ours, theirs = twin_vaults()

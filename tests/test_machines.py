@@ -34,7 +34,12 @@ from curvetun.errors import (
     ServerKeyMismatch,
 )
 from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
-from curvetun.handshake_vault import IHandshakeVault, LocalHandshakeVault, VaultUnavailable
+from curvetun.handshake_vault import (
+    IHandshakeVault,
+    IImmediateHandshakeVault,
+    LocalHandshakeVault,
+    VaultUnavailable,
+)
 from curvetun.packets import Cookie, Hello, Vouch, parse_as
 from curvetun.session import Session
 from curvetun.vault import MemoryVault
@@ -156,6 +161,42 @@ class LateVault:
         later.errback(error)
 
 
+@implementer(IImmediateHandshakeVault)
+class _ImmediateOnly:
+    """
+    An L{IImmediateHandshakeVault} whose Deferred methods must not be used.
+    """
+
+    def __init__(self, local: LocalHandshakeVault) -> None:
+        self._local = local
+        self.public_key = local.public_key
+
+    def open_hello_and_seal_cookie(self, *args: object) -> Deferred[bytes]:
+        raise AssertionError("asked through a Deferred")
+
+    def open_vouch(self, *args: object) -> Deferred[None]:
+        raise AssertionError("asked through a Deferred")
+
+    def seal_vouch(self, *args: object) -> Deferred[tuple[bytes, bytes]]:
+        raise AssertionError("asked through a Deferred")
+
+    def answer_hello_now(
+        self, hello: Hello, ephemeral: EphemeralKeyPair, cookie_keys: CookieSealer
+    ) -> bytes:
+        return self._local.answer_hello_now(hello, ephemeral, cookie_keys)
+
+    def open_vouch_now(self, opened: OpenedVouch) -> None:
+        self._local.open_vouch_now(opened)
+
+    def seal_vouch_now(self, client_ephemeral_key: bytes, server_key: bytes) -> tuple[bytes, bytes]:
+        return self._local.seal_vouch_now(client_ephemeral_key, server_key)
+
+
+def _local(vault: MemoryVault, immediate_only: bool) -> IHandshakeVault:
+    local = LocalHandshakeVault(vault)
+    return _ImmediateOnly(local) if immediate_only else local
+
+
 class Handshake:
     """
     A server and a client machine, each with a recording owner, and the
@@ -169,6 +210,7 @@ class Handshake:
         remember: bool = True,
         late_server: bool = False,
         late_client: bool = False,
+        immediate_only: bool = False,
     ) -> None:
         self.server_vault = MemoryVault.generate()
         self.client_vault = MemoryVault.generate()
@@ -182,7 +224,7 @@ class Handshake:
         self.server: ServerInputs = ServerMachine(
             ServerCore(
                 self.server_owner,
-                self.late_server if late_server else LocalHandshakeVault(self.server_vault),
+                self.late_server if late_server else _local(self.server_vault, immediate_only),
                 CookieKeys(),
                 self.registry,
                 lambda key: remember,
@@ -191,7 +233,7 @@ class Handshake:
         self.client: ClientInputs = ClientMachine(
             ClientCore(
                 self.client_owner,
-                self.late_client if late_client else LocalHandshakeVault(self.client_vault),
+                self.late_client if late_client else _local(self.client_vault, immediate_only),
                 self.server_vault.public_key,
             )
         )
@@ -419,6 +461,24 @@ class LateVaultTests(SynchronousTestCase):
         peers.complete()
         self.assertNotIn("hold_frames", peers.server_owner.names())
         self.assertNotIn("hold_frames", peers.client_owner.names())
+
+    def test_an_in_process_vault_is_asked_without_deferreds(self) -> None:
+        # The machines ask a vault that answers during the call through
+        # IImmediateHandshakeVault; its Deferred methods are never called.
+        peers = Handshake(immediate_only=True)
+        peers.complete()
+        self.assertEqual(peers.server_owner.names()[-2:], ["established", "handshake_confirmed"])
+        self.assertEqual(peers.client_owner.names()[-1], "established")
+
+    def test_an_immediate_vault_that_refuses_rejects_the_step(self) -> None:
+        peers = Handshake(immediate_only=True)
+        peers.server.connection_made()
+        # A hello sealed to another server key does not verify: no cookie.
+        stranger = MemoryVault.generate().public_key
+        peers.server_owner.give(
+            Hello, handshake.client_hello(stranger, EphemeralKeyPair.generate())[0]
+        )
+        self.assertEqual(peers.server_owner.names(), ["expect_packet", "disconnect"])
 
     def test_the_server_establishes_when_the_vault_has_opened_the_vouch(self) -> None:
         peers = Handshake(late_server=True)
