@@ -24,6 +24,7 @@ bounded whatever the amount carried.
 
 from __future__ import annotations
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -242,6 +243,8 @@ class Forwarder(Protocol):
         self._open_sides += 1
         accepted, forward = self.transport, forward_side.transport
         _no_delay(forward)
+        _reads_fit_messages(accepted, forward)
+        _reads_fit_messages(forward, accepted)
         version = self.forwarding.send_proxy
         if version is not None:
             # Before any byte of the client's: the reading starts below.
@@ -366,6 +369,26 @@ def _no_delay(transport: ITransport) -> None:
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+
+
+def _reads_fit_messages(reader: ITransport, writer: ITransport) -> None:
+    """
+    When the reads of C{reader}, a plain TCP side, are relayed to C{writer},
+    a curvetun side, read at most one message's worth at a time.
+
+    Twisted's TCP transport reads up to its C{bufferSize}, 64 KiB, and a
+    message carries at most 65503 bytes: each full read of a bulk transfer
+    would go out as a full message and a 33-byte one, after a copy of the
+    first. Reading 65503 bytes makes every read one message, sent as it is.
+    (The same number bounds that transport's write buffer before it pauses
+    its producer: 33 bytes less than Twisted's default.)
+    """
+    if (
+        isinstance(reader, FileDescriptor)
+        and ICurveTunTransport.providedBy(writer)
+        and not ICurveTunTransport.providedBy(reader)
+    ):
+        reader.bufferSize = MAX_MESSAGE
 
 
 def _client_key(transport: ITransport) -> bytes | None:
