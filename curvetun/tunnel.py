@@ -39,11 +39,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .addresses import format_address
+from .established import send_now
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
 from .packets import MAX_MESSAGE
 from .proxy_header import ProxyVersion, proxy_header
+from .transport import CurveTunProtocol
 
 log = Logger()
 
@@ -354,11 +356,19 @@ def relay(transport: ITransport, data: bytes) -> None:
     with later writes (a timer per read), and a relay writes once per
     read. The bytes on the wire are the same; larger reads go through
     C{write}, which sends them at once in messages of the largest size.
+
+    Then what was written is handed to the socket at once (see
+    L{curvetun.established.send_now}), not a reactor turn later: a relay
+    has nothing to add to it before the next read.
     """
     if 0 < len(data) <= MAX_MESSAGE and ICurveTunTransport.providedBy(transport):
         transport.write_message(data)
     else:
         transport.write(data)
+    if isinstance(transport, CurveTunProtocol):
+        transport.send_now()
+    else:
+        send_now(transport)
 
 
 def _no_delay(transport: ITransport) -> None:

@@ -14,14 +14,14 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from curvetun.interfaces import ICurveTunTransport
 from curvetun.packets import MAX_MESSAGE
 from curvetun.tunnel import ForwardingFactory
 
-from ._support import tcp_port
+from ._support import SocketDescriptor, tcp_port
 
 
 @implementer(ICurveTunTransport)
@@ -97,3 +97,71 @@ class ReadsRelayedToCurveTunTests(TestCase):
         self.assertEqual(forward.carried, total)
         self.assertEqual({call for call, _ in forward.calls}, {"write_message"})
         self.assertLessEqual(max(size for _, size in forward.calls), MAX_MESSAGE)
+
+
+class RelayedReadsSentAtOnceTests(SynchronousTestCase):
+    """
+    A relayed read is handed to the other side's socket as it is relayed,
+    not a reactor turn later (Twisted's transports send from the reactor):
+    a relay has nothing to add before its next read, and every hop of a
+    round trip through a tunnel would wait a turn of the loop.
+    """
+
+    def setUp(self) -> None:
+        self.endpoint = ConnectsLater()
+        forwarder = ForwardingFactory(self.endpoint, "tcp:127.0.0.1:6379").buildProtocol(None)
+        assert forwarder is not None
+        self.forwarder = forwarder
+        self.accepted = SocketDescriptor()
+        self.forwarder.makeConnection(self.accepted)
+        self.forward = SocketDescriptor()
+        self.forward_side = self.endpoint.complete(self.forward)
+
+    def test_a_read_of_the_client_is_sent_to_the_forward_side_at_once(self) -> None:
+        self.forwarder.dataReceived(b"request")
+        self.assertEqual(self.forward.sends, [b"request"])
+        self.assertFalse(self.forward.waiting_for_reactor)
+
+    def test_a_read_of_the_forward_side_is_sent_to_the_client_at_once(self) -> None:
+        self.forward_side.dataReceived(b"reply")
+        self.assertEqual(self.accepted.sends, [b"reply"])
+        self.assertFalse(self.accepted.waiting_for_reactor)
+
+    def test_what_the_socket_does_not_take_is_left_to_the_reactor(self) -> None:
+        self.forward.fail_sends = True
+        self.forwarder.dataReceived(b"request")
+        # The reactor's own doWrite meets the failure, and closes.
+        self.assertTrue(self.forward.waiting_for_reactor)
+
+    def test_nothing_is_sent_early_by_a_closing_side(self) -> None:
+        self.forward.loseConnection()
+        self.forwarder.dataReceived(b"late")
+        # The reactor sends what is left and then closes: not this relay.
+        self.assertEqual(self.forward.sends, [])
+        self.assertTrue(self.forward.waiting_for_reactor)
+
+
+@implementer(IStreamClientEndpoint)
+class ConnectsLater:
+    """
+    A client endpoint whose one connection the test makes by hand.
+    """
+
+    def __init__(self) -> None:
+        self.factory: IProtocolFactory | None = None
+        self.connecting: Deferred[IProtocol] = Deferred()
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
+        self.factory = protocolFactory
+        return self.connecting
+
+    def complete(self, transport: SocketDescriptor) -> IProtocol:
+        """
+        Make the connection on C{transport}.
+        """
+        assert self.factory is not None
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6379))
+        assert protocol is not None
+        protocol.makeConnection(transport)
+        self.connecting.callback(protocol)
+        return protocol
