@@ -261,11 +261,21 @@ class Established:
         """
         pending = self._pending
         if pending:
-            pending.append(data)
-            size = self._pending_size = self._pending_size + len(data)
-            if size >= MAX_MESSAGE:
-                self.flush()
-            return
+            size = self._pending_size + len(data)
+            if size < MAX_MESSAGE:
+                pending.append(data)
+                self._pending_size = size
+                return
+            # The message being coalesced is full, or would overflow: it
+            # goes now, whole (one join, no split: no small message cut off
+            # its end), and C{data} starts the next. A flush already
+            # scheduled stays, for what follows.
+            if size == MAX_MESSAGE:
+                pending.append(data)
+                data = b""
+            self._pending = None
+            self._pending_size = 0
+            self._seal(pending[0] if len(pending) == 1 else b"".join(pending))
         if not data or self._session is None:
             return
         if len(data) >= MAX_MESSAGE:
@@ -274,7 +284,7 @@ class Established:
             return
         self._pending = [data]
         self._pending_size = len(data)
-        if not self._reading:
+        if not self._reading and self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self.flush)
 
     def write_message(self, data: bytes) -> None:
@@ -298,7 +308,7 @@ class Established:
         flush_call = self._flush_call
         if flush_call is not None:
             self._flush_call = None
-            if flush_call.active():
+            if flush_call.active():  # not when it is what calls us
                 flush_call.cancel()
         pending = self._pending
         if pending:

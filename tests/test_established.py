@@ -151,6 +151,25 @@ class SendTests(SynchronousTestCase):
         self.assertEqual(phase.sent(), [b"re: onere: two"])
         self.assertEqual(phase.clock.getDelayedCalls(), [])
 
+    def test_coalesced_writes_are_cut_where_the_next_would_overflow_a_message(self) -> None:
+        phase = Phase()
+        for _ in range(1000):
+            phase.phase.write(b"w" * 100)
+        phase.clock.advance(0)
+        # 655 writes fill 65500 bytes of the 65503 a message carries: the
+        # next starts a message, rather than the full one being split with
+        # 97 bytes in a message of their own.
+        self.assertEqual([len(message) for message in phase.sent()], [65500, 34500])
+        self.assertEqual(phase.clock.getDelayedCalls(), [])
+
+    def test_writes_that_fill_a_message_exactly_go_out_at_once(self) -> None:
+        phase = Phase()
+        phase.phase.write(b"a" * (MAX_MESSAGE - 3))
+        phase.phase.write(b"bcd")
+        self.assertEqual(phase.sent(), [b"a" * (MAX_MESSAGE - 3) + b"bcd"])
+        phase.clock.advance(0)
+        self.assertEqual(phase.sent(), [])
+
     def test_a_write_of_a_message_or_more_is_not_held(self) -> None:
         phase = Phase()
         data = b"x" * (MAX_MESSAGE + 10)
