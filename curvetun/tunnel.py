@@ -245,8 +245,6 @@ class Forwarder(Protocol):
         self._open_sides += 1
         accepted, forward = self.transport, forward_side.transport
         _no_delay(forward)
-        _reads_fit_messages(accepted, forward)
-        _reads_fit_messages(forward, accepted)
         version = self.forwarding.send_proxy
         if version is not None:
             # Before any byte of the client's: the reading starts below.
@@ -266,6 +264,8 @@ class Forwarder(Protocol):
             return  # this side has closed: nowhere to send it
         self.bytes_returned += len(data)
         relay(self.transport, data)
+        if len(data) > MAX_MESSAGE and self.forward_side is not None:
+            _reads_fit_messages(self.forward_side.transport, self.transport)
 
     def forward_side_lost(self, forward_side: ForwardedConnection, reason: Failure) -> None:
         """
@@ -285,6 +285,8 @@ class Forwarder(Protocol):
         if forward_side is None or not forward_side.send(data):
             return  # the forward side has closed: nowhere to send it
         self.bytes_forwarded += len(data)
+        if len(data) > MAX_MESSAGE:
+            _reads_fit_messages(self.transport, forward_side.transport)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
@@ -381,20 +383,24 @@ def _no_delay(transport: ITransport) -> None:
         transport.setTcpNoDelay(True)
 
 
-def _reads_fit_messages(reader: ITransport, writer: ITransport) -> None:
+def _reads_fit_messages(reader: ITransport | None, writer: ITransport | None) -> None:
     """
-    When the reads of C{reader}, a plain TCP side, are relayed to C{writer},
-    a curvetun side, read at most one message's worth at a time.
+    C{reader} has just read more than a message holds: when its reads are
+    relayed to C{writer}, a curvetun side, and it is a plain TCP side, read
+    at most one message's worth at a time from now on.
 
     Twisted's TCP transport reads up to its C{bufferSize}, 64 KiB, and a
     message carries at most 65503 bytes: each full read of a bulk transfer
     would go out as a full message and a 33-byte one, after a copy of the
     first. Reading 65503 bytes makes every read one message, sent as it is.
     (The same number bounds that transport's write buffer before it pauses
-    its producer: 33 bytes less than Twisted's default.)
+    its producer: 33 bytes less than Twisted's default.) Only once a read
+    has been that large: the attribute costs an idle connection most of a
+    kilobyte (its transport's instance dictionary stops sharing its keys).
     """
     if (
         isinstance(reader, FileDescriptor)
+        and writer is not None
         and ICurveTunTransport.providedBy(writer)
         and not ICurveTunTransport.providedBy(reader)
     ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 
 from twisted.internet import reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -19,7 +20,7 @@ from zope.interface import implementer
 
 from curvetun.interfaces import ICurveTunTransport
 from curvetun.packets import MAX_MESSAGE
-from curvetun.tunnel import ForwardingFactory
+from curvetun.tunnel import Forwarder, ForwardingFactory
 
 from ._support import SocketDescriptor, tcp_port
 
@@ -75,10 +76,37 @@ async def _value(protocol: IProtocol) -> IProtocol:
 class ReadsRelayedToCurveTunTests(TestCase):
     """
     A plain TCP side relayed to a curvetun side is read at most one
-    message's worth (65503 bytes) at a time: each read goes out as one
-    message as it is, where a read of Twisted's default 64 KiB would go out
-    as a full message and a 33-byte one.
+    message's worth (65503 bytes) at a time once it has read more: each
+    read goes out as one message as it is, where a read of Twisted's
+    default 64 KiB would go out as a full message and a 33-byte one. An
+    idle or small connection keeps Twisted's default (the setting costs
+    memory per connection).
     """
+
+    def relayed(self) -> tuple[Forwarder, SocketDescriptor]:
+        """
+        A forwarder on an accepted plain TCP side, forwarding to a curvetun
+        side in memory.
+        """
+        forward = MessageTransport()
+        forwarder = ForwardingFactory(ConnectsTo(forward), "curvetun:10.0.0.2:7700").buildProtocol(
+            None
+        )
+        assert forwarder is not None
+        accepted = SocketDescriptor()
+        forwarder.makeConnection(accepted)
+        return forwarder, accepted
+
+    def test_small_reads_keep_twisteds_read_size(self) -> None:
+        forwarder, accepted = self.relayed()
+        for size in (1, 100, MAX_MESSAGE):
+            forwarder.dataReceived(b"s" * size)
+        self.assertEqual(accepted.bufferSize, FileDescriptor.bufferSize)
+
+    def test_after_a_read_larger_than_a_message_reads_fit_one(self) -> None:
+        forwarder, accepted = self.relayed()
+        forwarder.dataReceived(b"b" * 65536)
+        self.assertEqual(accepted.bufferSize, MAX_MESSAGE)
 
     async def test_a_bulk_transfer_goes_out_in_reads_that_fit_one_message(self) -> None:
         forward = MessageTransport()
@@ -95,8 +123,13 @@ class ReadsRelayedToCurveTunTests(TestCase):
                 await deferLater(reactor, 0.01)
             self.addCleanup(forward.loseConnection)
         self.assertEqual(forward.carried, total)
-        self.assertEqual({call for call, _ in forward.calls}, {"write_message"})
-        self.assertLessEqual(max(size for _, size in forward.calls), MAX_MESSAGE)
+        # Only the first full read was more than a message; every read after
+        # it went out as one message.
+        calls = [call for call, _ in forward.calls]
+        self.assertLessEqual(calls.count("write"), 1)
+        after = forward.calls[calls.index("write") + 1 :] if "write" in calls else forward.calls
+        self.assertEqual({call for call, _ in after}, {"write_message"})
+        self.assertLessEqual(max(size for _, size in after), MAX_MESSAGE)
 
 
 class RelayedReadsSentAtOnceTests(SynchronousTestCase):
