@@ -197,6 +197,12 @@ class Established:
         """
         Deliver the frames held while paused, as a read does.
         """
+        if self._reading:
+            # From inside a read (the application's producer, or a relay's
+            # socket drained by what the read wrote, resumed us): that read
+            # goes on delivering, and its end sends the answers.
+            self._frames.resume()
+            return
         self._reading = True
         self._sealed = False
         try:

@@ -220,6 +220,25 @@ class SentAtOnceTests(SynchronousTestCase):
         )
         self.assertFalse(self.socket.waiting_for_reactor)
 
+    def test_a_resume_from_inside_the_read_still_sends_once_at_its_end(self) -> None:
+        # A relay's write can drain its socket at once and so resume, from
+        # inside the read, the producer that the same write had paused.
+        phase = self.phase
+
+        def answer(data: bytes) -> None:
+            phase.phase.write(b"re: " + data)
+            phase.frames.pause()
+            phase.phase.resume()
+
+        phase.app.dataReceived = answer  # type: ignore[method-assign]
+        phase.phase.receive(phase.from_peer(b"one", b"two"))
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"re: onere: two"],
+        )
+        self.assertEqual(phase.clock.getDelayedCalls(), [])
+
     def test_a_read_without_an_answer_sends_nothing(self) -> None:
         self.phase.phase.receive(self.phase.from_peer(b"one"))
         self.assertEqual(self.socket.sends, [])
