@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol as TypingProtocol
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 
 from .errors import BadPacket, CounterExhausted, IdleTimeout, MessageTooLong
@@ -36,6 +37,31 @@ class FrameWriter(TypingProtocol):
     """
 
     def writeSequence(self, data: Iterable[bytes]) -> None: ...
+
+
+def send_now(transport: object) -> None:
+    """
+    Hand what has just been written to C{transport} to its socket now, when
+    it is one of Twisted's own (a L{FileDescriptor}: TCP, UNIX), rather
+    than a turn of the reactor later.
+
+    Twisted's TCP transport never sends from C{write}: it registers the
+    socket for writing and sends when the reactor next finds it writable,
+    one more C{epoll_wait} and one more turn of the loop for every answer,
+    and for every hop of a relay. C{doWrite} is what the reactor would call
+    then (L{twisted.internet.interfaces.IWriteDescriptor}): it sends what
+    the socket takes and keeps the rest for the reactor, stops writing and
+    resumes a paused producer once all is sent, as it does when the reactor
+    calls it. What it can return is left to the reactor: not called while
+    the transport is closing (there C{doWrite} would finish the close and
+    return its reason, for the reactor to act on), and a failed send keeps
+    the socket registered for writing, so the reactor's own C{doWrite}
+    meets the same error and closes the connection. Call it once per event
+    (a read, a relayed read), not per write: a burst of writes made in one
+    turn still leaves in one C{send}.
+    """
+    if isinstance(transport, FileDescriptor) and not transport.disconnecting:
+        transport.doWrite()
 
 
 class Verdicts(TypingProtocol):
@@ -59,6 +85,8 @@ class Established:
     message, as Twisted's TLS transport (C{_AggregateSmallWrites}) coalesces
     them into one record: writes made while a read is delivered go out when
     that read is done (L{receive}), others at the next reactor iteration.
+    What a read is answered with is handed to the socket as soon as the
+    read is done (L{send_now}), not a reactor turn later.
 
     @ivar established_at: when the phase started (the clock's seconds).
     @ivar last_received_at: when the last message from the peer opened, or
@@ -80,6 +108,7 @@ class Established:
         "_pending_size",
         "_protocol",
         "_reading",
+        "_sealed",
         "_session",
         "_transport",
         "_verdicts",
@@ -121,6 +150,8 @@ class Established:
         self._message_opened = message_opened
         self._protocol: IProtocol | None = None
         self._reading = False
+        # Whether a message was sealed since the read being delivered began.
+        self._sealed = False
         # Stream writes waiting to be coalesced (see write).
         self._pending: list[bytes] | None = None
         self._pending_size = 0
@@ -148,28 +179,40 @@ class Established:
     def receive(self, data: bytes) -> None:
         """
         One read from TCP: feed it to the frames, then send what the
-        application wrote in answer, coalesced, without waiting for the next
-        reactor iteration.
+        application wrote in answer, coalesced, and hand it to the socket,
+        without waiting for the next reactor iteration.
         """
         self._reading = True
+        self._sealed = False
         try:
             self._frames.feed(data)
         finally:
             self._reading = False
         if self._pending:
             self.flush()
+        if self._sealed:
+            self.send_now()
 
     def resume(self) -> None:
         """
         Deliver the frames held while paused, as a read does.
         """
+        if self._reading:
+            # From inside a read (the application's producer, or a relay's
+            # socket drained by what the read wrote, resumed us): that read
+            # goes on delivering, and its end sends the answers.
+            self._frames.resume()
+            return
         self._reading = True
+        self._sealed = False
         try:
             self._frames.resume()
         finally:
             self._reading = False
         if self._pending:
             self.flush()
+        if self._sealed:
+            self.send_now()
 
     def frame_received(self, frame: bytes) -> None:
         """
@@ -224,11 +267,21 @@ class Established:
         """
         pending = self._pending
         if pending:
-            pending.append(data)
-            size = self._pending_size = self._pending_size + len(data)
-            if size >= MAX_MESSAGE:
-                self.flush()
-            return
+            size = self._pending_size + len(data)
+            if size < MAX_MESSAGE:
+                pending.append(data)
+                self._pending_size = size
+                return
+            # The message being coalesced is full, or would overflow: it
+            # goes now, whole (one join, no split: no small message cut off
+            # its end), and C{data} starts the next. A flush already
+            # scheduled stays, for what follows.
+            if size == MAX_MESSAGE:
+                pending.append(data)
+                data = b""
+            self._pending = None
+            self._pending_size = 0
+            self._seal(pending[0] if len(pending) == 1 else b"".join(pending))
         if not data or self._session is None:
             return
         if len(data) >= MAX_MESSAGE:
@@ -237,7 +290,7 @@ class Established:
             return
         self._pending = [data]
         self._pending_size = len(data)
-        if not self._reading:
+        if not self._reading and self._flush_call is None:
             self._flush_call = self._clock.callLater(0, self.flush)
 
     def write_message(self, data: bytes) -> None:
@@ -261,7 +314,7 @@ class Established:
         flush_call = self._flush_call
         if flush_call is not None:
             self._flush_call = None
-            if flush_call.active():
+            if flush_call.active():  # not when it is what calls us
                 flush_call.cancel()
         pending = self._pending
         if pending:
@@ -269,6 +322,16 @@ class Established:
             self._pending = None
             self._pending_size = 0
             self._send_stream(data)
+
+    def send_now(self) -> None:
+        """
+        Hand the messages sealed so far to the socket now (see
+        L{send_now}), rather than at the reactor's next turn: for a writer
+        that writes once per event, such as a relay.
+        """
+        self._sealed = False
+        if self._session is not None:
+            send_now(self._transport)
 
     def _send_stream(self, data: bytes) -> None:
         if len(data) <= MAX_MESSAGE:
@@ -289,6 +352,7 @@ class Established:
             return
         # A vectored write (head, box): no copy of the box.
         self._transport.writeSequence(frame)
+        self._sealed = True
         self.bytes_sent += len(message)
         self.last_sent_at = self._clock.seconds()
 

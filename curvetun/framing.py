@@ -26,7 +26,9 @@ class FrameDecoder:
 
     Bytes are buffered only as far as they are needed: a partial frame is
     kept as the chunks it arrived in and joined once it is whole, so a
-    65535-byte frame that arrives a byte at a time costs linear time.
+    65535-byte frame that arrives a byte at a time costs linear time; each
+    frame's payload is copied once (out of the chunk that holds it, or
+    joined from those it spans), and the bytes after it are not copied.
 
     When a length is expected (L{expect}), a frame that announces another
     length is refused as soon as its 2-byte prefix is in: the decoder stops
@@ -40,6 +42,7 @@ class FrameDecoder:
         "_deliver",
         "_delivering",
         "_expected",
+        "_offset",
         "_paused",
         "_refused",
         "_size",
@@ -59,8 +62,10 @@ class FrameDecoder:
         """
         self._deliver = deliver
         self._refused = refused
-        # The unprocessed bytes, in the order they came, and their total.
+        # The unprocessed bytes, in the order they came (from _offset on in
+        # the first chunk), and their total.
         self._chunks: list[bytes] = []
+        self._offset = 0
         self._size = 0
         # How many unprocessed bytes there must be before anything can be
         # done: a length prefix, or the whole frame it announces.
@@ -109,15 +114,11 @@ class FrameDecoder:
         paused, or when called from inside a delivery: the running delivery
         goes on with them).
         """
-        if self._stopped:
+        if self._stopped or not data:
             return
         self.received += len(data)
-        if self._chunks:
-            self._chunks.append(data)
-        elif data:
-            self._chunks = [data]
-        else:
-            return
+        # The same list while a delivery runs: it goes on with these bytes.
+        self._chunks.append(data)
         self._size += len(data)
         if self._size >= self._wanted:
             self._process()
@@ -146,6 +147,7 @@ class FrameDecoder:
         """
         self._stopped = True
         self._chunks = []
+        self._offset = 0
         self._size = 0
 
     def _process(self) -> None:
@@ -158,36 +160,102 @@ class FrameDecoder:
             self._delivering = False
 
     def _deliver_frames(self) -> None:
-        while True:
-            chunks = self._chunks
-            buffer = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            # Bytes fed by a receiver from inside a delivery collect here.
-            self._chunks = []
-            size = len(buffer)
-            offset = 0
-            wanted = LENGTH_SIZE
-            while not self._paused:
-                if size - offset < LENGTH_SIZE:
+        # Each frame is copied once: sliced out of the chunk it lies in, or
+        # joined from views of the chunks it spans; the bytes after it stay
+        # where they are (chunks[0] from offset on), never joined with the
+        # next read. A delivery may feed (the list grows, and _size with
+        # it), pause, resume, stop or expect: the loops read them again.
+        chunks = self._chunks  # what feed appends to; stop replaces it
+        offset = self._offset
+        start = offset
+        try:
+            while True:
+                chunk = chunks[0]
+                size = len(chunk)
+                # The frames that lie in this chunk: locals only, the hot loop.
+                while not self._paused:
+                    if size - offset < LENGTH_SIZE:
+                        break
+                    length = (chunk[offset] << 8) | chunk[offset + 1]
+                    expected = self._expected
+                    if expected is not None and length != expected:
+                        self.stop()
+                        self._refused(length, expected)
+                        return
+                    end = offset + LENGTH_SIZE + length
+                    if end > size:
+                        break
+                    frame = chunk[offset + LENGTH_SIZE : end]
+                    offset = end
+                    self._deliver(frame)
+                    if self._stopped:
+                        return
+                self._size -= offset - start
+                start = offset
+                if offset == size:
+                    del chunks[0]
+                    offset = start = 0
+                    if not chunks:
+                        self._wanted = LENGTH_SIZE
+                        break
+                    continue
+                if self._paused:
                     break
-                length = (buffer[offset] << 8) | buffer[offset + 1]
+                # The next frame, or its prefix, goes on in the chunks after.
+                available = self._size
+                if available < LENGTH_SIZE:
+                    self._wanted = LENGTH_SIZE
+                    break
+                if size - offset >= LENGTH_SIZE:
+                    length = (chunk[offset] << 8) | chunk[offset + 1]
+                else:
+                    length = (chunk[offset] << 8) | chunks[1][0]
                 expected = self._expected
                 if expected is not None and length != expected:
                     self.stop()
                     self._refused(length, expected)
                     return
-                end = offset + LENGTH_SIZE + length
-                if end > size:
-                    wanted = LENGTH_SIZE + length
+                if available < LENGTH_SIZE + length:
+                    self._wanted = LENGTH_SIZE + length
                     break
-                frame = buffer[offset + LENGTH_SIZE : end]
-                offset = end
+                self._size = available - LENGTH_SIZE - length
+                frame, offset = _take(chunks, offset + LENGTH_SIZE, length)
+                start = offset
                 self._deliver(frame)
                 if self._stopped:
                     return
-            rest = buffer[offset:] if offset else buffer
-            fed_meanwhile = self._chunks
-            self._chunks = [rest, *fed_meanwhile] if rest else fed_meanwhile
-            self._size = total = len(rest) + sum(map(len, fed_meanwhile))
-            self._wanted = wanted
-            if self._paused or not fed_meanwhile or total < wanted:
-                return
+                if not chunks:
+                    self._wanted = LENGTH_SIZE
+                    break
+        finally:
+            # Also when a receiver raised: what was delivered stays delivered.
+            if not self._stopped:
+                self._size -= offset - start
+                self._offset = offset
+
+
+def _take(chunks: list[bytes], offset: int, count: int) -> tuple[bytes, int]:
+    """
+    The C{count} bytes that start at C{offset} in C{chunks[0]} (or past its
+    end, in the chunks after it) and end past it, joined in one copy. The
+    chunks they use up are dropped from C{chunks}.
+
+    @return: the bytes, and the offset in the new C{chunks[0]} of the byte
+        after them.
+    """
+    while chunks and offset >= len(chunks[0]):
+        # The length prefix used up the first chunk.
+        offset -= len(chunks[0])
+        del chunks[0]
+    pieces: list[bytes | memoryview] = []
+    while count:
+        chunk = chunks[0]
+        available = len(chunk) - offset
+        if available > count:
+            pieces.append(memoryview(chunk)[offset : offset + count])
+            return b"".join(pieces), offset + count
+        pieces.append(memoryview(chunk)[offset:] if offset else chunk)
+        count -= available
+        offset = 0
+        del chunks[0]
+    return b"".join(pieces), offset

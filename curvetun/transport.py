@@ -364,6 +364,19 @@ class CurveTunProtocol(Protocol):
     def write_message(self, data: bytes) -> None:
         self._phase().write_message(data)
 
+    def send_now(self) -> None:
+        """
+        Hand the messages written so far to the TCP socket now, rather than
+        at the reactor's next turn, as happens on its own for what is
+        written in answer to a read: for a writer that writes once per
+        event of its own, such as a relay passing on a read of another
+        connection. Nothing happens before the handshake is done or once
+        closing.
+        """
+        established = self._established
+        if established is not None:
+            established.send_now()
+
     def _phase(self) -> Established:
         established = self._established
         if established is None:

@@ -24,6 +24,7 @@ bounded whatever the amount carried.
 
 from __future__ import annotations
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -38,11 +39,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .addresses import format_address
+from .established import send_now
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
 from .packets import MAX_MESSAGE
 from .proxy_header import ProxyVersion, proxy_header
+from .transport import CurveTunProtocol
 
 log = Logger()
 
@@ -261,6 +264,8 @@ class Forwarder(Protocol):
             return  # this side has closed: nowhere to send it
         self.bytes_returned += len(data)
         relay(self.transport, data)
+        if len(data) > MAX_MESSAGE and self.forward_side is not None:
+            _reads_fit_messages(self.forward_side.transport, self.transport)
 
     def forward_side_lost(self, forward_side: ForwardedConnection, reason: Failure) -> None:
         """
@@ -280,6 +285,8 @@ class Forwarder(Protocol):
         if forward_side is None or not forward_side.send(data):
             return  # the forward side has closed: nowhere to send it
         self.bytes_forwarded += len(data)
+        if len(data) > MAX_MESSAGE:
+            _reads_fit_messages(self.transport, forward_side.transport)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
@@ -351,11 +358,19 @@ def relay(transport: ITransport, data: bytes) -> None:
     with later writes (a timer per read), and a relay writes once per
     read. The bytes on the wire are the same; larger reads go through
     C{write}, which sends them at once in messages of the largest size.
+
+    Then what was written is handed to the socket at once (see
+    L{curvetun.established.send_now}), not a reactor turn later: a relay
+    has nothing to add to it before the next read.
     """
     if 0 < len(data) <= MAX_MESSAGE and ICurveTunTransport.providedBy(transport):
         transport.write_message(data)
     else:
         transport.write(data)
+    if isinstance(transport, CurveTunProtocol):
+        transport.send_now()
+    else:
+        send_now(transport)
 
 
 def _no_delay(transport: ITransport) -> None:
@@ -366,6 +381,30 @@ def _no_delay(transport: ITransport) -> None:
     """
     if ITCPTransport.providedBy(transport):
         transport.setTcpNoDelay(True)
+
+
+def _reads_fit_messages(reader: ITransport | None, writer: ITransport | None) -> None:
+    """
+    C{reader} has just read more than a message holds: when its reads are
+    relayed to C{writer}, a curvetun side, and it is a plain TCP side, read
+    at most one message's worth at a time from now on.
+
+    Twisted's TCP transport reads up to its C{bufferSize}, 64 KiB, and a
+    message carries at most 65503 bytes: each full read of a bulk transfer
+    would go out as a full message and a 33-byte one, after a copy of the
+    first. Reading 65503 bytes makes every read one message, sent as it is.
+    (The same number bounds that transport's write buffer before it pauses
+    its producer: 33 bytes less than Twisted's default.) Only once a read
+    has been that large: the attribute costs an idle connection most of a
+    kilobyte (its transport's instance dictionary stops sharing its keys).
+    """
+    if (
+        isinstance(reader, FileDescriptor)
+        and writer is not None
+        and ICurveTunTransport.providedBy(writer)
+        and not ICurveTunTransport.providedBy(reader)
+    ):
+        reader.bufferSize = MAX_MESSAGE
 
 
 def _client_key(transport: ITransport) -> bytes | None:

@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from twisted.internet import main as internet_main
 from twisted.internet import reactor
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -39,6 +41,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import (
     ProtocolWrapper,
@@ -80,6 +83,46 @@ def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
     """
     assert protocol is not None, "the factory refused the connection"
     return protocol
+
+
+class SocketDescriptor(FileDescriptor):
+    """
+    Twisted's own write buffering (L{FileDescriptor}, what a TCP transport
+    is) over a socket in memory: C{send} records what the socket took, and
+    the reactor is a L{MemoryReactor}, whose C{writers} say whether the
+    transport waits for the reactor to send the rest.
+
+    @ivar sends: each C{send} the transport made, in order.
+    @ivar fail_sends: whether C{send} fails as on a connection reset.
+    """
+
+    connected = 1
+
+    def __init__(self) -> None:
+        self.memory_reactor = MemoryReactor()
+        super().__init__(self.memory_reactor)
+        self.sends: list[bytes] = []
+        self.fail_sends = False
+
+    def writeSomeData(self, data: bytes) -> int | BaseException:
+        if self.fail_sends:
+            return internet_main.CONNECTION_LOST
+        self.sends.append(bytes(data))
+        return len(data)
+
+    @property
+    def waiting_for_reactor(self) -> bool:
+        """
+        Whether the transport is registered with its reactor to send what it
+        holds when the socket is next writable.
+        """
+        return self in self.memory_reactor.writers
+
+    def getPeer(self) -> IPv4Address:
+        return CLIENT_ADDRESS
+
+    def getHost(self) -> IPv4Address:
+        return SERVER_ADDRESS
 
 
 # -- framing (spec, "Framing") -------------------------------------------------

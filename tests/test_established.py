@@ -19,7 +19,7 @@ from curvetun.framing import FrameDecoder
 from curvetun.packets import MAX_MESSAGE
 from curvetun.session import Session
 
-from ._support import RecordingProtocol
+from ._support import RecordingProtocol, SocketDescriptor
 
 
 def split_frames(stream: bytes) -> list[bytes]:
@@ -41,12 +41,14 @@ class Phase:
         self,
         idle_timeout: float | None = None,
         on_first_message: Callable[[Phase], None] | None = None,
+        socket: SocketDescriptor | None = None,
     ) -> None:
         key = os.urandom(32)
         self.peer = Session.for_server(key)
         self.clock = Clock()
         self.clock.advance(100)
         self.transport = StringTransport()
+        self.socket = socket
         self.bad: list[BadPacket] = []
         self.closed: list[CurveTunError] = []
         self.opened: list[int] = []
@@ -55,7 +57,7 @@ class Phase:
         self.phase = Established(
             Session.for_client(key),
             self.frames,
-            self.transport,
+            self.transport if socket is None else socket,
             self.clock,
             self,
             None if on_first_message is None else lambda: on_first_message(self),
@@ -149,6 +151,25 @@ class SendTests(SynchronousTestCase):
         self.assertEqual(phase.sent(), [b"re: onere: two"])
         self.assertEqual(phase.clock.getDelayedCalls(), [])
 
+    def test_coalesced_writes_are_cut_where_the_next_would_overflow_a_message(self) -> None:
+        phase = Phase()
+        for _ in range(1000):
+            phase.phase.write(b"w" * 100)
+        phase.clock.advance(0)
+        # 655 writes fill 65500 bytes of the 65503 a message carries: the
+        # next starts a message, rather than the full one being split with
+        # 97 bytes in a message of their own.
+        self.assertEqual([len(message) for message in phase.sent()], [65500, 34500])
+        self.assertEqual(phase.clock.getDelayedCalls(), [])
+
+    def test_writes_that_fill_a_message_exactly_go_out_at_once(self) -> None:
+        phase = Phase()
+        phase.phase.write(b"a" * (MAX_MESSAGE - 3))
+        phase.phase.write(b"bcd")
+        self.assertEqual(phase.sent(), [b"a" * (MAX_MESSAGE - 3) + b"bcd"])
+        phase.clock.advance(0)
+        self.assertEqual(phase.sent(), [])
+
     def test_a_write_of_a_message_or_more_is_not_held(self) -> None:
         phase = Phase()
         data = b"x" * (MAX_MESSAGE + 10)
@@ -172,6 +193,78 @@ class SendTests(SynchronousTestCase):
         phase.clock.advance(0)
         self.assertEqual(phase.transport.value(), b"")
         self.assertEqual(phase.clock.getDelayedCalls(), [])
+
+
+class SentAtOnceTests(SynchronousTestCase):
+    """
+    What the application writes in answer to a read is handed to the
+    socket when the read is done, rather than a reactor turn later
+    (Twisted's TCP transport sends from the reactor); other writes are left
+    to the reactor, so that a burst of them still leaves in one C{send}.
+    """
+
+    def setUp(self) -> None:
+        self.socket = SocketDescriptor()
+        self.phase = Phase(socket=self.socket)
+
+    def test_an_answer_to_a_read_is_sent_when_the_read_is_done(self) -> None:
+        self.phase.app.dataReceived = (  # type: ignore[method-assign]
+            lambda data: self.phase.phase.write(b"re: " + data)
+        )
+        self.phase.phase.receive(self.phase.from_peer(b"one", b"two"))
+        # One send, of one message: the two answers coalesced.
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"re: onere: two"],
+        )
+        self.assertFalse(self.socket.waiting_for_reactor)
+
+    def test_a_resume_from_inside_the_read_still_sends_once_at_its_end(self) -> None:
+        # A relay's write can drain its socket at once and so resume, from
+        # inside the read, the producer that the same write had paused.
+        phase = self.phase
+
+        def answer(data: bytes) -> None:
+            phase.phase.write(b"re: " + data)
+            phase.frames.pause()
+            phase.phase.resume()
+
+        phase.app.dataReceived = answer  # type: ignore[method-assign]
+        phase.phase.receive(phase.from_peer(b"one", b"two"))
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"re: onere: two"],
+        )
+        self.assertEqual(phase.clock.getDelayedCalls(), [])
+
+    def test_a_read_without_an_answer_sends_nothing(self) -> None:
+        self.phase.phase.receive(self.phase.from_peer(b"one"))
+        self.assertEqual(self.socket.sends, [])
+
+    def test_writes_outside_a_read_are_left_to_the_reactor(self) -> None:
+        for n in range(3):
+            self.phase.phase.write_message(b"message %d" % (n,))
+        self.assertEqual(self.socket.sends, [])
+        self.assertTrue(self.socket.waiting_for_reactor)
+        # And then a read without an answer does not send them either.
+        self.phase.phase.receive(self.phase.from_peer(b"one"))
+        self.assertEqual(self.socket.sends, [])
+
+    def test_send_now_hands_what_was_written_to_the_socket(self) -> None:
+        self.phase.phase.write_message(b"relayed")
+        self.phase.phase.send_now()
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)], [b"relayed"]
+        )
+
+    def test_nothing_is_sent_once_stopped(self) -> None:
+        self.phase.phase.write_message(b"sealed")
+        self.phase.phase.stop()
+        self.phase.phase.send_now()
+        self.assertEqual(self.socket.sends, [])
 
 
 class FigureTests(SynchronousTestCase):

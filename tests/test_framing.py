@@ -6,6 +6,7 @@ receiver that pauses, resumes, stops or feeds from inside a delivery).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -53,6 +54,23 @@ class FramingTests(SynchronousTestCase):
         for i in range(len(STREAM)):
             receiver.decoder.feed(STREAM[i : i + 1])
         self.assertEqual(receiver.frames, STREAM_FRAMES)
+
+    def test_any_split_delivers_the_same_frames_and_holds_only_the_rest(self) -> None:
+        frames = [*STREAM_FRAMES, b"y" * 65535, b"z", *STREAM_FRAMES]
+        stream = b"".join(framed(frame) for frame in frames)
+        cuts = random.Random(12)
+        for _ in range(200):
+            receiver = Receiver()
+            offset = 0
+            while offset < len(stream):
+                # Cuts anywhere: inside prefixes, at frame ends, reads of
+                # more than a frame (as TCP reads of 64 KiB hold several).
+                step = cuts.choice([1, 2, 3, cuts.randrange(1, 200), cuts.randrange(1, 140000)])
+                receiver.decoder.feed(stream[offset : offset + step])
+                offset += step
+                delivered = sum(2 + len(frame) for frame in receiver.frames)
+                self.assertEqual(receiver.decoder.buffered, min(offset, len(stream)) - delivered)
+            self.assertEqual(receiver.frames, frames)
 
     def test_a_partial_frame_is_held_until_it_is_whole(self) -> None:
         receiver = Receiver()
