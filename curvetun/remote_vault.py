@@ -33,7 +33,6 @@ from zope.interface import implementer
 from curvetun.errors import BadPacket, CurveTunError
 from curvetun.handshake import CookieSealer, EphemeralKeyPair, OpenedVouch
 from curvetun.handshake_vault import (
-    INNER_VOUCH_SIZE,
     SAFE_NONCE_SIZE,
     IHandshakeVault,
     VaultUnavailable,
@@ -42,6 +41,7 @@ from curvetun.handshake_vault import (
 from curvetun.keys import KEY_SIZE, fingerprint, keys_equal
 from curvetun.packets import COOKIE_SIZE, Cookie, Hello, parse_as
 from curvetun.vault_protocol import (
+    SEAL_VOUCH_ANSWER_SIZE,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -317,13 +317,15 @@ class RemoteVault:
                 raise VaultUnavailable("the vault's cookie is not a cookie packet") from None
             return payload
 
-        asking = self._call(
-            OpenHelloAndSealCookie,
-            hello=hello.to_bytes(),
-            ephemeral_public=ephemeral.public_key,
-            ephemeral_secret=ephemeral.secret_key,
-            cookie_key=cookie_keys.current_key(),
+        request = b"".join(
+            (
+                hello.to_bytes(),
+                ephemeral.public_key,
+                ephemeral.secret_key,
+                cookie_keys.current_key(),
+            )
         )
+        asking = self._call(OpenHelloAndSealCookie, request=request)
         return asking.addCallback(cookie)
 
     def open_vouch(self, opened: OpenedVouch) -> Deferred[None]:
@@ -334,12 +336,8 @@ class RemoteVault:
         def verified(answer: dict[str, Any]) -> None:
             check_inner_vouch(opened, answer["plaintext"])
 
-        asking = self._call(
-            OpenVouch,
-            client_key=opened.client_key,
-            vouch_nonce=opened.vouch_nonce,
-            inner_box=opened.inner_box,
-        )
+        request = opened.client_key + opened.vouch_nonce + opened.inner_box
+        asking = self._call(OpenVouch, request=request)
         return asking.addCallback(verified)
 
     def seal_vouch(
@@ -350,15 +348,12 @@ class RemoteVault:
         """
 
         def sealed(answer: dict[str, Any]) -> tuple[bytes, bytes]:
-            vouch_nonce: bytes = answer["vouch_nonce"]
-            inner_box: bytes = answer["inner_box"]
-            if len(vouch_nonce) != SAFE_NONCE_SIZE or len(inner_box) != INNER_VOUCH_SIZE:
+            vouch: bytes = answer["vouch"]
+            if len(vouch) != SEAL_VOUCH_ANSWER_SIZE:
                 raise VaultUnavailable("the vault's vouch has the wrong size")
-            return vouch_nonce, inner_box
+            return vouch[:SAFE_NONCE_SIZE], vouch[SAFE_NONCE_SIZE:]
 
-        asking = self._call(
-            SealVouch, client_ephemeral_key=client_ephemeral_key, server_key=server_key
-        )
+        asking = self._call(SealVouch, request=client_ephemeral_key + server_key)
         return asking.addCallback(sealed)
 
     def __repr__(self) -> str:

@@ -50,6 +50,7 @@ from twisted.python.failure import Failure
 from curvetun.errors import BadPacket, CurveTunError, KeyFileError
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.handshake_vault import (
+    SAFE_NONCE_SIZE,
     answer_hello,
     one_cookie_key,
     open_inner_vouch,
@@ -57,9 +58,12 @@ from curvetun.handshake_vault import (
 )
 from curvetun.interfaces import IVault
 from curvetun.keys import KEY_SIZE
-from curvetun.packets import Hello, parse_as
+from curvetun.packets import HELLO_SIZE, Hello, parse_as
 from curvetun.vault_protocol import (
     BAD_REQUEST,
+    HELLO_REQUEST_SIZE,
+    OPEN_VOUCH_REQUEST_SIZE,
+    SEAL_VOUCH_REQUEST_SIZE,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -95,29 +99,37 @@ class VaultProtocol(amp.AMP):
         return {"public_key": self._vault.public_key}
 
     @OpenHelloAndSealCookie.responder
-    def open_hello_and_seal_cookie(
-        self, hello: bytes, ephemeral_public: bytes, ephemeral_secret: bytes, cookie_key: bytes
-    ) -> dict[str, bytes]:
-        if len(ephemeral_public) != KEY_SIZE or len(ephemeral_secret) != KEY_SIZE:
-            raise BadPacket("the server ephemeral key pair is 32 + 32 bytes")
+    def open_hello_and_seal_cookie(self, request: bytes) -> dict[str, bytes]:
+        if len(request) != HELLO_REQUEST_SIZE:
+            raise BadPacket(f"the hello request is {HELLO_REQUEST_SIZE} bytes")
+        secret = HELLO_SIZE + KEY_SIZE
+        cookie_key = secret + KEY_SIZE
         cookie = answer_hello(
             self._vault,
-            parse_as(hello, Hello),
-            EphemeralKeyPair(ephemeral_public, ephemeral_secret),
-            one_cookie_key(cookie_key),
+            parse_as(request[:HELLO_SIZE], Hello),
+            EphemeralKeyPair(request[HELLO_SIZE:secret], request[secret:cookie_key]),
+            one_cookie_key(request[cookie_key:]),
         )
         return {"cookie": cookie}
 
     @OpenVouch.responder
-    def open_vouch(
-        self, client_key: bytes, vouch_nonce: bytes, inner_box: bytes
-    ) -> dict[str, bytes]:
-        return {"plaintext": open_inner_vouch(self._vault, client_key, vouch_nonce, inner_box)}
+    def open_vouch(self, request: bytes) -> dict[str, bytes]:
+        if len(request) != OPEN_VOUCH_REQUEST_SIZE:
+            raise BadPacket("vouch does not verify")
+        nonce_end = KEY_SIZE + SAFE_NONCE_SIZE
+        plaintext = open_inner_vouch(
+            self._vault, request[:KEY_SIZE], request[KEY_SIZE:nonce_end], request[nonce_end:]
+        )
+        return {"plaintext": plaintext}
 
     @SealVouch.responder
-    def seal_vouch(self, client_ephemeral_key: bytes, server_key: bytes) -> dict[str, bytes]:
-        vouch_nonce, inner_box = seal_inner_vouch(self._vault, client_ephemeral_key, server_key)
-        return {"vouch_nonce": vouch_nonce, "inner_box": inner_box}
+    def seal_vouch(self, request: bytes) -> dict[str, bytes]:
+        if len(request) != SEAL_VOUCH_REQUEST_SIZE:
+            raise BadPacket(f"the vouch request is {SEAL_VOUCH_REQUEST_SIZE} bytes")
+        vouch_nonce, inner_box = seal_inner_vouch(
+            self._vault, request[:KEY_SIZE], request[KEY_SIZE:]
+        )
+        return {"vouch": vouch_nonce + inner_box}
 
     # Hostile or broken input: one line in the log, never a traceback.
 

@@ -28,7 +28,15 @@ from curvetun.handshake_vault import VaultUnavailable, client_vouch_key, client_
 from curvetun.packets import Cookie, Hello, Vouch, parse_as
 from curvetun.remote_vault import RemoteVault
 from curvetun.vault import MemoryVault
-from curvetun.vault_protocol import BAD_REQUEST, OpenVouch
+from curvetun.vault_protocol import (
+    BAD_REQUEST,
+    HELLO_REQUEST_SIZE,
+    OPEN_VOUCH_REQUEST_SIZE,
+    SEAL_VOUCH_REQUEST_SIZE,
+    OpenHelloAndSealCookie,
+    OpenVouch,
+    SealVouch,
+)
 
 from ._process_support import (
     HAMMER,
@@ -196,22 +204,39 @@ class VaultHostileInputTests(TestCase):
         self.addCleanup(client.transport.loseConnection)
         # Wrong sizes: the peer's data does not verify.
         with self.assertRaises(BadPacket):
-            await client.callRemote(OpenVouch, client_key=b"x", vouch_nonce=b"", inner_box=b"")
+            await client.callRemote(OpenVouch, request=b"x")
         # Missing arguments: the request itself is bad.
         with self.assertRaises(amp.RemoteAmpError) as missing:
-            await client.callRemoteString(b"open-vouch", client_key=b"x")
+            await client.callRemoteString(b"open-vouch", client_key=b"x" * 32)
         self.assertEqual(missing.exception.errorCode, BAD_REQUEST)
         # Unknown commands.
         with self.assertRaises(amp.UnhandledCommand):
             await client.callRemoteString(b"give-me-the-secret-key")
         # The same connection still answers.
         with self.assertRaises(BadPacket):
-            await client.callRemote(OpenVouch, client_key=b"", vouch_nonce=b"", inner_box=b"")
+            await client.callRemote(OpenVouch, request=b"")
         await sleep(0.2)
         log = vault_process.stderr()
         self.assertIn("bad open-vouch request", log)
         self.assertNotIn("Traceback", log)
         self.assertIsNone(vault_process.process.poll())
+
+    async def test_a_request_of_the_wrong_size_is_a_bad_packet(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        socket = socket_path(self)
+        vault_process = start_vault(self, keydir, socket)
+        client = await connectProtocol(UNIXClientEndpoint(reactor, socket), amp.AMP())
+        self.addCleanup(client.transport.loseConnection)
+        sizes = {
+            OpenHelloAndSealCookie: HELLO_REQUEST_SIZE,
+            OpenVouch: OPEN_VOUCH_REQUEST_SIZE,
+            SealVouch: SEAL_VOUCH_REQUEST_SIZE,
+        }
+        for command, size in sizes.items():
+            for wrong in (size - 1, size + 1):
+                with self.assertRaises(BadPacket):
+                    await client.callRemote(command, request=b"\x09" * wrong)
+        self.assertNotIn("Traceback", vault_process.stderr())
 
     async def test_broken_framing_closes_that_connection_only(self) -> None:
         keydir, public_key, _, _ = make_keydir(self)
