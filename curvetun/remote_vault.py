@@ -18,11 +18,13 @@ another question) ever passes.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -59,6 +61,35 @@ FIRST_RETRY_DELAY = 0.05
 
 _T = TypeVar("_T")
 _LOST = Failure(ConnectionDone())
+
+
+class _Call(Generic[_T]):
+    """
+    One question to the vault, from when it is asked until it is answered,
+    fails or times out (whichever comes first: C{done}).
+    """
+
+    __slots__ = ("answer", "command", "deadline", "done", "request", "result")
+
+    def __init__(
+        self,
+        command: type[amp.Command],
+        request: bytes,
+        answer: Callable[[dict[str, Any]], _T],
+        deadline: float,
+    ) -> None:
+        self.command = command
+        self.request = request
+        self.answer = answer
+        self.deadline = deadline
+        self.done = False
+        self.result: Deferred[_T] = Deferred(self._cancel)
+
+    def _cancel(self, result: Deferred[_T]) -> None:
+        # The handshake that asked is gone: drop the answer when it comes.
+        if not self.done:
+            self.done = True
+            result.errback(RemoteVault._unavailable(self.command, "cancelled"))
 
 
 class _VaultClient(amp.AMP):
@@ -132,6 +163,9 @@ class RemoteVault:
         self._waiting: list[Deferred[_VaultClient]] = []
         self._pending: Deferred[Any] | None = None
         self._loop: Deferred[None] | None = None
+        self._calls: deque[_Call[Any]] = deque()
+        self._unsent: list[_Call[Any]] = []
+        self._timer: IDelayedCall | None = None
 
     @classmethod
     async def connect(
@@ -174,6 +208,7 @@ class RemoteVault:
         waiting fail with L{VaultUnavailable}.
         """
         self._running = False
+        self._fail_all("stopped")
         if self._pending is not None:
             self._pending.cancel()
         connected = self._connected
@@ -214,6 +249,10 @@ class RemoteVault:
                 waiting, self._waiting = self._waiting, []
                 for each in waiting:
                     each.callback(client)
+                unsent, self._unsent = self._unsent, []
+                for call in unsent:
+                    if not call.done:
+                        self._send(call)
                 await client.lost
                 self._connected = None
                 continue
@@ -262,42 +301,120 @@ class RemoteVault:
             return False
         return True
 
-    def _call(self, command: type[amp.Command], **arguments: bytes) -> Deferred[dict[str, Any]]:
+    def _call(
+        self,
+        command: type[amp.Command],
+        request: bytes,
+        answer: Callable[[dict[str, Any]], _T],
+    ) -> Deferred[_T]:
         """
-        Ask the vault, waiting for a connection if there is none; fail with
-        L{BadPacket} if it says so, otherwise with L{VaultUnavailable}.
+        Ask the vault C{command} with C{request}, waiting for a connection
+        if there is none, and fire with C{answer(the vault's answer)}; fail
+        with L{BadPacket} if the vault or C{answer} says so, otherwise with
+        L{VaultUnavailable}.
         """
+        call: _Call[_T] = _Call(command, request, answer, self._clock.seconds() + self.timeout)
+        self._calls.append(call)
+        if self._timer is None:
+            self._timer = self._clock.callLater(self.timeout, self._expire)
+        self._send(call)
+        return call.result
 
-        async def ask() -> dict[str, Any]:
-            while True:
-                vault = await self._when_connected()
-                try:
-                    answer: dict[str, Any] = await vault.callRemote(command, **arguments)
-                except (ConnectionLost, ConnectionDone):
-                    # The vault went away (it is restarting): ask the next
-                    # one, within this call's timeout. Asking again is safe:
-                    # each question makes its own nonce, and the answer to
-                    # the lost one is never used. The loss reaches the
-                    # reconnecting loop after this errback: let it see it
-                    # first, or it would hand out the dead connection.
-                    await deferLater(self._clock, 0, lambda: None)
-                    continue
-                return answer
+    def _send(self, call: _Call[Any]) -> None:
+        client = self._connected
+        if client is None:
+            self._unsent.append(call)
+            return
+        asking: Deferred[dict[str, Any]] = client.callRemote(call.command, request=call.request)
+        asking.addCallbacks(
+            self._answered, self._failed, callbackArgs=(call,), errbackArgs=(call, client)
+        )
 
-        asking = Deferred.fromCoroutine(ask())
-        asking.addTimeout(self.timeout, self._clock)
-        asking.addErrback(self._as_handshake_failure, command)
-        return asking
+    def _answered(self, answer: dict[str, Any], call: _Call[Any]) -> None:
+        if call.done:
+            return  # timed out or cancelled: the late answer is dropped
+        call.done = True
+        self._forget_answered()
+        try:
+            value = call.answer(answer)
+        except Exception:
+            call.result.errback(self._as_handshake_failure(Failure(), call.command))
+            return
+        call.result.callback(value)
+
+    def _failed(self, failure: Failure, call: _Call[Any], client: _VaultClient) -> None:
+        if call.done:
+            return
+        if failure.check(ConnectionLost, ConnectionDone):
+            # The vault went away (it is restarting): ask the next one,
+            # within this call's timeout. Asking again is safe: each
+            # question makes its own nonce, and the answer to the lost one
+            # is never used. The loss reaches the reconnecting loop after
+            # this errback: until it has seen it, the dead connection is
+            # still the current one, and the call waits for the next.
+            if self._connected is not None and self._connected is not client:
+                self._send(call)
+            else:
+                self._unsent.append(call)
+            return
+        call.done = True
+        self._forget_answered()
+        call.result.errback(self._as_handshake_failure(failure, call.command))
+
+    def _forget_answered(self) -> None:
+        # The vault answers in turn, so the oldest call is usually the one
+        # just answered: drop the answered ones from the front at once, and
+        # the list holds only the calls still waiting.
+        calls = self._calls
+        while calls and calls[0].done:
+            calls.popleft()
+
+    def _expire(self) -> None:
+        """
+        Fail every call whose time is up. Every call waits the same
+        C{timeout}, so the calls expire in the order they were made: one
+        timer, set for the oldest waiting call, serves them all (rather
+        than one timer made and cancelled per call).
+        """
+        self._timer = None
+        now = self._clock.seconds()
+        calls = self._calls
+        expired = []
+        while calls and (calls[0].done or calls[0].deadline <= now):
+            call = calls.popleft()
+            if not call.done:
+                call.done = True
+                expired.append(call)
+        if calls:
+            self._timer = self._clock.callLater(max(0.0, calls[0].deadline - now), self._expire)
+        # Fail them only now: a failure's callbacks may ask again at once,
+        # and find the timer set.
+        reason = f"no answer within {self.timeout:g} seconds"
+        for call in expired:
+            call.result.errback(self._unavailable(call.command, reason))
+
+    def _fail_all(self, reason: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        calls, self._calls = self._calls, deque()
+        self._unsent = []
+        for call in calls:
+            if not call.done:
+                call.done = True
+                call.result.errback(self._unavailable(call.command, reason))
 
     def _as_handshake_failure(self, failure: Failure, command: type[amp.Command]) -> Failure:
         if failure.check(BadPacket):
             return failure
-        if failure.check(TimeoutError):
-            reason = f"no answer within {self.timeout:g} seconds"
-        elif failure.check(CurveTunError):
+        if failure.check(CurveTunError):
             reason = f"the vault failed: {failure.getErrorMessage()}"[:200]
         else:
             reason = f"{failure.type.__name__ if failure.type else 'error'}"
+        return self._unavailable(command, reason)
+
+    @staticmethod
+    def _unavailable(command: type[amp.Command], reason: str) -> Failure:
         return Failure(VaultUnavailable(f"vault {command.commandName.decode()}: {reason}"))
 
     def open_hello_and_seal_cookie(
@@ -325,8 +442,7 @@ class RemoteVault:
                 cookie_keys.current_key(),
             )
         )
-        asking = self._call(OpenHelloAndSealCookie, request=request)
-        return asking.addCallback(cookie)
+        return self._call(OpenHelloAndSealCookie, request, cookie)
 
     def open_vouch(self, opened: OpenedVouch) -> Deferred[None]:
         """
@@ -337,8 +453,7 @@ class RemoteVault:
             check_inner_vouch(opened, answer["plaintext"])
 
         request = opened.client_key + opened.vouch_nonce + opened.inner_box
-        asking = self._call(OpenVouch, request=request)
-        return asking.addCallback(verified)
+        return self._call(OpenVouch, request, verified)
 
     def seal_vouch(
         self, client_ephemeral_key: bytes, server_key: bytes
@@ -353,8 +468,7 @@ class RemoteVault:
                 raise VaultUnavailable("the vault's vouch has the wrong size")
             return vouch[:SAFE_NONCE_SIZE], vouch[SAFE_NONCE_SIZE:]
 
-        asking = self._call(SealVouch, request=client_ephemeral_key + server_key)
-        return asking.addCallback(sealed)
+        return self._call(SealVouch, client_ephemeral_key + server_key, sealed)
 
     def __repr__(self) -> str:
         who = fingerprint(self.public_key) if self.public_key else "(not connected)"
