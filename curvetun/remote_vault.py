@@ -43,7 +43,9 @@ from curvetun.handshake_vault import (
 from curvetun.keys import KEY_SIZE, fingerprint, keys_equal
 from curvetun.packets import COOKIE_SIZE, Cookie, Hello, parse_as
 from curvetun.vault_protocol import (
+    BAD_PACKET,
     SEAL_VOUCH_ANSWER_SIZE,
+    VAULT_FAILED,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -63,6 +65,18 @@ _T = TypeVar("_T")
 _LOST = Failure(ConnectionDone())
 
 
+def _declared_error(error: amp.RemoteAmpError) -> Failure:
+    """
+    The exception a command's declared error code stands for (what
+    C{callRemote} would raise).
+    """
+    kind = _ERROR_TYPES.get(error.errorCode, amp.UnknownRemoteError)
+    return Failure(kind(error.description))
+
+
+_ERROR_TYPES: dict[bytes, type[Exception]] = {BAD_PACKET: BadPacket, VAULT_FAILED: CurveTunError}
+
+
 class _Call(Generic[_T]):
     """
     One question to the vault, from when it is asked until it is answered,
@@ -75,7 +89,7 @@ class _Call(Generic[_T]):
         self,
         command: type[amp.Command],
         request: bytes,
-        answer: Callable[[dict[str, Any]], _T],
+        answer: Callable[[amp.AmpBox], _T],
         deadline: float,
     ) -> None:
         self.command = command
@@ -305,7 +319,7 @@ class RemoteVault:
         self,
         command: type[amp.Command],
         request: bytes,
-        answer: Callable[[dict[str, Any]], _T],
+        answer: Callable[[amp.AmpBox], _T],
     ) -> Deferred[_T]:
         """
         Ask the vault C{command} with C{request}, waiting for a connection
@@ -325,12 +339,16 @@ class RemoteVault:
         if client is None:
             self._unsent.append(call)
             return
-        asking: Deferred[dict[str, Any]] = client.callRemote(call.command, request=call.request)
+        # The answer's box as it came, without AMP's per-command argument
+        # conversion: every value is raw bytes, each checked by call.answer.
+        asking: Deferred[amp.AmpBox] = client.callRemoteString(
+            call.command.commandName, request=call.request
+        )
         asking.addCallbacks(
             self._answered, self._failed, callbackArgs=(call,), errbackArgs=(call, client)
         )
 
-    def _answered(self, answer: dict[str, Any], call: _Call[Any]) -> None:
+    def _answered(self, answer: amp.AmpBox, call: _Call[Any]) -> None:
         if call.done:
             return  # timed out or cancelled: the late answer is dropped
         call.done = True
@@ -359,6 +377,8 @@ class RemoteVault:
             return
         call.done = True
         self._forget_answered()
+        if isinstance(failure.value, amp.RemoteAmpError):
+            failure = _declared_error(failure.value)
         call.result.errback(self._as_handshake_failure(failure, call.command))
 
     def _forget_answered(self) -> None:
@@ -424,8 +444,8 @@ class RemoteVault:
         See L{IHandshakeVault.open_hello_and_seal_cookie}.
         """
 
-        def cookie(answer: dict[str, Any]) -> bytes:
-            payload: bytes = answer["cookie"]
+        def cookie(answer: amp.AmpBox) -> bytes:
+            payload: bytes = answer[b"cookie"]
             if len(payload) != COOKIE_SIZE:
                 raise VaultUnavailable("the vault's cookie has the wrong size")
             try:
@@ -449,8 +469,8 @@ class RemoteVault:
         See L{IHandshakeVault.open_vouch}.
         """
 
-        def verified(answer: dict[str, Any]) -> None:
-            check_inner_vouch(opened, answer["plaintext"])
+        def verified(answer: amp.AmpBox) -> None:
+            check_inner_vouch(opened, answer[b"plaintext"])
 
         request = opened.client_key + opened.vouch_nonce + opened.inner_box
         return self._call(OpenVouch, request, verified)
@@ -462,8 +482,8 @@ class RemoteVault:
         See L{IHandshakeVault.seal_vouch}.
         """
 
-        def sealed(answer: dict[str, Any]) -> tuple[bytes, bytes]:
-            vouch: bytes = answer["vouch"]
+        def sealed(answer: amp.AmpBox) -> tuple[bytes, bytes]:
+            vouch: bytes = answer[b"vouch"]
             if len(vouch) != SEAL_VOUCH_ANSWER_SIZE:
                 raise VaultUnavailable("the vault's vouch has the wrong size")
             return vouch[:SAFE_NONCE_SIZE], vouch[SAFE_NONCE_SIZE:]

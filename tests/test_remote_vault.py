@@ -19,6 +19,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from curvetun.errors import BadPacket, CurveTunError
 from curvetun.handshake_vault import VaultUnavailable
 from curvetun.remote_vault import RemoteVault
 from curvetun.vault import MemoryVault
@@ -52,10 +53,24 @@ class _MemoryVaultEndpoint:
         self.pump.flush()
 
 
+class _FailingVault(MemoryVault):
+    """
+    A vault whose nonce counter cannot be stored once C{fail_nonces} is set.
+    """
+
+    fail_nonces = False
+
+    def safe_nonce(self) -> bytes:
+        if self.fail_nonces:
+            raise CurveTunError("the nonce counter cannot be stored")
+        return super().safe_nonce()
+
+
 class RemoteVaultCallTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
-        self.endpoint = _MemoryVaultEndpoint(MemoryVault.generate())
+        self.failing = _FailingVault(os.urandom(32), os.urandom(32))
+        self.endpoint = _MemoryVaultEndpoint(self.failing)
         self.vault = RemoteVault(self.endpoint, self.clock, timeout=TIMEOUT)
         started = Deferred.fromCoroutine(self.vault.start())
         self.endpoint.flush()
@@ -64,6 +79,15 @@ class RemoteVaultCallTests(SynchronousTestCase):
 
     def ask(self) -> Deferred[tuple[bytes, bytes]]:
         return self.vault.seal_vouch(os.urandom(32), self.server_key)
+
+    def test_the_vaults_declared_errors_keep_their_meaning(self) -> None:
+        bad = self.vault.seal_vouch(os.urandom(31), self.server_key)
+        self.endpoint.flush()
+        self.failureResultOf(bad, BadPacket)
+        self.failing.fail_nonces = True
+        failed = self.ask()
+        self.endpoint.flush()
+        self.assertUnavailable(failed, "the vault failed: the nonce counter cannot be stored")
 
     def assertUnavailable(self, asking: Deferred[Any], reason: str) -> None:
         failure: Failure = self.failureResultOf(asking, VaultUnavailable)
