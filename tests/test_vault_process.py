@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -28,6 +29,7 @@ from curvetun.handshake_vault import VaultUnavailable, client_vouch_key, client_
 from curvetun.packets import Cookie, Hello, Vouch, parse_as
 from curvetun.remote_vault import RemoteVault
 from curvetun.vault import MemoryVault
+from curvetun.vault_process import VaultProtocol
 from curvetun.vault_protocol import (
     BAD_REQUEST,
     HELLO_REQUEST_SIZE,
@@ -48,7 +50,7 @@ from ._process_support import (
     stop,
     wait_for,
 )
-from ._support import counter_of
+from ._support import capture_logs, counter_of, events_like
 
 
 async def connect(testcase: TestCase, socket: str, timeout: float = 5.0) -> RemoteVault:
@@ -256,6 +258,57 @@ class VaultHostileInputTests(TestCase):
         log = vault_process.stderr()
         self.assertIn("closing that connection", log)
         self.assertNotIn("Traceback", log)
+
+
+class _BrokenVault(MemoryVault):
+    """
+    A vault with a defect: making a nonce raises what no step expects.
+    """
+
+    def safe_nonce(self) -> bytes:
+        raise ValueError("a defect")
+
+
+class VaultAnswerTests(SynchronousTestCase):
+    """
+    A handshake step asked as a worker asks it is answered with the very
+    boxes AMP's responder gives for the same question (asked with an extra
+    argument, which AMP ignores, it goes through AMP's dispatch).
+    """
+
+    def answer(self, vault: MemoryVault, box: dict[bytes, bytes]) -> amp.AmpBox:
+        protocol = VaultProtocol(vault)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(amp.AmpBox(box).serialize())
+        boxes: list[amp.AmpBox] = amp.parseString(transport.value())
+        self.assertEqual(len(boxes), 1)
+        return boxes[0]
+
+    def both_ways(self, vault: MemoryVault, command: bytes, request: bytes) -> list[amp.AmpBox]:
+        box = {amp.COMMAND: command, amp.ASK: b"7", b"request": request}
+        return [self.answer(vault, box), self.answer(vault, {**box, b"extra": b""})]
+
+    def test_an_answer_has_the_responders_keys(self) -> None:
+        request = os.urandom(32) + MemoryVault.generate().public_key
+        fast, slow = self.both_ways(MemoryVault.generate(), SealVouch.commandName, request)
+        self.assertEqual(sorted(fast), sorted(slow))
+        self.assertEqual(len(fast[b"vouch"]), 64)
+
+    def test_a_bad_packet_is_the_responders_error(self) -> None:
+        fast, slow = self.both_ways(MemoryVault.generate(), OpenVouch.commandName, b"x")
+        self.assertEqual(fast, slow)
+        self.assertEqual(fast[amp.ERROR_CODE], b"BAD_PACKET")
+
+    def test_a_defect_is_a_bad_request_and_one_log_line(self) -> None:
+        events = capture_logs(self)
+        vault = _BrokenVault.generate()
+        request = os.urandom(32) + MemoryVault.generate().public_key
+        fast, slow = self.both_ways(vault, SealVouch.commandName, request)
+        self.assertEqual(fast, slow)
+        self.assertEqual(fast[amp.ERROR_CODE], BAD_REQUEST)
+        self.assertEqual(len(events_like(events, "Vault: bad {command} request")), 2)
+        self.assertNotIn("Traceback", repr(events))
 
 
 class VaultAvailabilityTests(TestCase):
