@@ -46,6 +46,7 @@ from curvetun.vault_protocol import (
     BAD_PACKET,
     SEAL_VOUCH_ANSWER_SIZE,
     VAULT_FAILED,
+    BoxReader,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -106,7 +107,7 @@ class _Call(Generic[_T]):
             result.errback(RemoteVault._unavailable(self.command, "cancelled"))
 
 
-class _VaultClient(amp.AMP):
+class _VaultClient(BoxReader):
     """
     The worker's end of the AMP connection. An answer to no question (the
     vault never asks) is a broken vault: log it and drop the connection.

@@ -68,6 +68,7 @@ from curvetun.vault_protocol import (
     OPEN_VOUCH_REQUEST_SIZE,
     SEAL_VOUCH_REQUEST_SIZE,
     VAULT_FAILED,
+    BoxReader,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -86,7 +87,7 @@ class VaultProcessError(CurveTunError):
     """
 
 
-class VaultProtocol(amp.AMP):
+class VaultProtocol(BoxReader):
     """
     One worker's connection to the vault: answers the commands of
     L{curvetun.vault_protocol} with the vault's key.

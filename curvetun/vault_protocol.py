@@ -15,6 +15,7 @@ C{VAULT_FAILED}; a request the vault cannot parse answers C{BAD_REQUEST}.
 
 from __future__ import annotations
 
+from struct import Struct
 from typing import ClassVar
 
 from twisted.protocols import amp
@@ -92,3 +93,62 @@ class SealVouch(amp.Command):
     arguments: ClassVar[list[tuple[bytes, amp.Argument]]] = [(b"request", amp.String())]
     response: ClassVar[list[tuple[bytes, amp.Argument]]] = [(b"vouch", amp.String())]
     errors: ClassVar[dict[type[Exception], bytes]] = _ERRORS
+
+
+_LENGTH = Struct("!H")
+_MAX_KEY_LENGTH = 255
+
+
+class BoxReader(amp.AMP):
+    """
+    AMP whose boxes are read a whole box at a time, instead of through
+    C{Int16StringReceiver}'s state machine (a call per key and per value):
+    the same framing, the same key length limit (C{lengthLimitExceeded}),
+    each box handed to C{ampBoxReceived} as it completes.
+    """
+
+    _unparsed = b""
+    _broken = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.innerProtocol is not None:
+            super().dataReceived(data)  # AMP switched protocols: not ours to parse
+            return
+        if self._broken:
+            return  # the framing broke: the connection is closing
+        buffer = self._unparsed + data if self._unparsed else data
+        size = len(buffer)
+        start = 0
+        unpack = _LENGTH.unpack_from
+        while True:
+            # One box: key, value, key, value, ..., an empty key.
+            box = amp.AmpBox()
+            at = start
+            while at + 2 <= size:
+                (length,) = unpack(buffer, at)
+                if length > _MAX_KEY_LENGTH:
+                    self._unparsed = b""
+                    self._broken = True
+                    self.lengthLimitExceeded(length)
+                    return
+                if length == 0:
+                    at += 2
+                    break
+                value_at = at + 2 + length
+                if value_at + 2 > size:
+                    at = size + 1  # the value's length has not come yet
+                    break
+                (value_length,) = unpack(buffer, value_at)
+                end = value_at + 2 + value_length
+                if end > size:
+                    at = size + 1
+                    break
+                box[buffer[at + 2 : value_at]] = buffer[value_at + 2 : end]
+                at = end
+            else:
+                at = size + 1  # the next length has not come yet
+            if at > size:
+                self._unparsed = buffer[start:] if start < size else b""
+                return
+            start = at
+            self.ampBoxReceived(box)

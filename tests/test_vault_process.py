@@ -35,6 +35,7 @@ from curvetun.vault_protocol import (
     HELLO_REQUEST_SIZE,
     OPEN_VOUCH_REQUEST_SIZE,
     SEAL_VOUCH_REQUEST_SIZE,
+    BoxReader,
     OpenHelloAndSealCookie,
     OpenVouch,
     SealVouch,
@@ -309,6 +310,46 @@ class VaultAnswerTests(SynchronousTestCase):
         self.assertEqual(fast[amp.ERROR_CODE], BAD_REQUEST)
         self.assertEqual(len(events_like(events, "Vault: bad {command} request")), 2)
         self.assertNotIn("Traceback", repr(events))
+
+
+class _Boxes(BoxReader):
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[amp.AmpBox] = []
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self.boxes.append(box)
+
+
+class BoxReaderTests(SynchronousTestCase):
+    """
+    L{BoxReader} reads AMP's framing as AMP does, however the bytes are split.
+    """
+
+    def test_boxes_split_anywhere_are_read_whole(self) -> None:
+        boxes = [
+            amp.AmpBox({b"_command": b"seal-vouch", b"_ask": b"1", b"request": b"x" * 64}),
+            amp.AmpBox({b"_answer": b"1", b"vouch": b""}),
+            amp.AmpBox({b"k" * 255: b"v" * 300}),
+        ]
+        stream = b"".join(box.serialize() for box in boxes)
+        for split in range(len(stream) + 1):
+            for second in (split, (split + len(stream)) // 2):
+                reader = _Boxes()
+                reader.makeConnection(StringTransport())
+                reader.dataReceived(stream[:split])
+                reader.dataReceived(stream[split:second])
+                reader.dataReceived(stream[second:])
+                self.assertEqual(reader.boxes, boxes)
+
+    def test_a_key_longer_than_amp_allows_closes_the_connection(self) -> None:
+        reader = _Boxes()
+        transport = StringTransport()
+        reader.makeConnection(transport)
+        reader.dataReceived(amp.AmpBox({b"a": b"b"}).serialize() + b"\x01\x00" + b"k" * 256)
+        self.assertTrue(transport.disconnecting)
+        reader.dataReceived(amp.AmpBox({b"c": b"d"}).serialize())
+        self.assertEqual(reader.boxes, [amp.AmpBox({b"a": b"b"})])
 
 
 class VaultAvailabilityTests(TestCase):
