@@ -18,12 +18,13 @@ another question) ever passes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -52,6 +53,9 @@ from curvetun.vault_protocol import (
     OpenVouch,
     SealVouch,
 )
+from curvetun.vault_protocol import (
+    LENGTH as _LENGTH,
+)
 
 DEFAULT_CALL_TIMEOUT = 5.0
 """
@@ -66,16 +70,32 @@ _T = TypeVar("_T")
 _LOST = Failure(ConnectionDone())
 
 
-def _declared_error(error: amp.RemoteAmpError) -> Failure:
+def _declared_error(code: bytes, description: str) -> Failure:
     """
     The exception a command's declared error code stands for (what
     C{callRemote} would raise).
     """
-    kind = _ERROR_TYPES.get(error.errorCode, amp.UnknownRemoteError)
-    return Failure(kind(error.description))
+    kind = _ERROR_TYPES.get(code, amp.UnknownRemoteError)
+    return Failure(kind(description))
 
 
 _ERROR_TYPES: dict[bytes, type[Exception]] = {BAD_PACKET: BadPacket, VAULT_FAILED: CurveTunError}
+_ASK = _LENGTH.pack(len(amp.ASK)) + amp.ASK
+_REQUEST = _LENGTH.pack(len(b"request")) + b"request"
+
+
+_COMMAND_KEYS: dict[type[amp.Command], bytes] = {
+    command: b"".join(
+        (
+            _LENGTH.pack(len(amp.COMMAND)),
+            amp.COMMAND,
+            _LENGTH.pack(len(command.commandName)),
+            command.commandName,
+        )
+    )
+    for command in (OpenHelloAndSealCookie, OpenVouch, SealVouch)
+}
+"""Each step's command, as the first key and value of its box."""
 
 
 class _Call(Generic[_T]):
@@ -120,8 +140,48 @@ class _VaultClient(BoxReader):
     def __init__(self) -> None:
         super().__init__()
         self.lost: Deferred[None] = Deferred()
+        self.asked: dict[bytes, _Call[Any]] = {}
+        self.replied: Callable[[amp.AmpBox, _Call[Any]], None] = lambda box, call: None
+        self._tags = itertools.count()
+        self._gone = False
+
+    def ask(self, call: _Call[Any]) -> bool:
+        """
+        Send C{call}'s question, unless the connection is gone: the box
+        AMP's C{callRemoteString} would send, built here in one join, and
+        its answer handed to C{replied} without a Deferred of AMP's. Its
+        tags (C{v0}, C{v1}, ...) are not AMP's own (hex numbers), which
+        asks C{GetPublicKey}.
+
+        @return: whether it was sent.
+        """
+        if self._gone or self.transport is None:
+            return False
+        tag = b"v%x" % next(self._tags)
+        self.asked[tag] = call
+        request = call.request
+        self.transport.write(
+            b"".join(
+                (
+                    _COMMAND_KEYS[call.command],
+                    _ASK,
+                    _LENGTH.pack(len(tag)),
+                    tag,
+                    _REQUEST,
+                    _LENGTH.pack(len(request)),
+                    request,
+                    b"\x00\x00",
+                )
+            )
+        )
+        return True
 
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        tag = box.get(amp.ANSWER, box.get(amp.ERROR))
+        call = self.asked.pop(tag, None) if tag is not None else None
+        if call is not None:
+            self.replied(box, call)
+            return
         try:
             super().ampBoxReceived(box)
         except (KeyError, amp.NoEmptyBoxes):
@@ -130,6 +190,7 @@ class _VaultClient(BoxReader):
                 self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = _LOST) -> None:
+        self._gone = True
         super().connectionLost(reason)
         self.lost.callback(None)
 
@@ -258,6 +319,8 @@ class RemoteVault:
                 client = await self._wait_on(connecting)
             except Exception:
                 client = None
+            if client is not None:
+                client.replied = self._replied
             if client is not None and await self._accept(client):
                 delay = FIRST_RETRY_DELAY
                 self._connected = client
@@ -270,6 +333,12 @@ class RemoteVault:
                         self._send(call)
                 await client.lost
                 self._connected = None
+                # The vault went away (it is restarting): the calls it did
+                # not answer ask the next one, within their timeouts. Asking
+                # again is safe: each question makes its own nonce, and no
+                # answer on the lost connection can come any more.
+                self._unsent.extend(call for call in client.asked.values() if not call.done)
+                client.asked.clear()
                 continue
             if client is not None and client.transport is not None:
                 client.transport.loseConnection()
@@ -337,50 +406,25 @@ class RemoteVault:
 
     def _send(self, call: _Call[Any]) -> None:
         client = self._connected
-        if client is None:
+        if client is None or not client.ask(call):
             self._unsent.append(call)
-            return
-        # The answer's box as it came, without AMP's per-command argument
-        # conversion: every value is raw bytes, each checked by call.answer.
-        asking: Deferred[amp.AmpBox] = client.callRemoteString(
-            call.command.commandName, request=call.request
-        )
-        asking.addCallbacks(
-            self._answered, self._failed, callbackArgs=(call,), errbackArgs=(call, client)
-        )
 
-    def _answered(self, answer: amp.AmpBox, call: _Call[Any]) -> None:
+    def _replied(self, box: amp.AmpBox, call: _Call[Any]) -> None:
         if call.done:
             return  # timed out or cancelled: the late answer is dropped
         call.done = True
         self._forget_answered()
+        if amp.ANSWER not in box:
+            description = box.get(amp.ERROR_DESCRIPTION, b"").decode("utf-8", "replace")
+            failure = _declared_error(box.get(amp.ERROR_CODE, b""), description)
+            call.result.errback(self._as_handshake_failure(failure, call.command))
+            return
         try:
-            value = call.answer(answer)
+            value = call.answer(box)
         except Exception:
             call.result.errback(self._as_handshake_failure(Failure(), call.command))
             return
         call.result.callback(value)
-
-    def _failed(self, failure: Failure, call: _Call[Any], client: _VaultClient) -> None:
-        if call.done:
-            return
-        if failure.check(ConnectionLost, ConnectionDone):
-            # The vault went away (it is restarting): ask the next one,
-            # within this call's timeout. Asking again is safe: each
-            # question makes its own nonce, and the answer to the lost one
-            # is never used. The loss reaches the reconnecting loop after
-            # this errback: until it has seen it, the dead connection is
-            # still the current one, and the call waits for the next.
-            if self._connected is not None and self._connected is not client:
-                self._send(call)
-            else:
-                self._unsent.append(call)
-            return
-        call.done = True
-        self._forget_answered()
-        if isinstance(failure.value, amp.RemoteAmpError):
-            failure = _declared_error(failure.value)
-        call.result.errback(self._as_handshake_failure(failure, call.command))
 
     def _forget_answered(self) -> None:
         # The vault answers in turn, so the oldest call is usually the one

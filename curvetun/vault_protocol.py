@@ -95,7 +95,8 @@ class SealVouch(amp.Command):
     errors: ClassVar[dict[type[Exception], bytes]] = _ERRORS
 
 
-_LENGTH = Struct("!H")
+LENGTH = Struct("!H")
+"""The length before each key and value of an AMP box."""
 _MAX_KEY_LENGTH = 255
 
 
@@ -119,7 +120,7 @@ class BoxReader(amp.AMP):
         buffer = self._unparsed + data if self._unparsed else data
         size = len(buffer)
         start = 0
-        unpack = _LENGTH.unpack_from
+        unpack = LENGTH.unpack_from
         while True:
             # One box: key, value, key, value, ..., an empty key.
             box = amp.AmpBox()

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -137,6 +138,15 @@ class RemoteVaultCallTests(SynchronousTestCase):
         self.assertUnavailable(cancelled, "cancelled")
         self.endpoint.flush()
         self.successResultOf(kept)
+
+    def test_calls_in_flight_when_the_vault_goes_away_are_asked_again(self) -> None:
+        asking = [self.ask() for _ in range(3)]
+        assert self.endpoint.pump is not None
+        lost = self.endpoint.pump
+        lost.client.connectionLost(Failure(ConnectionDone()))  # no answer came
+        self.assertIsNot(self.endpoint.pump, lost)  # connected again at once
+        self.endpoint.flush()  # the public key, then the three questions
+        self.assertEqual(len({self.successResultOf(each)[0] for each in asking}), 3)
 
     def test_stopping_fails_the_waiting_calls_and_the_timer(self) -> None:
         waiting = self.ask()
