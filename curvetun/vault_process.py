@@ -65,6 +65,7 @@ from curvetun.vault_protocol import (
     BAD_PACKET,
     BAD_REQUEST,
     HELLO_REQUEST_SIZE,
+    LENGTH,
     OPEN_VOUCH_REQUEST_SIZE,
     SEAL_VOUCH_REQUEST_SIZE,
     VAULT_FAILED,
@@ -87,6 +88,17 @@ class VaultProcessError(CurveTunError):
     """
 
 
+def _key(key: bytes) -> bytes:
+    return LENGTH.pack(len(key)) + key
+
+
+def _value(value: bytes) -> bytes:
+    return LENGTH.pack(len(value)) + value
+
+
+_ANSWER = _key(amp.ANSWER)
+
+
 class VaultProtocol(BoxReader):
     """
     One worker's connection to the vault: answers the commands of
@@ -102,9 +114,9 @@ class VaultProtocol(BoxReader):
         # (locating the responder, converting each argument and answer,
         # three Deferreds a call): see ampBoxReceived.
         self._steps: dict[bytes, tuple[Callable[[bytes], bytes], bytes]] = {
-            OpenHelloAndSealCookie.commandName: (self._answer_hello, b"cookie"),
-            OpenVouch.commandName: (self._open_vouch, b"plaintext"),
-            SealVouch.commandName: (self._seal_vouch, b"vouch"),
+            OpenHelloAndSealCookie.commandName: (self._answer_hello, _key(b"cookie")),
+            OpenVouch.commandName: (self._open_vouch, _key(b"plaintext")),
+            SealVouch.commandName: (self._seal_vouch, _key(b"vouch")),
         }
 
     @GetPublicKey.responder
@@ -154,6 +166,7 @@ class VaultProtocol(BoxReader):
     def _answer_step(
         self, box: amp.AmpBox, step: Callable[[bytes], bytes], answer_key: bytes
     ) -> None:
+        # answer_key: the answer's key, with its length, as it goes on the wire.
         """
         Answer a handshake step at once, with the very boxes AMP's responder
         would send: the answer, or the error its command declares.
@@ -176,7 +189,22 @@ class VaultProtocol(BoxReader):
                 {amp.ERROR: tag, amp.ERROR_CODE: BAD_REQUEST, amp.ERROR_DESCRIPTION: b"bad request"}
             )
         else:
-            reply = amp.AmpBox({amp.ANSWER: tag, answer_key: value})
+            # The answer box, serialised in one join (as AmpBox.serialize
+            # would write it: both are small, fixed-size values).
+            if self.transport is not None:
+                self.transport.write(
+                    b"".join(
+                        (
+                            _ANSWER,
+                            LENGTH.pack(len(tag)),
+                            tag,
+                            answer_key,
+                            _value(value),
+                            b"\x00\x00",
+                        )
+                    )
+                )
+            return
         with contextlib.suppress(amp.ProtocolSwitched, ConnectionLost):
             self.sendBox(reply)
 

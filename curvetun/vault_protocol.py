@@ -121,7 +121,7 @@ class BoxReader(amp.AMP):
         size = len(buffer)
         start = 0
         unpack = LENGTH.unpack_from
-        while True:
+        while start + 2 <= size:
             # One box: key, value, key, value, ..., an empty key.
             box = amp.AmpBox()
             at = start
@@ -149,7 +149,7 @@ class BoxReader(amp.AMP):
             else:
                 at = size + 1  # the next length has not come yet
             if at > size:
-                self._unparsed = buffer[start:] if start < size else b""
-                return
+                break
             start = at
             self.ampBoxReceived(box)
+        self._unparsed = buffer[start:] if start < size else b""
