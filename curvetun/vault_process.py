@@ -31,15 +31,17 @@ cannot be bound; 0 after SIGTERM or SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -50,6 +52,7 @@ from twisted.python.failure import Failure
 from curvetun.errors import BadPacket, CurveTunError, KeyFileError
 from curvetun.handshake import EphemeralKeyPair
 from curvetun.handshake_vault import (
+    SAFE_NONCE_SIZE,
     answer_hello,
     one_cookie_key,
     open_inner_vouch,
@@ -57,9 +60,16 @@ from curvetun.handshake_vault import (
 )
 from curvetun.interfaces import IVault
 from curvetun.keys import KEY_SIZE
-from curvetun.packets import Hello, parse_as
+from curvetun.packets import HELLO_SIZE, Hello, parse_as
 from curvetun.vault_protocol import (
+    BAD_PACKET,
     BAD_REQUEST,
+    HELLO_REQUEST_SIZE,
+    LENGTH,
+    OPEN_VOUCH_REQUEST_SIZE,
+    SEAL_VOUCH_REQUEST_SIZE,
+    VAULT_FAILED,
+    BoxReader,
     GetPublicKey,
     OpenHelloAndSealCookie,
     OpenVouch,
@@ -78,7 +88,18 @@ class VaultProcessError(CurveTunError):
     """
 
 
-class VaultProtocol(amp.AMP):
+def _key(key: bytes) -> bytes:
+    return LENGTH.pack(len(key)) + key
+
+
+def _value(value: bytes) -> bytes:
+    return LENGTH.pack(len(value)) + value
+
+
+_ANSWER = _key(amp.ANSWER)
+
+
+class VaultProtocol(BoxReader):
     """
     One worker's connection to the vault: answers the commands of
     L{curvetun.vault_protocol} with the vault's key.
@@ -89,35 +110,103 @@ class VaultProtocol(amp.AMP):
     def __init__(self, vault: IVault) -> None:
         super().__init__()
         self._vault = vault
+        # The handshake steps, answered without AMP's responder machinery
+        # (locating the responder, converting each argument and answer,
+        # three Deferreds a call): see ampBoxReceived.
+        self._steps: dict[bytes, tuple[Callable[[bytes], bytes], bytes]] = {
+            OpenHelloAndSealCookie.commandName: (self._answer_hello, _key(b"cookie")),
+            OpenVouch.commandName: (self._open_vouch, _key(b"plaintext")),
+            SealVouch.commandName: (self._seal_vouch, _key(b"vouch")),
+        }
 
     @GetPublicKey.responder
     def get_public_key(self) -> dict[str, bytes]:
         return {"public_key": self._vault.public_key}
 
     @OpenHelloAndSealCookie.responder
-    def open_hello_and_seal_cookie(
-        self, hello: bytes, ephemeral_public: bytes, ephemeral_secret: bytes, cookie_key: bytes
-    ) -> dict[str, bytes]:
-        if len(ephemeral_public) != KEY_SIZE or len(ephemeral_secret) != KEY_SIZE:
-            raise BadPacket("the server ephemeral key pair is 32 + 32 bytes")
-        cookie = answer_hello(
-            self._vault,
-            parse_as(hello, Hello),
-            EphemeralKeyPair(ephemeral_public, ephemeral_secret),
-            one_cookie_key(cookie_key),
-        )
-        return {"cookie": cookie}
+    def open_hello_and_seal_cookie(self, request: bytes) -> dict[str, bytes]:
+        return {"cookie": self._answer_hello(request)}
 
     @OpenVouch.responder
-    def open_vouch(
-        self, client_key: bytes, vouch_nonce: bytes, inner_box: bytes
-    ) -> dict[str, bytes]:
-        return {"plaintext": open_inner_vouch(self._vault, client_key, vouch_nonce, inner_box)}
+    def open_vouch(self, request: bytes) -> dict[str, bytes]:
+        return {"plaintext": self._open_vouch(request)}
 
     @SealVouch.responder
-    def seal_vouch(self, client_ephemeral_key: bytes, server_key: bytes) -> dict[str, bytes]:
-        vouch_nonce, inner_box = seal_inner_vouch(self._vault, client_ephemeral_key, server_key)
-        return {"vouch_nonce": vouch_nonce, "inner_box": inner_box}
+    def seal_vouch(self, request: bytes) -> dict[str, bytes]:
+        return {"vouch": self._seal_vouch(request)}
+
+    def _answer_hello(self, request: bytes) -> bytes:
+        if len(request) != HELLO_REQUEST_SIZE:
+            raise BadPacket(f"the hello request is {HELLO_REQUEST_SIZE} bytes")
+        secret = HELLO_SIZE + KEY_SIZE
+        cookie_key = secret + KEY_SIZE
+        return answer_hello(
+            self._vault,
+            parse_as(request[:HELLO_SIZE], Hello),
+            EphemeralKeyPair(request[HELLO_SIZE:secret], request[secret:cookie_key]),
+            one_cookie_key(request[cookie_key:]),
+        )
+
+    def _open_vouch(self, request: bytes) -> bytes:
+        if len(request) != OPEN_VOUCH_REQUEST_SIZE:
+            raise BadPacket("vouch does not verify")
+        nonce_end = KEY_SIZE + SAFE_NONCE_SIZE
+        return open_inner_vouch(
+            self._vault, request[:KEY_SIZE], request[KEY_SIZE:nonce_end], request[nonce_end:]
+        )
+
+    def _seal_vouch(self, request: bytes) -> bytes:
+        if len(request) != SEAL_VOUCH_REQUEST_SIZE:
+            raise BadPacket(f"the vouch request is {SEAL_VOUCH_REQUEST_SIZE} bytes")
+        vouch_nonce, inner_box = seal_inner_vouch(
+            self._vault, request[:KEY_SIZE], request[KEY_SIZE:]
+        )
+        return vouch_nonce + inner_box
+
+    def _answer_step(
+        self, box: amp.AmpBox, step: Callable[[bytes], bytes], answer_key: bytes
+    ) -> None:
+        # answer_key: the answer's key, with its length, as it goes on the wire.
+        """
+        Answer a handshake step at once, with the very boxes AMP's responder
+        would send: the answer, or the error its command declares.
+        """
+        tag = box[amp.ASK]
+        try:
+            value = step(box[b"request"])
+        except CurveTunError as error:
+            code = BAD_PACKET if isinstance(error, BadPacket) else VAULT_FAILED
+            reply = amp.AmpBox(
+                {
+                    amp.ERROR: tag,
+                    amp.ERROR_CODE: code,
+                    amp.ERROR_DESCRIPTION: str(error).encode("utf-8", "replace"),
+                }
+            )
+        except Exception:
+            self._log_bad_request(box[amp.COMMAND], Failure())
+            reply = amp.AmpBox(
+                {amp.ERROR: tag, amp.ERROR_CODE: BAD_REQUEST, amp.ERROR_DESCRIPTION: b"bad request"}
+            )
+        else:
+            # The answer box, serialised in one join (as AmpBox.serialize
+            # would write it: both are small, fixed-size values).
+            if self.transport is not None:
+                self.transport.write(
+                    b"".join(
+                        (
+                            _ANSWER,
+                            LENGTH.pack(len(tag)),
+                            tag,
+                            answer_key,
+                            _value(value),
+                            b"\x00\x00",
+                        )
+                    )
+                )
+            return
+        with contextlib.suppress(amp.ProtocolSwitched, ConnectionLost):
+            self.sendBox(reply)
 
     # Hostile or broken input: one line in the log, never a traceback.
 
@@ -133,25 +222,36 @@ class VaultProtocol(amp.AMP):
         def bad_request(failure: Failure) -> Failure:
             if failure.check(amp.RemoteAmpError):
                 return failure  # a declared error (BAD_PACKET, ...) or an unknown command
-            kind = failure.type.__name__ if failure.type is not None else "error"
-            what = f"{kind}: {failure.getErrorMessage()}"[:200]
-            self.log.warn(
-                "Vault: bad {command} request: {what}",
-                command=command.decode("ascii", "replace")[:40],
-                what=what,
-            )
+            self._log_bad_request(command, failure)
             return Failure(amp.RemoteAmpError(BAD_REQUEST, "bad request"))
 
         result: Deferred[Any] = super().dispatchCommand(box)
         result.addErrback(bad_request)
         return result
 
+    def _log_bad_request(self, command: bytes, failure: Failure) -> None:
+        kind = failure.type.__name__ if failure.type is not None else "error"
+        what = f"{kind}: {failure.getErrorMessage()}"[:200]
+        self.log.warn(
+            "Vault: bad {command} request: {what}",
+            command=command.decode("ascii", "replace")[:40],
+            what=what,
+        )
+
     def ampBoxReceived(self, box: amp.AmpBox) -> None:
         """
         The vault only answers: a box that is not a command (an answer to a
         question it never asked, an empty box) is a broken peer.
+
+        A handshake step asked as the worker asks it (its command, a tag and
+        the one argument C{request}) is answered here at once; any other
+        command goes through AMP's dispatch, which answers it the same way.
         """
         if amp.COMMAND in box:
+            step = self._steps.get(box[amp.COMMAND])
+            if step is not None and len(box) == 3 and amp.ASK in box and b"request" in box:
+                self._answer_step(box, *step)
+                return
             super().ampBoxReceived(box)
             return
         self.log.warn("Vault: a box that is not a command; closing that connection")

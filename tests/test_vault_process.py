@@ -17,6 +17,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
 from twisted.protocols import amp
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -28,7 +29,17 @@ from curvetun.handshake_vault import VaultUnavailable, client_vouch_key, client_
 from curvetun.packets import Cookie, Hello, Vouch, parse_as
 from curvetun.remote_vault import RemoteVault
 from curvetun.vault import MemoryVault
-from curvetun.vault_protocol import BAD_REQUEST, OpenVouch
+from curvetun.vault_process import VaultProtocol
+from curvetun.vault_protocol import (
+    BAD_REQUEST,
+    HELLO_REQUEST_SIZE,
+    OPEN_VOUCH_REQUEST_SIZE,
+    SEAL_VOUCH_REQUEST_SIZE,
+    BoxReader,
+    OpenHelloAndSealCookie,
+    OpenVouch,
+    SealVouch,
+)
 
 from ._process_support import (
     HAMMER,
@@ -40,7 +51,7 @@ from ._process_support import (
     stop,
     wait_for,
 )
-from ._support import counter_of
+from ._support import capture_logs, counter_of, events_like
 
 
 async def connect(testcase: TestCase, socket: str, timeout: float = 5.0) -> RemoteVault:
@@ -196,22 +207,39 @@ class VaultHostileInputTests(TestCase):
         self.addCleanup(client.transport.loseConnection)
         # Wrong sizes: the peer's data does not verify.
         with self.assertRaises(BadPacket):
-            await client.callRemote(OpenVouch, client_key=b"x", vouch_nonce=b"", inner_box=b"")
+            await client.callRemote(OpenVouch, request=b"x")
         # Missing arguments: the request itself is bad.
         with self.assertRaises(amp.RemoteAmpError) as missing:
-            await client.callRemoteString(b"open-vouch", client_key=b"x")
+            await client.callRemoteString(b"open-vouch", client_key=b"x" * 32)
         self.assertEqual(missing.exception.errorCode, BAD_REQUEST)
         # Unknown commands.
         with self.assertRaises(amp.UnhandledCommand):
             await client.callRemoteString(b"give-me-the-secret-key")
         # The same connection still answers.
         with self.assertRaises(BadPacket):
-            await client.callRemote(OpenVouch, client_key=b"", vouch_nonce=b"", inner_box=b"")
+            await client.callRemote(OpenVouch, request=b"")
         await sleep(0.2)
         log = vault_process.stderr()
         self.assertIn("bad open-vouch request", log)
         self.assertNotIn("Traceback", log)
         self.assertIsNone(vault_process.process.poll())
+
+    async def test_a_request_of_the_wrong_size_is_a_bad_packet(self) -> None:
+        keydir, _, _, _ = make_keydir(self)
+        socket = socket_path(self)
+        vault_process = start_vault(self, keydir, socket)
+        client = await connectProtocol(UNIXClientEndpoint(reactor, socket), amp.AMP())
+        self.addCleanup(client.transport.loseConnection)
+        sizes = {
+            OpenHelloAndSealCookie: HELLO_REQUEST_SIZE,
+            OpenVouch: OPEN_VOUCH_REQUEST_SIZE,
+            SealVouch: SEAL_VOUCH_REQUEST_SIZE,
+        }
+        for command, size in sizes.items():
+            for wrong in (size - 1, size + 1):
+                with self.assertRaises(BadPacket):
+                    await client.callRemote(command, request=b"\x09" * wrong)
+        self.assertNotIn("Traceback", vault_process.stderr())
 
     async def test_broken_framing_closes_that_connection_only(self) -> None:
         keydir, public_key, _, _ = make_keydir(self)
@@ -231,6 +259,97 @@ class VaultHostileInputTests(TestCase):
         log = vault_process.stderr()
         self.assertIn("closing that connection", log)
         self.assertNotIn("Traceback", log)
+
+
+class _BrokenVault(MemoryVault):
+    """
+    A vault with a defect: making a nonce raises what no step expects.
+    """
+
+    def safe_nonce(self) -> bytes:
+        raise ValueError("a defect")
+
+
+class VaultAnswerTests(SynchronousTestCase):
+    """
+    A handshake step asked as a worker asks it is answered with the very
+    boxes AMP's responder gives for the same question (asked with an extra
+    argument, which AMP ignores, it goes through AMP's dispatch).
+    """
+
+    def answer(self, vault: MemoryVault, box: dict[bytes, bytes]) -> amp.AmpBox:
+        protocol = VaultProtocol(vault)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(amp.AmpBox(box).serialize())
+        boxes: list[amp.AmpBox] = amp.parseString(transport.value())
+        self.assertEqual(len(boxes), 1)
+        return boxes[0]
+
+    def both_ways(self, vault: MemoryVault, command: bytes, request: bytes) -> list[amp.AmpBox]:
+        box = {amp.COMMAND: command, amp.ASK: b"7", b"request": request}
+        return [self.answer(vault, box), self.answer(vault, {**box, b"extra": b""})]
+
+    def test_an_answer_has_the_responders_keys(self) -> None:
+        request = os.urandom(32) + MemoryVault.generate().public_key
+        fast, slow = self.both_ways(MemoryVault.generate(), SealVouch.commandName, request)
+        self.assertEqual(sorted(fast), sorted(slow))
+        self.assertEqual(len(fast[b"vouch"]), 64)
+
+    def test_a_bad_packet_is_the_responders_error(self) -> None:
+        fast, slow = self.both_ways(MemoryVault.generate(), OpenVouch.commandName, b"x")
+        self.assertEqual(fast, slow)
+        self.assertEqual(fast[amp.ERROR_CODE], b"BAD_PACKET")
+
+    def test_a_defect_is_a_bad_request_and_one_log_line(self) -> None:
+        events = capture_logs(self)
+        vault = _BrokenVault.generate()
+        request = os.urandom(32) + MemoryVault.generate().public_key
+        fast, slow = self.both_ways(vault, SealVouch.commandName, request)
+        self.assertEqual(fast, slow)
+        self.assertEqual(fast[amp.ERROR_CODE], BAD_REQUEST)
+        self.assertEqual(len(events_like(events, "Vault: bad {command} request")), 2)
+        self.assertNotIn("Traceback", repr(events))
+
+
+class _Boxes(BoxReader):
+    def __init__(self) -> None:
+        super().__init__()
+        self.boxes: list[amp.AmpBox] = []
+
+    def ampBoxReceived(self, box: amp.AmpBox) -> None:
+        self.boxes.append(box)
+
+
+class BoxReaderTests(SynchronousTestCase):
+    """
+    L{BoxReader} reads AMP's framing as AMP does, however the bytes are split.
+    """
+
+    def test_boxes_split_anywhere_are_read_whole(self) -> None:
+        boxes = [
+            amp.AmpBox({b"_command": b"seal-vouch", b"_ask": b"1", b"request": b"x" * 64}),
+            amp.AmpBox({b"_answer": b"1", b"vouch": b""}),
+            amp.AmpBox({b"k" * 255: b"v" * 300}),
+        ]
+        stream = b"".join(box.serialize() for box in boxes)
+        for split in range(len(stream) + 1):
+            for second in (split, (split + len(stream)) // 2):
+                reader = _Boxes()
+                reader.makeConnection(StringTransport())
+                reader.dataReceived(stream[:split])
+                reader.dataReceived(stream[split:second])
+                reader.dataReceived(stream[second:])
+                self.assertEqual(reader.boxes, boxes)
+
+    def test_a_key_longer_than_amp_allows_closes_the_connection(self) -> None:
+        reader = _Boxes()
+        transport = StringTransport()
+        reader.makeConnection(transport)
+        reader.dataReceived(amp.AmpBox({b"a": b"b"}).serialize() + b"\x01\x00" + b"k" * 256)
+        self.assertTrue(transport.disconnecting)
+        reader.dataReceived(amp.AmpBox({b"c": b"d"}).serialize())
+        self.assertEqual(reader.boxes, [amp.AmpBox({b"a": b"b"})])
 
 
 class VaultAvailabilityTests(TestCase):
