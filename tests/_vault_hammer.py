@@ -15,6 +15,10 @@ vault (hello, cookie, vouch) against clients made with the pure handshake
 functions in this process, check that each completes, write C{ready} and
 then wait until killed (the test reads this process's memory meanwhile).
 
+With C{CURVETUN_HAMMER_GO=PATH} in its environment it writes C{connected}
+to standard error once connected, and starts only once PATH exists: a
+test starts several at once that way, whatever each took to start.
+
 It never reads a key directory: it knows only the socket.
 """
 
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> None:
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import UNIXClientEndpoint
-    from twisted.internet.task import react
+    from twisted.internet.task import deferLater, react
 
     from curvetun.remote_vault import RemoteVault
 
@@ -100,6 +104,11 @@ def main(argv: list[str]) -> None:
 
     async def run(_: object) -> None:
         vault = await RemoteVault.connect(UNIXClientEndpoint(reactor, socket), reactor)
+        go = os.environ.get("CURVETUN_HAMMER_GO")
+        if go is not None:
+            os.write(sys.stderr.fileno(), b"connected\n")
+            while not os.path.exists(go):
+                await deferLater(reactor, 0.01)
         await (nonces if mode == "nonces" else handshakes)(vault, count)
         await vault.stop()
 

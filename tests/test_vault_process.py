@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import time
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
@@ -443,8 +444,29 @@ class VaultProcessStartTests(SynchronousTestCase):
         self.assertNotIn("Traceback", second.stderr())
 
 
-def hammer(testcase: SynchronousTestCase, socket: str, mode: str, count: int) -> Child:
-    return Child(testcase, [str(HAMMER), socket, mode, str(count)], f"hammer-{mode}")
+def hammer(
+    testcase: SynchronousTestCase, socket: str, mode: str, count: int, go: str | None = None
+) -> Child:
+    """
+    Start C{tests/_vault_hammer.py}; with C{go}, it waits until that path
+    exists before it asks anything (see L{start_together}).
+    """
+    environ = {"CURVETUN_HAMMER_GO": go} if go is not None else None
+    return Child(testcase, [str(HAMMER), socket, mode, str(count)], f"hammer-{mode}", environ)
+
+
+def start_together(testcase: SynchronousTestCase, socket: str, count: int) -> list[Child]:
+    """
+    Two nonce hammers, each connected to the vault before either asks: so
+    that they ask at the same time however long each took to start.
+    """
+    go = os.path.abspath(testcase.mktemp())
+    workers = [hammer(testcase, socket, "nonces", count, go) for _ in range(2)]
+    wait_for(
+        lambda: all("connected" in w.stderr() or w.process.poll() is not None for w in workers)
+    )
+    Path(go).touch()
+    return workers
 
 
 def counters(output: bytes, nonce_key: bytes) -> list[int]:
@@ -465,7 +487,7 @@ class VaultNonceTests(SynchronousTestCase):
         keydir, _, _, nonce_key = make_keydir(self)
         socket = socket_path(self)
         start_vault(self, keydir, socket)
-        workers = [hammer(self, socket, "nonces", 3000) for _ in range(2)]
+        workers = start_together(self, socket, 3000)
         for worker in workers:
             self.assertEqual(worker.wait(60), 0, worker.stderr())
         each = [counters(worker.stdout(), nonce_key) for worker in workers]
@@ -480,7 +502,7 @@ class VaultNonceTests(SynchronousTestCase):
         keydir, _, _, nonce_key = make_keydir(self)
         socket = socket_path(self)
         vault = start_vault(self, keydir, socket)
-        workers = [hammer(self, socket, "nonces", 6000) for _ in range(2)]
+        workers = start_together(self, socket, 6000)
         kills = 0
         for _ in range(3):
             # Kill while both workers are asking: wait for fresh nonces.
