@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable
@@ -466,6 +467,12 @@ def main(argv: list[str] | None = None, reactor: Any = None) -> int:
         sys.stderr.write(f"curvetun vault: {error}\n")
         return EX_CONFIG
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # The socket accepts from privilegedStartService on, before the
+    # reactor runs and installs its own handlers: a SIGTERM or SIGINT
+    # meanwhile (a supervisor stopping at once) must stop it cleanly too,
+    # not end it by the signal's default action.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: reactor.callFromThread(reactor.stop))
     try:
         service.privilegedStartService()
     except VaultProcessError as error:
