@@ -369,14 +369,7 @@ class TwistWorkersTests(TestCase):
     async def test_handshakes_through_two_workers_complete_end_to_end(self) -> None:
         keys = KeyDirs(self)
         server, port = start_twist(self, keys.server)
-        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
-        for number in range(10):
-            client = await endpoint.connect(Factory.forProtocol(Collector))
-            assert isinstance(client, Collector)
-            self.assertEqual(await round_trip(client, b"hello %d" % number), b"hello %d" % number)
-            assert client.transport is not None
-            client.transport.loseConnection()
-            await client.lost
+        await _handshakes_through(self, port, keys.client, 10)
         self.assertEqual(sorted(started(server)), ["vault", "worker 1", "worker 2"])
         self.assertEqual(stop(server), -signal.SIGTERM)
 
@@ -633,14 +626,7 @@ class SupervisorMetricsTests(TestCase):
         assert match is not None, supervisor.stderr()
         base = f"http://127.0.0.1:{match.group(1)}"
         self.assertEqual(get(base + "/healthz"), (200, b"ok\n"))
-        endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={keys.client}")
-        for number in range(10):
-            client = await endpoint.connect(Factory.forProtocol(Collector))
-            assert isinstance(client, Collector)
-            self.assertEqual(await round_trip(client, b"%d" % number), b"%d" % number)
-            assert client.transport is not None
-            client.transport.loseConnection()
-            await client.lost
+        await _handshakes_through(self, port, keys.client, 10)
         wait_for(lambda: ok_handshakes(base) == 10)
         code, body = get(base + "/status")
         status = json.loads(body)
@@ -738,3 +724,20 @@ class SupervisorNotifyTests(SynchronousTestCase):
         self.assertEqual(ready_count(supervisor), 2)
         self.assertEqual(stop(supervisor), 0)
         self.assertEqual(manager.kinds(), ["READY", "STOPPING"])
+
+
+async def _handshakes_through(
+    testcase: SynchronousTestCase, port: int, client_keydir: str, count: int
+) -> None:
+    """
+    C{count} whole curvetun handshakes to 127.0.0.1:C{port}, one after
+    another, each shown by one message echoed, then closed.
+    """
+    endpoint = clientFromString(reactor, f"curvetun:127.0.0.1:{port}:keydir={client_keydir}")
+    for number in range(count):
+        client = await endpoint.connect(Factory.forProtocol(Collector))
+        assert isinstance(client, Collector)
+        testcase.assertEqual(await round_trip(client, b"hello %d" % number), b"hello %d" % number)
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 
@@ -177,6 +178,21 @@ class Summary:
         if not values:
             raise ValueError("no values to summarize")
         return cls(statistics.median(values), min(values), max(values), tuple(values))
+
+
+def summary_json(summary: Summary | None) -> dict[str, Any] | None:
+    """
+    A summary as the C{--json} reports of every mode write it (L{None}:
+    not measured).
+    """
+    if summary is None:
+        return None
+    return {
+        "median": summary.median,
+        "min": summary.low,
+        "max": summary.high,
+        "runs": list(summary.runs),
+    }
 
 
 @attrs.define

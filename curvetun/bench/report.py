@@ -12,7 +12,7 @@ from typing import IO, Any, TypeVar
 
 from twisted.python.failure import Failure
 
-from .figures import CRYPTO_COLUMN, BenchError, Report, Summary, evaluate_targets
+from .figures import CRYPTO_COLUMN, BenchError, Report, Summary, evaluate_targets, summary_json
 
 _R = TypeVar("_R")
 
@@ -147,17 +147,7 @@ def report_json(report: Report) -> dict[str, Any]:
         results: dict[str, Any] = {}
         columns = [CRYPTO_COLUMN] if figure.in_process else list(report.transports)
         for column in columns:
-            summary = report.summary(figure.key, column)
-            results[column] = (
-                None
-                if summary is None
-                else {
-                    "median": summary.median,
-                    "min": summary.low,
-                    "max": summary.high,
-                    "runs": list(summary.runs),
-                }
-            )
+            results[column] = summary_json(report.summary(figure.key, column))
         ratios = {}
         if not figure.in_process and "curvetun" in report.transports:
             for other in ("tcp", "tls"):

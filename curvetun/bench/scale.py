@@ -42,6 +42,7 @@ from .figures import (
     BenchError,
     Report,
     Summary,
+    summary_json,
 )
 from .options import Settings
 from .processes import (
@@ -368,17 +369,6 @@ def _role_order(item: tuple[str, list[float]]) -> int:
     return _ROLES.index(item[0]) if item[0] in _ROLES else len(_ROLES)
 
 
-def _summary_json(summary: Summary | None) -> dict[str, Any] | None:
-    if summary is None:
-        return None
-    return {
-        "median": summary.median,
-        "min": summary.low,
-        "max": summary.high,
-        "runs": list(summary.runs),
-    }
-
-
 def scale_report_json(report: ScaleReport) -> dict[str, Any]:
     """
     The worker scaling for machines (C{--workers N --json}).
@@ -390,7 +380,7 @@ def scale_report_json(report: ScaleReport) -> dict[str, Any]:
             "title": figure.title,
             "unit": figure.unit,
             "higher_is_better": figure.higher_is_better,
-            "results": {c: _summary_json(report.summary(figure.key, c)) for c in report.transports},
+            "results": {c: summary_json(report.summary(figure.key, c)) for c in report.transports},
             "ratios": {f"{many}/1": report.scaling(figure.key)},
         }
         for figure in report.figures
@@ -410,11 +400,11 @@ def scale_report_json(report: ScaleReport) -> dict[str, Any]:
         "server_processes": dict(report.processes),
         "failed_handshakes": dict(report.failed),
         "busiest_worker_share": {
-            group: _summary_json(Summary.of(runs)) for group, runs in report.busiest_worker.items()
+            group: summary_json(Summary.of(runs)) for group, runs in report.busiest_worker.items()
         },
         "server_cpu_by_process": {
             column: {
-                group: {role: _summary_json(Summary.of(runs)) for role, runs in roles.items()}
+                group: {role: summary_json(Summary.of(runs)) for role, runs in roles.items()}
                 for group, roles in groups.items()
             }
             for column, groups in report.by_role.items()

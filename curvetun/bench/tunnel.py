@@ -43,6 +43,7 @@ from .figures import (
     BenchError,
     Report,
     Summary,
+    summary_json,
 )
 from .options import Settings
 from .processes import Children, cpu_seconds, free_port, listening_ports, resident_bytes
@@ -468,17 +469,6 @@ def format_tunnel_report(report: TunnelReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summary_json(summary: Summary | None) -> dict[str, Any] | None:
-    if summary is None:
-        return None
-    return {
-        "median": summary.median,
-        "min": summary.low,
-        "max": summary.high,
-        "runs": list(summary.runs),
-    }
-
-
 def tunnel_report_json(report: TunnelReport) -> dict[str, Any]:
     """
     The tunnel comparison for machines (C{--tunnel --json}).
@@ -486,16 +476,13 @@ def tunnel_report_json(report: TunnelReport) -> dict[str, Any]:
     figures = []
     for figure in report.figures:
         results = {
-            column: _summary_json(report.summary(figure.key, column))
-            for column in report.transports
+            column: summary_json(report.summary(figure.key, column)) for column in report.transports
         }
         ratios = {}
         if "stunnel" in report.transports and "curvetun" in report.transports:
             ratios["curvetun/stunnel"] = report.tunnel_ratio(figure.key)
         cpu = {
-            column: {
-                end: _summary_json(report.cpu_summary(figure.key, column, end)) for end in ENDS
-            }
+            column: {end: summary_json(report.cpu_summary(figure.key, column, end)) for end in ENDS}
             for column in report.cpu.get(figure.key, {})
         }
         figures.append(
@@ -510,7 +497,7 @@ def tunnel_report_json(report: TunnelReport) -> dict[str, Any]:
             }
         )
     memory = {
-        column: {end: _summary_json(Summary.of(v) if v else None) for end, v in ends.items()}
+        column: {end: summary_json(Summary.of(v) if v else None) for end, v in ends.items()}
         for column, ends in report.memory.items()
     }
     return {
