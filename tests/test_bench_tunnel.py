@@ -183,11 +183,18 @@ class QuickTunnelRunTests(SynchronousTestCase):
         for key, figure in self.figures.items():
             summary = figure["results"][column]
             self.assertIsNotNone(summary, f"{key} through {column}")
-            if key != "pingpong_added":
+            self.assertEqual(len(summary["runs"]), self.data["runs"])
+            if key == "pingpong_added":
                 # A tunnel adds time to a round trip, but a noisy machine
                 # may make one run through it faster than one without.
-                self.assertGreater(summary["median"], 0, f"{key} through {column}")
-            self.assertEqual(len(summary["runs"]), self.data["runs"])
+                continue
+            if key == "cpu_per_connection":
+                # CPU is read in clock ticks (10 ms): a quick run's ten
+                # connections through a tunnel written in C can all fit
+                # in less than one.
+                self.assertGreaterEqual(summary["median"], 0, f"{key} through {column}")
+                continue
+            self.assertGreater(summary["median"], 0, f"{key} through {column}")
 
 
 class QuickTunnelTableTests(SynchronousTestCase):
