@@ -22,9 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IDelayedCall, IProtocol, IReactorTime
 
+from .direct_send import send_at_once
 from .errors import BadPacket, CounterExhausted, IdleTimeout, MessageTooLong
 from .framing import FrameDecoder
 from .packets import MAX_MESSAGE, MESSAGE_MAGIC, Message, parse_as
@@ -37,31 +37,6 @@ class FrameWriter(TypingProtocol):
     """
 
     def writeSequence(self, data: Iterable[bytes]) -> None: ...
-
-
-def send_now(transport: object) -> None:
-    """
-    Hand what has just been written to C{transport} to its socket now, when
-    it is one of Twisted's own (a L{FileDescriptor}: TCP, UNIX), rather
-    than a turn of the reactor later.
-
-    Twisted's TCP transport never sends from C{write}: it registers the
-    socket for writing and sends when the reactor next finds it writable,
-    one more C{epoll_wait} and one more turn of the loop for every answer,
-    and for every hop of a relay. C{doWrite} is what the reactor would call
-    then (L{twisted.internet.interfaces.IWriteDescriptor}): it sends what
-    the socket takes and keeps the rest for the reactor, stops writing and
-    resumes a paused producer once all is sent, as it does when the reactor
-    calls it. What it can return is left to the reactor: not called while
-    the transport is closing (there C{doWrite} would finish the close and
-    return its reason, for the reactor to act on), and a failed send keeps
-    the socket registered for writing, so the reactor's own C{doWrite}
-    meets the same error and closes the connection. Call it once per event
-    (a read, a relayed read), not per write: a burst of writes made in one
-    turn still leaves in one C{send}.
-    """
-    if isinstance(transport, FileDescriptor) and not transport.disconnecting:
-        transport.doWrite()
 
 
 class Verdicts(TypingProtocol):
@@ -85,8 +60,14 @@ class Established:
     message, as Twisted's TLS transport (C{_AggregateSmallWrites}) coalesces
     them into one record: writes made while a read is delivered go out when
     that read is done (L{receive}), others at the next reactor iteration.
-    What a read is answered with is handed to the socket as soon as the
-    read is done (L{send_now}), not a reactor turn later.
+
+    What is sealed during one event (a read delivered, the coalesced
+    writes flushed a turn later, a relay's message: L{write_now}) is held,
+    and handed to the socket at the event's end in one vectored send
+    (L{curvetun.direct_send.send_at_once}), not a reactor turn later
+    through the TCP transport's buffer. Anything else sealed (a
+    L{write_message} from a timer, say) goes to the transport's buffer, as
+    any write to a Twisted transport does.
 
     @ivar established_at: when the phase started (the clock's seconds).
     @ivar last_received_at: when the last message from the peer opened, or
@@ -101,6 +82,7 @@ class Established:
         "_clock",
         "_flush_call",
         "_frames",
+        "_held",
         "_idle_call",
         "_idle_timeout",
         "_message_opened",
@@ -108,7 +90,6 @@ class Established:
         "_pending_size",
         "_protocol",
         "_reading",
-        "_sealed",
         "_session",
         "_transport",
         "_verdicts",
@@ -150,8 +131,9 @@ class Established:
         self._message_opened = message_opened
         self._protocol: IProtocol | None = None
         self._reading = False
-        # Whether a message was sealed since the read being delivered began.
-        self._sealed = False
+        # The frames sealed during the event being handled, to be sent at
+        # its end in one system call; None outside such an event.
+        self._held: list[bytes] | None = None
         # Stream writes waiting to be coalesced (see write).
         self._pending: list[bytes] | None = None
         self._pending_size = 0
@@ -183,15 +165,14 @@ class Established:
         without waiting for the next reactor iteration.
         """
         self._reading = True
-        self._sealed = False
+        self._held = []
         try:
             self._frames.feed(data)
         finally:
             self._reading = False
         if self._pending:
             self.flush()
-        if self._sealed:
-            self.send_now()
+        self._send_held()
 
     def resume(self) -> None:
         """
@@ -204,15 +185,14 @@ class Established:
             self._frames.resume()
             return
         self._reading = True
-        self._sealed = False
+        self._held = []
         try:
             self._frames.resume()
         finally:
             self._reading = False
         if self._pending:
             self.flush()
-        if self._sealed:
-            self.send_now()
+        self._send_held()
 
     def frame_received(self, frame: bytes) -> None:
         """
@@ -291,7 +271,7 @@ class Established:
         self._pending = [data]
         self._pending_size = len(data)
         if not self._reading and self._flush_call is None:
-            self._flush_call = self._clock.callLater(0, self.flush)
+            self._flush_call = self._clock.callLater(0, self._flush_turn)
 
     def write_message(self, data: bytes) -> None:
         """
@@ -323,15 +303,45 @@ class Established:
             self._pending_size = 0
             self._send_stream(data)
 
-    def send_now(self) -> None:
+    def write_now(self, data: bytes) -> None:
         """
-        Hand the messages sealed so far to the socket now (see
-        L{send_now}), rather than at the reactor's next turn: for a writer
-        that writes once per event, such as a relay.
+        Send C{data}, one read of another connection that a relay passes
+        on, and hand it to the socket at once: as one message if it fits
+        (L{write} would hold it a turn to coalesce it with later writes,
+        and a relay writes once per read), else in messages of the largest
+        size. The bytes on the wire are those C{write} would send.
         """
-        self._sealed = False
-        if self._session is not None:
-            send_now(self._transport)
+        if self._held is not None:
+            # Inside one of our own events: its end sends this too.
+            self._write_one_read(data)
+            return
+        self._held = []
+        self._write_one_read(data)
+        self._send_held()
+
+    def _write_one_read(self, data: bytes) -> None:
+        if self._pending:
+            self.flush()
+        if len(data) <= MAX_MESSAGE:
+            if data:
+                self._seal(data)
+        else:
+            self._send_stream(data)
+
+    def _flush_turn(self) -> None:
+        """
+        The reactor turn after writes made outside a read: seal them, and
+        send them at once.
+        """
+        self._flush_call = None
+        self._held = []
+        self.flush()
+        self._send_held()
+
+    def _send_held(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            send_at_once(self._transport, held)
 
     def _send_stream(self, data: bytes) -> None:
         if len(data) <= MAX_MESSAGE:
@@ -351,8 +361,11 @@ class Established:
             self._verdicts.close(error)
             return
         # A vectored write (head, box): no copy of the box.
-        self._transport.writeSequence(frame)
-        self._sealed = True
+        held = self._held
+        if held is None:
+            self._transport.writeSequence(frame)
+        else:
+            held += frame
         self.bytes_sent += len(message)
         self.last_sent_at = self._clock.seconds()
 
@@ -367,6 +380,11 @@ class Established:
         self._message_opened = None
         self._pending = None
         self._pending_size = 0
+        held, self._held = self._held, None
+        if held:
+            # Sealed before the close: to the transport, which sends them
+            # before it closes (or drops them, if it is aborted).
+            self._transport.writeSequence(held)
         for call in (self._flush_call, self._idle_call):
             if call is not None and call.active():
                 call.cancel()

@@ -56,6 +56,7 @@ from zope.interface import implementer
 
 from .addresses import peer_host
 from .connection import ConnectionInputs, ConnectionOwner, HandshakePacket
+from .direct_send import send_at_once
 from .errors import (
     BadPacket,
     ConnectionClosed,
@@ -218,8 +219,9 @@ class CurveTunProtocol(Protocol):
     # -- what the machine asks of us (ConnectionOwner) -----------------------
 
     def send_frame(self, payload: bytes) -> None:
-        # writeSequence, not write(prefix + payload): no copy.
-        self.transport.writeSequence((len(payload).to_bytes(2, "big"), payload))
+        # A vectored send, not write(prefix + payload): no copy; and at
+        # once, not a reactor turn later, as each packet answers a read.
+        send_at_once(self.transport, (len(payload).to_bytes(2, "big"), payload))
 
     def expect_packet(
         self, packet_type: type[HandshakePacket], receiver: Callable[[HandshakePacket], None]
@@ -364,18 +366,17 @@ class CurveTunProtocol(Protocol):
     def write_message(self, data: bytes) -> None:
         self._phase().write_message(data)
 
-    def send_now(self) -> None:
+    def write_now(self, data: bytes) -> None:
         """
-        Hand the messages written so far to the TCP socket now, rather than
-        at the reactor's next turn, as happens on its own for what is
-        written in answer to a read: for a writer that writes once per
-        event of its own, such as a relay passing on a read of another
-        connection. Nothing happens before the handshake is done or once
-        closing.
+        Send C{data}, one read of another connection, and hand it to the
+        TCP socket at once rather than at the reactor's next turn: for a
+        relay, which writes once per read of the other side. As one message
+        if it fits in one, else in messages of the largest size; the bytes
+        on the wire are those L{write} would send.
+
+        @raise curvetun.errors.ConnectionClosed: the handshake is not done.
         """
-        established = self._established
-        if established is not None:
-            established.send_now()
+        self._phase().write_now(data)
 
     def _phase(self) -> Established:
         established = self._established

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .addresses import format_address
-from .established import send_now
+from .direct_send import send_at_once
 from .interfaces import ICurveTunTransport
 from .keys import fingerprint
 from .listeners import OpenConnections
@@ -351,26 +351,24 @@ class Forwarder(Protocol):
 
 def relay(transport: ITransport, data: bytes) -> None:
     """
-    Write C{data}, one read of the other side, to C{transport}.
+    Write C{data}, one read of the other side, to C{transport}, and hand it
+    to the socket at once (see L{curvetun.direct_send}): a relay has
+    nothing to add to it before the next read.
 
-    On a curvetun transport a read that fits goes out as one message at
-    once: C{write} would hold it for the next reactor turn to coalesce it
-    with later writes (a timer per read), and a relay writes once per
-    read. The bytes on the wire are the same; larger reads go through
-    C{write}, which sends them at once in messages of the largest size.
-
-    Then what was written is handed to the socket at once (see
-    L{curvetun.established.send_now}), not a reactor turn later: a relay
-    has nothing to add to it before the next read.
+    On a curvetun transport a read that fits goes out as one message
+    (C{write} would hold it for the next reactor turn to coalesce it with
+    later writes, and a relay writes once per read). The bytes on the wire
+    are the same; larger reads go out in messages of the largest size.
     """
-    if 0 < len(data) <= MAX_MESSAGE and ICurveTunTransport.providedBy(transport):
-        transport.write_message(data)
-    else:
-        transport.write(data)
     if isinstance(transport, CurveTunProtocol):
-        transport.send_now()
-    else:
-        send_now(transport)
+        transport.write_now(data)
+    elif ICurveTunTransport.providedBy(transport):
+        if 0 < len(data) <= MAX_MESSAGE:
+            transport.write_message(data)
+        else:
+            transport.write(data)
+    elif data:
+        send_at_once(transport, (data,))
 
 
 def _no_delay(transport: ITransport) -> None:

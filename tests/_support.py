@@ -21,9 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from twisted.internet import main as internet_main
-from twisted.internet import reactor
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
@@ -85,30 +83,75 @@ def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
     return protocol
 
 
-class SocketDescriptor(FileDescriptor):
+class RecordingSocket(socket.socket):
     """
-    Twisted's own write buffering (L{FileDescriptor}, what a TCP transport
-    is) over a socket in memory: C{send} records what the socket took, and
-    the reactor is a L{MemoryReactor}, whose C{writers} say whether the
-    transport waits for the reactor to send the rest.
+    A real socket that records what each of its sends (each system call)
+    handed to the kernel.
 
-    @ivar sends: each C{send} the transport made, in order.
-    @ivar fail_sends: whether C{send} fails as on a connection reset.
+    @ivar sends: the bytes each C{send} or C{sendmsg} took, in order.
+    @ivar sendmsg_calls: how many of them were vectored.
     """
 
-    connected = 1
+    def __init__(self, fileno: int) -> None:
+        super().__init__(fileno=fileno)
+        self.sends: list[bytes] = []
+        self.sendmsg_calls = 0
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        sent = super().send(data, flags)
+        self.sends.append(bytes(data[:sent]))
+        return sent
+
+    def sendmsg(self, buffers: Any, *args: Any) -> int:
+        sent = super().sendmsg(buffers, *args)
+        self.sendmsg_calls += 1
+        self.sends.append(b"".join(bytes(buffer) for buffer in buffers)[:sent])
+        return sent
+
+
+class SocketDescriptor(tcp.Connection):
+    """
+    Twisted's own TCP transport (L{tcp.Connection}: its write buffering and
+    its sends) over one end of a real TCP connection on the loopback, with
+    a L{MemoryReactor}, whose C{writers} say whether the transport waits for
+    the reactor to send the rest; the other end is L{peer}. Nothing reads
+    for it: a test drives it by hand.
+
+    @ivar peer: the other end of the connection, a blocking socket.
+    """
 
     def __init__(self) -> None:
         self.memory_reactor = MemoryReactor()
-        super().__init__(self.memory_reactor)
-        self.sends: list[bytes] = []
-        self.fail_sends = False
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            self.peer = socket.create_connection(server.getsockname()[:2])
+            accepted, _ = server.accept()
+        super().__init__(RecordingSocket(accepted.detach()), Protocol(), self.memory_reactor)
+        self.connected = 1
 
-    def writeSomeData(self, data: bytes) -> int | BaseException:
-        if self.fail_sends:
-            return internet_main.CONNECTION_LOST
-        self.sends.append(bytes(data))
-        return len(data)
+    @property
+    def sends(self) -> list[bytes]:
+        """
+        Each C{send} the transport made, in order.
+        """
+        recording = self.socket
+        assert isinstance(recording, RecordingSocket)
+        return recording.sends
+
+    def reset_by_peer(self) -> None:
+        """
+        Make every send from now on fail, as on a connection the peer reset.
+        """
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.peer.close()
+        # Let the reset arrive.
+        select.select([self.socket], [], [], 5)
+
+    def close_sockets(self) -> None:
+        """
+        Close both ends (the transport's own close is not driven here).
+        """
+        self.socket.close()
+        self.peer.close()
 
     @property
     def waiting_for_reactor(self) -> bool:

@@ -205,6 +205,7 @@ class SentAtOnceTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.socket = SocketDescriptor()
+        self.addCleanup(self.socket.close_sockets)
         self.phase = Phase(socket=self.socket)
 
     def test_an_answer_to_a_read_is_sent_when_the_read_is_done(self) -> None:
@@ -252,19 +253,66 @@ class SentAtOnceTests(SynchronousTestCase):
         self.phase.phase.receive(self.phase.from_peer(b"one"))
         self.assertEqual(self.socket.sends, [])
 
-    def test_send_now_hands_what_was_written_to_the_socket(self) -> None:
-        self.phase.phase.write_message(b"relayed")
-        self.phase.phase.send_now()
+    def test_a_relayed_read_is_sent_at_once_as_one_message(self) -> None:
+        self.phase.phase.write_now(b"relayed")
         [sent] = self.socket.sends
         self.assertEqual(
             [self.phase.peer.open_payload(frame) for frame in split_frames(sent)], [b"relayed"]
         )
+        self.assertFalse(self.socket.waiting_for_reactor)
+
+    def test_a_relayed_read_larger_than_a_message_goes_in_full_messages(self) -> None:
+        self.phase.phase.write_now(b"r" * (MAX_MESSAGE + 10))
+        sent = b"".join(self.socket.sends)
+        self.assertEqual(
+            [len(self.phase.peer.open_payload(frame)) for frame in split_frames(sent)],
+            [MAX_MESSAGE, 10],
+        )
+
+    def test_a_relayed_read_goes_after_the_writes_not_yet_coalesced(self) -> None:
+        self.phase.phase.write(b"first ")
+        self.phase.phase.write_now(b"second")
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"first ", b"second"],
+        )
+        self.assertEqual(self.phase.clock.getDelayedCalls(), [])
+
+    def test_writes_coalesced_for_the_next_turn_are_sent_then_at_once(self) -> None:
+        self.phase.phase.write(b"one ")
+        self.phase.phase.write(b"two")
+        self.assertEqual(self.socket.sends, [])
+        self.phase.clock.advance(0)
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)], [b"one two"]
+        )
+        self.assertFalse(self.socket.waiting_for_reactor)
+
+    def test_what_an_answer_seals_before_a_close_goes_to_the_transport(self) -> None:
+        def answer_and_stop(data: bytes) -> None:
+            self.phase.phase.write_message(b"last words")
+            self.phase.phase.stop()
+
+        self.phase.app.dataReceived = answer_and_stop  # type: ignore[method-assign]
+        self.phase.phase.receive(self.phase.from_peer(b"one"))
+        # Left to the TCP transport, which sends it before it closes, or
+        # drops it if it is aborted.
+        self.assertEqual(self.socket.sends, [])
+        self.assertTrue(self.socket.waiting_for_reactor)
+        self.socket.doWrite()
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"last words"],
+        )
 
     def test_nothing_is_sent_once_stopped(self) -> None:
-        self.phase.phase.write_message(b"sealed")
         self.phase.phase.stop()
-        self.phase.phase.send_now()
+        self.phase.phase.write_now(b"late")
         self.assertEqual(self.socket.sends, [])
+        self.assertFalse(self.socket.waiting_for_reactor)
 
 
 class FigureTests(SynchronousTestCase):

@@ -94,6 +94,7 @@ class ReadsRelayedToCurveTunTests(TestCase):
         )
         assert forwarder is not None
         accepted = SocketDescriptor()
+        self.addCleanup(accepted.close_sockets)
         forwarder.makeConnection(accepted)
         return forwarder, accepted
 
@@ -146,8 +147,10 @@ class RelayedReadsSentAtOnceTests(SynchronousTestCase):
         assert forwarder is not None
         self.forwarder = forwarder
         self.accepted = SocketDescriptor()
+        self.addCleanup(self.accepted.close_sockets)
         self.forwarder.makeConnection(self.accepted)
         self.forward = SocketDescriptor()
+        self.addCleanup(self.forward.close_sockets)
         self.forward_side = self.endpoint.complete(self.forward)
 
     def test_a_read_of_the_client_is_sent_to_the_forward_side_at_once(self) -> None:
@@ -161,7 +164,7 @@ class RelayedReadsSentAtOnceTests(SynchronousTestCase):
         self.assertFalse(self.accepted.waiting_for_reactor)
 
     def test_what_the_socket_does_not_take_is_left_to_the_reactor(self) -> None:
-        self.forward.fail_sends = True
+        self.forward.reset_by_peer()
         self.forwarder.dataReceived(b"request")
         # The reactor's own doWrite meets the failure, and closes.
         self.assertTrue(self.forward.waiting_for_reactor)
