@@ -88,10 +88,11 @@ def _after(chunks: Sequence[bytes], sent: int) -> Sequence[bytes]:
     What is left of C{chunks} once their first C{sent} bytes are sent.
     """
     for index, chunk in enumerate(chunks):
-        if sent < len(chunk):
+        size = len(chunk)
+        if sent < size:
             rest = list(chunks[index:])
             if sent:
                 rest[0] = chunk[sent:]
             return rest
-        sent -= len(chunk)
+        sent -= size
     return ()

@@ -261,12 +261,12 @@ class Established:
                 data = b""
             self._pending = None
             self._pending_size = 0
-            self._seal(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._send_large(pending[0] if len(pending) == 1 else b"".join(pending))
         if not data or self._session is None:
             return
         if len(data) >= MAX_MESSAGE:
             # Nothing to coalesce with: straight out, without a copy.
-            self._send_stream(data)
+            self._send_large(data)
             return
         self._pending = [data]
         self._pending_size = len(data)
@@ -327,6 +327,20 @@ class Established:
                 self._seal(data)
         else:
             self._send_stream(data)
+
+    def _send_large(self, data: bytes) -> None:
+        """
+        Send C{data}, most of a message or more, and hand it to the socket
+        at once: a system call per message this size costs little beside
+        sealing it, and spares the TCP transport's buffer a join of the
+        writes it holds.
+        """
+        if self._held is not None:
+            self._send_stream(data)  # the event's end sends it
+            return
+        self._held = []
+        self._send_stream(data)
+        self._send_held()
 
     def _flush_turn(self) -> None:
         """

@@ -290,6 +290,25 @@ class SentAtOnceTests(SynchronousTestCase):
         )
         self.assertFalse(self.socket.waiting_for_reactor)
 
+    def test_a_write_of_a_whole_message_outside_a_read_is_sent_at_once(self) -> None:
+        self.phase.phase.write(b"w" * MAX_MESSAGE)
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [len(self.phase.peer.open_payload(frame)) for frame in split_frames(sent)],
+            [MAX_MESSAGE],
+        )
+        self.assertFalse(self.socket.waiting_for_reactor)
+
+    def test_a_small_write_that_fills_the_coalesced_message_sends_it_at_once(self) -> None:
+        self.phase.phase.write(b"a" * (MAX_MESSAGE - 3))
+        self.assertEqual(self.socket.sends, [])
+        self.phase.phase.write(b"bcd")
+        [sent] = self.socket.sends
+        self.assertEqual(
+            [self.phase.peer.open_payload(frame) for frame in split_frames(sent)],
+            [b"a" * (MAX_MESSAGE - 3) + b"bcd"],
+        )
+
     def test_what_an_answer_seals_before_a_close_goes_to_the_transport(self) -> None:
         def answer_and_stop(data: bytes) -> None:
             self.phase.phase.write_message(b"last words")
