@@ -138,7 +138,7 @@ class CurveTunProtocol(Protocol):
         make_machine: Callable[[ConnectionOwner], ConnectionInputs],
     ) -> None:
         self.factory = factory
-        self._frames = FrameDecoder(self._frame_too_early, self._frame_refused)
+        self._frames = FrameDecoder(self._frame_too_early)
         self._machine = make_machine(self)
         self._established: Established | None = None
         # The first-packet and whole-handshake deadlines, while they run.
@@ -240,7 +240,7 @@ class CurveTunProtocol(Protocol):
                 receiver(packet)
 
         self._frames.deliver_to(handshake_frame)
-        self._frames.expect(_SIZES[packet_type])
+        self._frames.expect(_SIZES[packet_type], self._frame_refused)
         if self._holding:
             self._release_frames()
             self._frames.resume()
