@@ -30,6 +30,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
+    IProtocolFactory,
     IStreamClientEndpoint,
     ITCPTransport,
     ITransport,
@@ -37,6 +38,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .addresses import format_address
 from .established import send_now
@@ -479,22 +481,30 @@ class ForwardedConnection(Protocol):
         return [self.transport]
 
 
-class _ForwardSideFactory(Factory[Protocol]):
+@implementer(IProtocolFactory)
+class _ForwardSideFactory:
     """
     Builds the one L{ForwardedConnection} of a L{Forwarder}.
+
+    Not a L{Factory}: the forward endpoint's wrapping keeps it for the
+    connection's life, and a slotted object of one attribute is the
+    smallest that can be kept. (A L{Factory} has an instance dict, and
+    logs "Starting factory" per connection unless told not to.)
     """
 
-    # One factory per connection: no "Starting factory" / "Stopping
-    # factory" lines for each (the connection's end is logged).
-    noisy = False
+    __slots__ = ("forwarder",)
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
 
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
     def buildProtocol(self, addr: IAddress | None) -> ForwardedConnection:
-        protocol = ForwardedConnection(self.forwarder)
-        protocol.factory = self
-        return protocol
+        return ForwardedConnection(self.forwarder)
 
 
 class ForwardingFactory(TrackingFactory):
