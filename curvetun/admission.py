@@ -17,6 +17,7 @@ besides logging.
 from __future__ import annotations
 
 import socket
+import sys
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -119,7 +120,13 @@ def peer_address_and_network(host: str, ipv4_prefix: int, ipv6_prefix: int) -> t
     bits = 8 * len(packed)
     host_bits = (1 << (bits - prefix)) - 1
     network = (int.from_bytes(packed, "big") & ~host_bits).to_bytes(len(packed), "big")
-    return socket.inet_ntop(family, packed), f"{socket.inet_ntop(family, network)}/{prefix}"
+    # Interned: each connection's admission entry keeps both for its life,
+    # and a tunnel's connections come from one address; interned strings
+    # are freed once no entry holds them.
+    return (
+        sys.intern(socket.inet_ntop(family, packed)),
+        sys.intern(f"{socket.inet_ntop(family, network)}/{prefix}"),
+    )
 
 
 _IPV4_MAPPED = bytes(10) + b"\xff\xff"

@@ -102,6 +102,12 @@ class _Lease:
         if self.managed and self.users == 0 and self.service.running:
             self.service.stopService()
 
+    def connection_ended(self, protocol: CurveTunProtocol, reason: Failure) -> None:
+        """
+        An C{ended_callbacks} entry: release the lease a connect acquired.
+        """
+        self.release()
+
 
 @implementer(IListeningPort)
 class _LeasedPort:
@@ -324,6 +330,9 @@ class CurveTunClientEndpoint:
         self._server_key = server_key
         self._handshake_timeout = handshake_timeout
         self._lease = lease
+        # Bound once: one bound per connect would be kept by every open
+        # connection's factory.
+        self._lease_ended = None if lease is None else lease.connection_ended
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         if self._handshake_timeout is None:
@@ -332,11 +341,11 @@ class CurveTunClientEndpoint:
             factory = self._service.client_factory(
                 protocolFactory, self._server_key, self._handshake_timeout
             )
-        lease = self._lease
-        if lease is not None:
+        lease, lease_ended = self._lease, self._lease_ended
+        if lease is not None and lease_ended is not None:
             lease.acquire()
             # Released when the connection ends, or below if it never starts.
-            factory.ended_callbacks.append(lambda protocol, reason: lease.release())
+            factory.ended_callbacks.append(lease_ended)
 
         def handshake(protocol: IProtocol) -> Deferred[IProtocol]:
             assert isinstance(protocol, CurveTunProtocol)

@@ -7,14 +7,15 @@ to a receiver, one at a time, until it is paused or stopped. It is safe
 against re-entrance: the receiver may pause, resume, stop or feed it from
 inside a delivery, and each frame is still delivered exactly once, in order.
 
-    decoder = FrameDecoder(receiver.frame_received, receiver.frame_refused)
-    decoder.expect(128)    # only a 128-byte frame is valid next
+    decoder = FrameDecoder(receiver.frame_received)
+    decoder.expect(128, receiver.frame_refused)  # only a 128-byte frame next
     decoder.feed(data)     # from dataReceived
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 LENGTH_SIZE = 2
 """The size of a frame's length prefix."""
@@ -32,7 +33,8 @@ class FrameDecoder:
 
     When a length is expected (L{expect}), a frame that announces another
     length is refused as soon as its 2-byte prefix is in: the decoder stops
-    and calls C{refused(length, expected)}, without waiting for the payload.
+    and calls the C{refused(length, expected)} given with the length,
+    without waiting for the payload.
 
     @ivar received: how many bytes were fed in all.
     """
@@ -51,17 +53,14 @@ class FrameDecoder:
         "received",
     )
 
-    def __init__(
-        self, deliver: Callable[[bytes], object], refused: Callable[[int, int], object]
-    ) -> None:
+    def __init__(self, deliver: Callable[[bytes], object]) -> None:
         """
         @param deliver: called with each whole payload (without its prefix).
-        @param refused: called with the announced length of a frame that is
-            not of the expected length, and the expected one; the decoder is
-            stopped by then.
         """
         self._deliver = deliver
-        self._refused = refused
+        # Only while a length is expected: an established connection's
+        # decoder, which takes any length, keeps no callback for it.
+        self._refused: Callable[[int, int], object] | None = None
         # The unprocessed bytes, in the order they came (from _offset on in
         # the first chunk), and their total.
         self._chunks: list[bytes] = []
@@ -83,12 +82,27 @@ class FrameDecoder:
         """
         self._deliver = deliver
 
-    def expect(self, length: int | None) -> None:
+    @overload
+    def expect(self, length: int, refused: Callable[[int, int], object]) -> None: ...
+
+    @overload
+    def expect(self, length: None) -> None: ...
+
+    def expect(
+        self, length: int | None, refused: Callable[[int, int], object] | None = None
+    ) -> None:
         """
         From the next frame on, only frames of C{length} bytes are valid
         (L{None}: any length). Checked as each frame's prefix is read.
+
+        @param refused: with a length, called with the announced length of
+            a frame that is not of that length, and that length; the
+            decoder is stopped by then.
         """
+        if (length is None) != (refused is None):
+            raise ValueError("a refused callback goes with an expected length, and only then")
         self._expected = length
+        self._refused = refused
         if length is not None and not self._delivering:
             # A prefix already read is checked now, not when its frame ends.
             self._process()
@@ -150,6 +164,12 @@ class FrameDecoder:
         self._offset = 0
         self._size = 0
 
+    def _refuse(self, length: int, expected: int) -> None:
+        refused = self._refused
+        assert refused is not None  # given with the expected length
+        self.stop()
+        refused(length, expected)
+
     def _process(self) -> None:
         if self._delivering or self._paused or self._stopped or not self._chunks:
             return
@@ -179,8 +199,7 @@ class FrameDecoder:
                     length = (chunk[offset] << 8) | chunk[offset + 1]
                     expected = self._expected
                     if expected is not None and length != expected:
-                        self.stop()
-                        self._refused(length, expected)
+                        self._refuse(length, expected)
                         return
                     end = offset + LENGTH_SIZE + length
                     if end > size:
@@ -212,8 +231,7 @@ class FrameDecoder:
                     length = (chunk[offset] << 8) | chunks[1][0]
                 expected = self._expected
                 if expected is not None and length != expected:
-                    self.stop()
-                    self._refused(length, expected)
+                    self._refuse(length, expected)
                     return
                 if available < LENGTH_SIZE + length:
                     self._wanted = LENGTH_SIZE + length

@@ -123,23 +123,29 @@ class CurveTunProtocol(Protocol):
     # What we use of the TCP transport under us (narrower than Protocol's
     # Optional[ITransport]: we only run while connected).
     transport: _StreamTransport  # type: ignore[assignment]
-    wrappedProtocol: IProtocol | None = None
-    peer_public_key: bytes = b""
-    peer_host: str = ""
-    hello_verified = False
-    disconnecting = False
-    # The machine waits for its vault: frames wait too (hold_frames).
-    _holding = False
-    # The application paused us (pauseProducing), and has not resumed.
-    _paused = False
 
     def __init__(
         self,
         factory: _CurveTunFactory,
         make_machine: Callable[[ConnectionOwner], ConnectionInputs],
     ) -> None:
+        # Every attribute is set here, none later: CPython (3.11) lets the
+        # instances of a class share their attribute dicts' keys only if the
+        # class learns all its keys from its first few instances. One
+        # learned later, while many connections are open (a loaded server
+        # starting, a bench opening 16 at a time), makes every later
+        # instance's dict a dict of its own: some 0.8 KiB per connection.
+        self.wrappedProtocol: IProtocol | None = None
+        self.peer_public_key = b""
+        self.peer_host = ""
+        self.hello_verified = False
+        self.disconnecting = False
+        # The machine waits for its vault: frames wait too (hold_frames).
+        self._holding = False
+        # The application paused us (pauseProducing), and has not resumed.
+        self._paused = False
         self.factory = factory
-        self._frames = FrameDecoder(self._frame_too_early, self._frame_refused)
+        self._frames = FrameDecoder(self._frame_too_early)
         self._machine = make_machine(self)
         self._established: Established | None = None
         # The first-packet and whole-handshake deadlines, while they run.
@@ -242,7 +248,7 @@ class CurveTunProtocol(Protocol):
                 receiver(packet)
 
         self._frames.deliver_to(handshake_frame)
-        self._frames.expect(_SIZES[packet_type])
+        self._frames.expect(_SIZES[packet_type], self._frame_refused)
         if self._holding:
             self._release_frames()
             self._frames.resume()

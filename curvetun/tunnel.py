@@ -30,6 +30,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IProtocol,
+    IProtocolFactory,
     IStreamClientEndpoint,
     ITCPTransport,
     ITransport,
@@ -37,6 +38,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .addresses import format_address
 from .direct_send import send_at_once
@@ -99,15 +101,14 @@ class Echo(Protocol):
     def __init__(self) -> None:
         self.echoed = 0
         self.closed = False
-        self._peer = ("-", "-")
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.factory.connections.add(self)
-        self._peer = describe_peer(self.transport)
         # Debug only: the close line says all of it, and a line costs
         # more than a small connection's relaying.
-        log.debug("Echo for {peer} (key {key}) opened", peer=self._peer[0], key=self._peer[1])
+        peer, key = describe_peer(self.transport)
+        log.debug("Echo for {peer} (key {key}) opened", peer=peer, key=key)
         self.transport.registerProducer(self.transport, True)  # type: ignore[attr-defined]
 
     def dataReceived(self, data: bytes) -> None:
@@ -117,10 +118,12 @@ class Echo(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.closed = True
+        # Asked now, not kept for the connection's life (see Forwarder).
+        peer, key = describe_peer(self.transport)
         log.info(
             "Echo for {peer} (key {key}) closed: {why}; {echoed} bytes echoed",
-            peer=self._peer[0],
-            key=self._peer[1],
+            peer=peer,
+            key=key,
             why=reason.getErrorMessage(),
             echoed=self.echoed,
         )
@@ -180,19 +183,18 @@ class Forwarder(Protocol):
         self._connecting: Deferred[IProtocol] | None = None
         self._open_sides = 0
         self._first_close = ""
-        self._peer = ("-", "-")
 
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.forwarding.connections.add(self)
         self._open_sides = 1
-        self._peer = describe_peer(self.transport)
         # Debug only: the line at the end says all of it, with the outcome
         # (one info line per connection, each costing a JSON encoding).
+        peer, key = describe_peer(self.transport)
         log.debug(
             "Connection from {peer} (key {key}): forwarding to {forward}",
-            peer=self._peer[0],
-            key=self._peer[1],
+            peer=peer,
+            key=key,
             forward=self.forwarding.description,
         )
         _no_delay(self.transport)
@@ -212,10 +214,11 @@ class Forwarder(Protocol):
             # We cancelled it, as this side closed (or was aborted) first.
             log.debug("Forward connection cancelled: {why}", why=failure.getErrorMessage())
             return
+        peer, key = describe_peer(self.transport)
         log.warn(
             "Forwarding {peer} (key {key}) to {forward} failed: {why}",
-            peer=self._peer[0],
-            key=self._peer[1],
+            peer=peer,
+            key=key,
             forward=self.forwarding.description,
             why=failure.getErrorMessage(),
         )
@@ -312,11 +315,14 @@ class Forwarder(Protocol):
         self._open_sides -= 1
         if self._open_sides > 0:
             return
+        # The peer as the transport still reports it: kept for the
+        # connection's life, the strings would cost each idle connection.
+        peer, key = describe_peer(self.transport)
         log.info(
             "Connection from {peer} (key {key}) to {forward} ended ({why}); "
             "{forwarded} bytes forwarded, {returned} bytes returned",
-            peer=self._peer[0],
-            key=self._peer[1],
+            peer=peer,
+            key=key,
             forward=self.forwarding.description,
             why=self._first_close,
             forwarded=self.bytes_forwarded,
@@ -473,22 +479,30 @@ class ForwardedConnection(Protocol):
         return [self.transport]
 
 
-class _ForwardSideFactory(Factory[Protocol]):
+@implementer(IProtocolFactory)
+class _ForwardSideFactory:
     """
     Builds the one L{ForwardedConnection} of a L{Forwarder}.
+
+    Not a L{Factory}: the forward endpoint's wrapping keeps it for the
+    connection's life, and a slotted object of one attribute is the
+    smallest that can be kept. (A L{Factory} has an instance dict, and
+    logs "Starting factory" per connection unless told not to.)
     """
 
-    # One factory per connection: no "Starting factory" / "Stopping
-    # factory" lines for each (the connection's end is logged).
-    noisy = False
+    __slots__ = ("forwarder",)
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.forwarder = forwarder
 
+    def doStart(self) -> None:
+        pass
+
+    def doStop(self) -> None:
+        pass
+
     def buildProtocol(self, addr: IAddress | None) -> ForwardedConnection:
-        protocol = ForwardedConnection(self.forwarder)
-        protocol.factory = self
-        return protocol
+        return ForwardedConnection(self.forwarder)
 
 
 class ForwardingFactory(TrackingFactory):

@@ -53,7 +53,7 @@ class Phase:
         self.closed: list[CurveTunError] = []
         self.opened: list[int] = []
         self.app = RecordingProtocol()
-        self.frames = FrameDecoder(lambda frame: None, lambda length, expected: None)
+        self.frames = FrameDecoder(lambda frame: None)
         self.phase = Established(
             Session.for_client(key),
             self.frames,

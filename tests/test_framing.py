@@ -6,6 +6,7 @@ receiver that pauses, resumes, stops or feeds from inside a delivery).
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ class Receiver:
         self.frames: list[bytes] = []
         self.refusals: list[tuple[int, int]] = []
         self.on_frame: Callable[[bytes], None] = lambda frame: None
-        self.decoder = FrameDecoder(self.frame, self.refused)
+        self.decoder = FrameDecoder(self.frame)
 
     def frame(self, frame: bytes) -> None:
         self.frames.append(frame)
@@ -102,7 +103,7 @@ class FramingTests(SynchronousTestCase):
 class ExpectedLengthTests(SynchronousTestCase):
     def test_a_frame_of_another_length_is_refused_at_its_prefix(self) -> None:
         receiver = Receiver()
-        receiver.decoder.expect(128)
+        receiver.decoder.expect(128, receiver.refused)
         receiver.decoder.feed(b"\xff\xff")
         self.assertEqual(receiver.refusals, [(65535, 128)])
         self.assertTrue(receiver.decoder.stopped)
@@ -110,7 +111,7 @@ class ExpectedLengthTests(SynchronousTestCase):
 
     def test_a_prefix_split_across_feeds_is_checked_when_whole(self) -> None:
         receiver = Receiver()
-        receiver.decoder.expect(128)
+        receiver.decoder.expect(128, receiver.refused)
         receiver.decoder.feed(b"\x00")
         self.assertEqual(receiver.refusals, [])
         receiver.decoder.feed(b"\x7f")
@@ -118,7 +119,7 @@ class ExpectedLengthTests(SynchronousTestCase):
 
     def test_nothing_after_a_refusal_is_delivered_or_kept(self) -> None:
         receiver = Receiver()
-        receiver.decoder.expect(3)
+        receiver.decoder.expect(3, receiver.refused)
         receiver.decoder.feed(framed(b"abc") + framed(b"toolong") + framed(b"xyz"))
         self.assertEqual(receiver.frames, [b"abc"])
         self.assertEqual(receiver.refusals, [(7, 3)])
@@ -132,7 +133,7 @@ class ExpectedLengthTests(SynchronousTestCase):
         frames already read with it are checked against that.
         """
         receiver = Receiver()
-        receiver.decoder.expect(5)
+        receiver.decoder.expect(5, receiver.refused)
         receiver.on_frame = lambda frame: receiver.decoder.expect(None)
         receiver.decoder.feed(framed(b"hello") + framed(b"anything at all"))
         self.assertEqual(receiver.frames, [b"hello", b"anything at all"])
@@ -140,8 +141,30 @@ class ExpectedLengthTests(SynchronousTestCase):
     def test_an_expectation_checks_a_prefix_already_read(self) -> None:
         receiver = Receiver()
         receiver.decoder.feed(b"\x01\x00")
-        receiver.decoder.expect(128)
+        receiver.decoder.expect(128, receiver.refused)
         self.assertEqual(receiver.refusals, [(256, 128)])
+
+    def test_a_refused_callback_goes_with_a_length_only(self) -> None:
+        receiver = Receiver()
+        with self.assertRaises(ValueError):
+            receiver.decoder.expect(128)  # type: ignore[call-overload]
+        with self.assertRaises(ValueError):
+            receiver.decoder.expect(None, receiver.refused)  # type: ignore[call-overload]
+
+    def test_any_length_keeps_no_refused_callback(self) -> None:
+        # An established connection's decoder: nothing to refuse, nothing
+        # kept for it.
+        receiver = Receiver()
+        receiver.decoder.expect(128, receiver.refused)
+        receiver.decoder.expect(None)
+        kept = [
+            thing
+            for thing in gc.get_referents(receiver.decoder)
+            if getattr(thing, "__func__", None) is Receiver.refused
+        ]
+        self.assertEqual(kept, [])
+        receiver.decoder.feed(framed(b"any length"))
+        self.assertEqual((receiver.frames, receiver.refusals), ([b"any length"], []))
 
 
 class ReentrantTests(SynchronousTestCase):
