@@ -125,6 +125,11 @@ class SocketDescriptor(tcp.Connection):
         with socket.create_server(("127.0.0.1", 0)) as server:
             self.peer = socket.create_connection(server.getsockname()[:2])
             accepted, _ = server.accept()
+        # Room for a few whole messages at once, whatever the system's
+        # defaults: a test that sends more says so (SO_SNDBUF is capped by
+        # net.core.wmem_max, some 200 KiB by default, which is plenty).
+        accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        self.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         super().__init__(RecordingSocket(accepted.detach()), Protocol(), self.memory_reactor)
         self.connected = 1
 

@@ -6,6 +6,8 @@ otherwise, with Twisted's order, flow control and error handling intact.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -39,6 +41,14 @@ class SendAtOnceTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.transport = SocketDescriptor()
         self.addCleanup(self.transport.close_sockets)
+
+    def small_buffers(self) -> None:
+        """
+        Make the connection's socket buffers small, so that 8 MB cannot fit
+        in them whatever the system's settings.
+        """
+        self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        self.transport.peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
 
     def received(self, size: int) -> bytes:
         """
@@ -75,7 +85,8 @@ class SendAtOnceTests(SynchronousTestCase):
         self.assertEqual(self.received(13), b"earlier later")
 
     def test_what_the_socket_does_not_take_is_buffered_in_order(self) -> None:
-        # More than the loopback's socket buffers hold.
+        self.small_buffers()
+        # More than the socket buffers hold.
         chunks = [bytes([n]) * 1_000_000 for n in range(8)]
         send_at_once(self.transport, chunks)
         taken = sum(len(sent) for sent in self.transport.sends)
@@ -91,6 +102,7 @@ class SendAtOnceTests(SynchronousTestCase):
         self.assertFalse(self.transport.waiting_for_reactor)
 
     def test_a_producer_is_paused_when_the_rest_fills_the_buffer(self) -> None:
+        self.small_buffers()
         producer = Producer()
         self.transport.registerProducer(producer, True)
         send_at_once(self.transport, [b"x" * 1_000_000] * 8)
