@@ -348,6 +348,9 @@ class Established:
         send them at once.
         """
         self._flush_call = None
+        if self._held is not None:
+            self.flush()  # inside an event after all: its end sends them
+            return
         self._held = []
         self.flush()
         self._send_held()
