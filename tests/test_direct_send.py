@@ -6,16 +6,23 @@ otherwise, with Twisted's order, flow control and error handling intact.
 
 from __future__ import annotations
 
+import os
 import socket
+from socket import recv_fds
 
+from twisted.internet import reactor, unix
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from curvetun.direct_send import send_at_once
 
-from ._support import RecordingSocket, SocketDescriptor
+from ._support import RecordingSocket, SocketDescriptor, short_socket_dir
 
 
 @implementer(IPushProducer)
@@ -145,3 +152,68 @@ class OtherTransportTests(SynchronousTestCase):
         transport = StringTransport()
         send_at_once(transport, (b"head", b"box"))
         self.assertEqual(transport.value(), b"headbox")
+
+
+class UnixTransportTests(TestCase):
+    """
+    Twisted's UNIX transport (a subclass of its TCP one) is sent on at once
+    too, except while it has file descriptors queued: those must leave with
+    the next bytes, which only its own send does.
+    """
+
+    async def accepted(self) -> tuple[unix.Server, socket.socket]:
+        """
+        A real UNIX connection: the reactor's transport of the accepted
+        side, and a blocking client socket.
+        """
+        path = os.path.join(short_socket_dir(self), "s")
+        made: Deferred[unix.Server] = Deferred()
+
+        class Accepted(Protocol):
+            def connectionMade(self) -> None:
+                assert isinstance(self.transport, unix.Server)
+                made.callback(self.transport)
+
+        port = await UNIXServerEndpoint(reactor, path).listen(Factory.forProtocol(Accepted))
+        self.addCleanup(port.stopListening)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(client.close)
+        client.connect(path)
+        transport = await made
+        self.addCleanup(transport.loseConnection)
+        return transport, client
+
+    async def test_bytes_are_sent_before_the_reactor_turns(self) -> None:
+        transport, client = await self.accepted()
+        send_at_once(transport, (b"head", b"box"))
+        # Already in the client's socket: no reactor turn has passed.
+        client.setblocking(False)
+        self.assertEqual(client.recv(100), b"headbox")
+
+    async def test_queued_file_descriptors_go_with_the_bytes_through_twisted(self) -> None:
+        transport, client = await self.accepted()
+        reading, writing = os.pipe()
+        self.addCleanup(os.close, reading)
+        self.addCleanup(os.close, writing)
+        transport.sendFileDescriptor(reading)
+        send_at_once(transport, (b"with a descriptor",))
+        client.setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            client.recv(100)
+        # The reactor's sends, from a turn later, carry both (Twisted sends
+        # a descriptor with one byte, then the rest).
+        data, descriptors = b"", []
+        for _ in range(500):
+            await deferLater(reactor, 0.01)
+            try:
+                more, received, _, _ = recv_fds(client, 100, 1)
+            except BlockingIOError:
+                continue
+            data += more
+            descriptors += received
+            if len(data) == len(b"with a descriptor"):
+                break
+        for descriptor in descriptors:
+            os.close(descriptor)
+        self.assertEqual(data, b"with a descriptor")
+        self.assertEqual(len(descriptors), 1)
