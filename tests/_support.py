@@ -39,7 +39,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import (
     ProtocolWrapper,
@@ -54,7 +54,7 @@ from zope.interface import implementer
 from curvetun.channel import MessageChannel, MessageListener, connect, listen
 from curvetun.cookies import CookieKeys
 from curvetun.endpoints import CurveTunClientEndpoint, CurveTunServerEndpoint, service_pool
-from curvetun.interfaces import IRegistry
+from curvetun.interfaces import ICurveTunTransport, IRegistry
 from curvetun.keys import format_public_key, keys_equal
 from curvetun.registry import FileRegistry
 from curvetun.service import CurveTunService
@@ -81,6 +81,42 @@ def built(protocol: CurveTunProtocol | None) -> CurveTunProtocol:
     """
     assert protocol is not None, "the factory refused the connection"
     return protocol
+
+
+@implementer(ICurveTunTransport)
+class MessageRecordingTransport(StringTransport):
+    """
+    A curvetun transport in memory: keeps what is written, and records each
+    C{write} and C{write_message} call, apart, by its size.
+
+    @ivar calls: (C{"write"} or C{"write_message"}, size), in order.
+    """
+
+    peer_public_key = b"k" * 32
+    bytes_received = 0
+    bytes_sent = 0
+    established_at: float | None = 0.0
+    last_received_at: float | None = None
+    last_sent_at: float | None = None
+
+    def __init__(self, peer: IPv4Address = IPv4Address("TCP", "10.0.0.1", 40000)) -> None:
+        super().__init__(peerAddress=peer)
+        self.calls: list[tuple[str, int]] = []
+
+    @property
+    def carried(self) -> int:
+        """
+        How many bytes were written in all.
+        """
+        return len(self.value())
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", len(data)))
+        super().write(data)
+
+    def write_message(self, data: bytes) -> None:
+        self.calls.append(("write_message", len(data)))
+        super().write(data)
 
 
 class RecordingSocket(socket.socket):

@@ -47,7 +47,6 @@ from curvetun.admission import ConnectionLimits
 from curvetun.config import MAX_NUMBER_LENGTH, TunnelConfig
 from curvetun.endpoints import service_pool
 from curvetun.errors import NotAuthorized
-from curvetun.interfaces import ICurveTunTransport
 from curvetun.keys import format_public_key
 from curvetun.listeners import CannotListen, OpenConnections, TunnelListener
 from curvetun.packets import MAX_MESSAGE
@@ -65,6 +64,7 @@ from curvetun.vault import FileVault
 from ._support import (
     Collector,
     FakePort,
+    MessageRecordingTransport,
     Peers,
     PendingServerEndpoint,
     admit,
@@ -483,33 +483,6 @@ class RecordingEndpoint:
         protocol.makeConnection(transport)
         d.callback(protocol)
         return protocol, transport
-
-
-@implementer(ICurveTunTransport)
-class MessageRecordingTransport(StringTransport):
-    """
-    A curvetun transport in memory: records C{write} and C{write_message}
-    calls apart.
-    """
-
-    peer_public_key = b"k" * 32
-    bytes_received = 0
-    bytes_sent = 0
-    established_at: float | None = 0.0
-    last_received_at: float | None = None
-    last_sent_at: float | None = None
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
-        self.calls: list[tuple[str, int]] = []
-
-    def write(self, data: bytes) -> None:
-        self.calls.append(("write", len(data)))
-        super().write(data)
-
-    def write_message(self, data: bytes) -> None:
-        self.calls.append(("write_message", len(data)))
-        super().write(data)
 
 
 @implementer(ITCPTransport)

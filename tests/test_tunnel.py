@@ -18,39 +18,10 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from curvetun.interfaces import ICurveTunTransport
 from curvetun.packets import MAX_MESSAGE
 from curvetun.tunnel import Forwarder, ForwardingFactory
 
-from ._support import SocketDescriptor, tcp_port
-
-
-@implementer(ICurveTunTransport)
-class MessageTransport(StringTransport):
-    """
-    A curvetun transport in memory that records each C{write} and
-    C{write_message} call by its size.
-    """
-
-    peer_public_key = b"k" * 32
-    bytes_received = 0
-    bytes_sent = 0
-    established_at: float | None = 0.0
-    last_received_at: float | None = None
-    last_sent_at: float | None = None
-
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "10.0.0.2", 7700))
-        self.calls: list[tuple[str, int]] = []
-        self.carried = 0
-
-    def write(self, data: bytes) -> None:
-        self.calls.append(("write", len(data)))
-        self.carried += len(data)
-
-    def write_message(self, data: bytes) -> None:
-        self.calls.append(("write_message", len(data)))
-        self.carried += len(data)
+from ._support import MessageRecordingTransport, SocketDescriptor, tcp_port
 
 
 @implementer(IStreamClientEndpoint)
@@ -88,7 +59,7 @@ class ReadsRelayedToCurveTunTests(TestCase):
         A forwarder on an accepted plain TCP side, forwarding to a curvetun
         side in memory.
         """
-        forward = MessageTransport()
+        forward = MessageRecordingTransport(IPv4Address("TCP", "10.0.0.2", 7700))
         forwarder = ForwardingFactory(ConnectsTo(forward), "curvetun:10.0.0.2:7700").buildProtocol(
             None
         )
@@ -110,7 +81,7 @@ class ReadsRelayedToCurveTunTests(TestCase):
         self.assertEqual(accepted.bufferSize, MAX_MESSAGE)
 
     async def test_a_bulk_transfer_goes_out_in_reads_that_fit_one_message(self) -> None:
-        forward = MessageTransport()
+        forward = MessageRecordingTransport(IPv4Address("TCP", "10.0.0.2", 7700))
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             ForwardingFactory(ConnectsTo(forward), "curvetun:10.0.0.2:7700")
         )
