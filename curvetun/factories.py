@@ -36,6 +36,7 @@ from .handshake import CookieSealer
 from .handshake_vault import IHandshakeVault, as_handshake_vault
 from .interfaces import IRegistry, IVault
 from .keys import fingerprint
+from .shared_keys import share_transport_keys
 from .transport import CurveTunProtocol
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -93,6 +94,8 @@ class _CurveTunFactory(Factory):
         self.ended_callbacks: list[Callable[[CurveTunProtocol, Failure], None]] = []
 
     def doStart(self) -> None:
+        # Before the first connection's transport is made.
+        share_transport_keys()
         self.wrappedFactory.doStart()
         super().doStart()
 

@@ -47,6 +47,7 @@ from .keys import fingerprint
 from .listeners import OpenConnections
 from .packets import MAX_MESSAGE
 from .proxy_header import ProxyVersion, proxy_header
+from .shared_keys import share_transport_keys
 from .transport import CurveTunProtocol
 
 log = Logger()
@@ -77,6 +78,11 @@ class TrackingFactory(Factory[Protocol]):
 
     def __init__(self, connections: OpenConnections | None = None) -> None:
         self.connections = connections if connections is not None else OpenConnections()
+
+    def doStart(self) -> None:
+        # Before the first accepted connection's transport is made.
+        share_transport_keys()
+        super().doStart()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if not self.connections.accepting:
@@ -496,7 +502,8 @@ class _ForwardSideFactory:
         self.forwarder = forwarder
 
     def doStart(self) -> None:
-        pass
+        # Before the forward connection's transport is made.
+        share_transport_keys()
 
     def doStop(self) -> None:
         pass
