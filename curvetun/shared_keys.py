@@ -9,7 +9,7 @@ A class's shared keys take new names only for a while: each instance made
 uses up one of their free places, so once a class has made a dozen or two
 instances, an instance that sets a name the class has not seen yet gets a
 whole dictionary of its own instead: 832 bytes for a Twisted TCP
-transport's 15 attributes, where its shared values take about 150.
+transport's 15 attributes.
 
 Twisted's TCP and UNIX transports set some attributes well after they are
 made: a client transport its C{realAddress}, the C{doRead} and C{doWrite}

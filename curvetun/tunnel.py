@@ -80,7 +80,8 @@ class TrackingFactory(Factory[Protocol]):
         self.connections = connections if connections is not None else OpenConnections()
 
     def doStart(self) -> None:
-        # Before the first accepted connection's transport is made.
+        # Before the first accepted connection's transport is made (and so
+        # before any forward connection's, which only a forwarder opens).
         share_transport_keys()
         super().doStart()
 
@@ -502,8 +503,7 @@ class _ForwardSideFactory:
         self.forwarder = forwarder
 
     def doStart(self) -> None:
-        # Before the forward connection's transport is made.
-        share_transport_keys()
+        pass
 
     def doStop(self) -> None:
         pass

@@ -40,8 +40,10 @@ class TransportKeySharingTests(SynchronousTestCase):
 
     def test_no_transport_of_a_burst_of_tunnel_connections_has_a_dictionary(self) -> None:
         counts = _census(self)
-        # Each tunnel connection: an accepted and a forward transport on
-        # each of the two ends (one process here).
+        # Each tunnel connection is three TCP hops (the census's client to
+        # the client end, the client end to the server end, the server end
+        # to the echo), each a tcp.Client at one end and a tcp.Server at
+        # the other: all in this one process.
         self.assertEqual(counts, {"tcp.Server": [3 * AT_ONCE, 0], "tcp.Client": [3 * AT_ONCE, 0]})
 
     def test_untaught_every_transport_of_the_burst_has_a_dictionary(self) -> None:
